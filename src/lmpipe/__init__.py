@@ -1,0 +1,3 @@
+"""lmpipe: pretrain and fine-tune GPT-2 style causal language models on the Hugging Face stack."""
+
+__version__ = "0.1.0"

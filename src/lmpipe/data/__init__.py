@@ -1,0 +1,1 @@
+"""Data: sources (what to read), packing (causal-LM blocks), collate (batches)."""

@@ -1,0 +1,51 @@
+"""Causal-LM packing: every document ends with EOS; the concatenation is cut into `block_size` blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from lmpipe.errors import LmpipeError
+
+
+def tokenize_documents(
+    documents: Dataset, tokenizer: PreTrainedTokenizerBase, text_column: str, num_proc: int | None = None
+) -> Dataset:
+    """Token ids of each document followed by EOS (batched, cached by `datasets`)."""
+    eos = tokenizer.eos_token_id
+
+    def encode(batch):
+        ids = tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]
+        return {"input_ids": [doc + [eos] for doc in ids]}
+
+    return documents.map(
+        encode,
+        batched=True,
+        num_proc=num_proc,
+        remove_columns=documents.column_names,
+        desc="Tokenising",
+    )
+
+
+def flat_token_ids(tokenized: Dataset) -> np.ndarray:
+    """All token ids in document order as one int32 array, without a Python loop over tokens."""
+    column = tokenized.data.column("input_ids").combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+
+
+def pack_blocks(tokenized: Dataset, block_size: int, split: str = "train") -> Dataset:
+    """Fixed-size blocks over the whole concatenation; only the final partial block is dropped."""
+    ids = flat_token_ids(tokenized)
+    n_blocks = len(ids) // block_size
+    if n_blocks == 0:
+        raise LmpipeError(f"{split} split has {len(ids)} tokens, fewer than one block of block_size={block_size}")
+    blocks = pa.FixedSizeListArray.from_arrays(pa.array(ids[: n_blocks * block_size]), block_size)
+    return Dataset(pa.table({"input_ids": blocks}))
+
+
+def blocks_as_array(packed: Dataset) -> np.ndarray:
+    """The packed blocks as an (n_blocks, block_size) array."""
+    column = packed.data.column("input_ids").combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(packed), -1)

@@ -1,0 +1,111 @@
+"""Load a corpus from the Hub, local files or Python's own docs, with clear errors for bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_dataset
+
+from lmpipe.errors import LmpipeError
+
+BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+PYDOC = "builtin:pydoc"
+
+
+def pydoc_documents() -> list[str]:
+    """Python's documentation topics (`pydoc_data`, shipped with CPython): real English text, no download."""
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics)]
+
+
+def load_local_file(path: str, sample_by: str = "paragraph") -> Dataset:
+    """One local file as a Dataset; `.txt` is split into documents by line, paragraph or whole file."""
+    file = Path(path)
+    if not file.is_file():
+        raise LmpipeError(f"{path}: data file not found")
+    if file.stat().st_size == 0:
+        raise LmpipeError(f"{path}: data file is empty")
+    builder = BUILDERS.get(file.suffix.lower())
+    if builder is None:
+        raise LmpipeError(f"{path}: unsupported extension; use one of {', '.join(sorted(BUILDERS))}")
+    if builder == "text":
+        _check_utf8(file)
+    options = {"sample_by": sample_by} if builder == "text" else {}
+    try:
+        dataset = load_dataset(builder, data_files={"data": str(file)}, split="data", **options)
+    except Exception as e:  # datasets wraps parser errors in DatasetGenerationError; the cause says what broke
+        cause = e.__cause__ or e
+        raise LmpipeError(f"{path}: cannot parse as {builder} ({_first_line(cause)})") from None
+    if len(dataset) == 0:
+        raise LmpipeError(f"{path}: no rows")
+    return dataset
+
+
+def _check_utf8(file: Path) -> None:
+    """Name the first bad byte: the text builder would otherwise fail deep inside a worker."""
+    with file.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LmpipeError(f"{file}: line {number} is not UTF-8 (byte {e.start})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def load_corpus(
+    dataset_name: str | None,
+    dataset_config_name: str | None = None,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    sample_by: str = "paragraph",
+) -> DatasetDict:
+    """The raw corpus as a DatasetDict with `train` and, when the source has one, `validation`."""
+    if train_file:
+        splits = {"train": load_local_file(train_file, sample_by)}
+        if validation_file:
+            splits["validation"] = load_local_file(validation_file, sample_by)
+        return DatasetDict(splits)
+    if validation_file:
+        raise LmpipeError("validation_file needs a train_file")
+    if dataset_name == PYDOC:
+        return DatasetDict({"train": Dataset.from_dict({"text": pydoc_documents()})})
+    if not dataset_name:
+        raise LmpipeError("no data: set train_file or dataset_name")
+    try:
+        loaded = load_dataset(dataset_name, dataset_config_name)
+    except Exception as e:  # offline, unknown id, bad config: all surface as different exception types
+        raise LmpipeError(f"dataset {dataset_name}: cannot load ({_first_line(e)})") from None
+    return DatasetDict({name: split for name, split in loaded.items() if name in ("train", "validation")})
+
+
+def split_validation(corpus: DatasetDict, percentage: float, source: str) -> DatasetDict:
+    """Hold out the last `percentage`% of documents (contiguous, like nanoGPT) when there is no validation split."""
+    if "train" not in corpus:
+        raise LmpipeError(f"{source}: has no train split")
+    if "validation" in corpus:
+        return corpus
+    if not 0 < percentage < 100:
+        raise LmpipeError(f"validation_split_percentage must be in (0, 100), got {percentage}")
+    train = corpus["train"]
+    held_out = max(1, int(len(train) * percentage / 100))
+    if held_out >= len(train):
+        raise LmpipeError(f"{source}: {len(train)} documents are too few to hold out {percentage}% for validation")
+    cut = len(train) - held_out
+    return DatasetDict({"train": train.select(range(cut)), "validation": train.select(range(cut, len(train)))})
+
+
+def check_text_column(corpus: DatasetDict, column: str, source: str) -> None:
+    """The text column exists in every split and holds strings."""
+    for name, split in corpus.items():
+        if column not in split.column_names:
+            raise LmpipeError(
+                f"{source} ({name}): no column '{column}'; columns are {', '.join(split.column_names)}"
+            )
+        dtype = getattr(split.features[column], "dtype", None)
+        if dtype not in ("string", "large_string"):
+            raise LmpipeError(f"{source} ({name}): column '{column}' holds {dtype or 'non-text'} values, not text")

@@ -1,0 +1,79 @@
+"""GPT2LMHeadModel from a recipe's sizes or from pretrained safetensors weights, checked against its tokenizer."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
+
+from lmpipe.errors import LmpipeError
+from lmpipe.recipe import ModelArguments
+
+logger = logging.getLogger(__name__)
+
+# transformers derives loss_type from the class name; "GPT2LMHeadModel" maps to None, and then the Trainer
+# counts num_items_in_batch over unshifted labels, reporting (L-1)/L of the true loss. Name it explicitly.
+CAUSAL_LM_LOSS = "ForCausalLM"
+
+
+def padded_vocab_size(tokenizer_size: int, multiple: int) -> int:
+    """Embedding rows: the tokenizer's size rounded up to a multiple of `multiple` (never sampled: see generate)."""
+    return int(math.ceil(tokenizer_size / multiple) * multiple)
+
+
+def build_model(args: ModelArguments, tokenizer: PreTrainedTokenizerBase, block_size: int) -> PreTrainedModel:
+    """A new GPT-2 sized by the recipe, or the pretrained one; `loss_type` set, cache off for training."""
+    if args.model_name_or_path:
+        model = load_pretrained(args.model_name_or_path, args.trust_remote_code, args.attn_implementation)
+        check_vocab(model, tokenizer, args.resize_embeddings, args.model_name_or_path)
+    else:
+        config = GPT2Config(
+            vocab_size=padded_vocab_size(len(tokenizer), args.pad_vocab_to_multiple_of),
+            n_positions=args.n_positions,
+            n_embd=args.n_embd,
+            n_layer=args.n_layer,
+            n_head=args.n_head,
+            resid_pdrop=args.dropout,
+            embd_pdrop=args.dropout,
+            attn_pdrop=args.dropout,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        if args.n_embd % args.n_head:
+            raise LmpipeError(f"n_embd={args.n_embd} must be divisible by n_head={args.n_head}")
+        config._attn_implementation = args.attn_implementation
+        model = GPT2LMHeadModel(config)
+    if block_size > model.config.n_positions:
+        raise LmpipeError(f"block_size={block_size} exceeds the model's n_positions={model.config.n_positions}")
+    model.loss_type = CAUSAL_LM_LOSS
+    model.config.use_cache = False
+    return model
+
+
+def load_pretrained(name_or_path: str, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
+    """Weights from safetensors only: a repository that ships only pickles is refused, never unpickled."""
+    if trust_remote_code:
+        logger.warning("trust_remote_code is on: code shipped with %s will run on this machine", name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+        )
+    except (OSError, ValueError) as e:
+        raise LmpipeError(f"{name_or_path}: cannot load a safetensors model ({str(e).strip().splitlines()[0]})") from None
+
+
+def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, allow_resize: bool, name: str) -> None:
+    """A tokenizer larger than the embeddings would index past them: resize only when the recipe allows it."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return
+    if not allow_resize:
+        raise LmpipeError(
+            f"{name}: tokenizer has {len(tokenizer)} tokens but the model has {rows} embedding rows; "
+            "use the model's tokenizer or set resize_embeddings: true"
+        )
+    model.resize_token_embeddings(len(tokenizer))

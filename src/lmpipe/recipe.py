@@ -1,0 +1,228 @@
+"""Recipes: one flat YAML per run, parsed into dataclasses plus `TrainingArguments`; CLI flags override.
+
+Every YAML key becomes a `--key value` flag placed before the command-line flags, so YAML values are
+type-checked by the same `HfArgumentParser` as flags and a later flag wins. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from lmpipe.errors import LmpipeError
+
+# Keys that must never come from a recipe: the token is read from the environment / login cache only.
+FORBIDDEN_KEYS = {"hub_token"}
+RESOLVED_RECIPE_NAME = "recipe.yaml"
+REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+@dataclass
+class ModelArguments:
+    """The network: built from scratch from these sizes, or loaded from `model_name_or_path`."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Pretrained model directory or Hub id; unset builds a new GPT-2."}
+    )
+    n_layer: int = field(default=4, metadata={"help": "Transformer blocks (from scratch)."})
+    n_embd: int = field(default=128, metadata={"help": "Hidden size (from scratch)."})
+    n_head: int = field(default=4, metadata={"help": "Attention heads (from scratch)."})
+    n_positions: int = field(default=256, metadata={"help": "Maximum sequence length (from scratch)."})
+    dropout: float = field(default=0.0, metadata={"help": "Residual, embedding and attention dropout."})
+    pad_vocab_to_multiple_of: int = field(
+        default=64, metadata={"help": "Round the embedding rows up to a multiple of this (matmul-friendly)."}
+    )
+    resize_embeddings: bool = field(
+        default=False, metadata={"help": "Allow growing a pretrained model's embeddings to fit the tokenizer."}
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or eager."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with a Hub model."})
+
+
+@dataclass
+class TokenizerArguments:
+    """Where the byte-level BPE comes from: a Hub id/directory, vocab+merges files, or trained on the corpus."""
+
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer directory or Hub id (default: model_name_or_path)."}
+    )
+    vocab_file: str | None = field(default=None, metadata={"help": "GPT-2 vocab.json or encoder.json."})
+    merges_file: str | None = field(default=None, metadata={"help": "GPT-2 merges.txt or vocab.bpe."})
+    train_tokenizer: bool = field(default=False, metadata={"help": "Train a byte-level BPE on the train split."})
+    tokenizer_vocab_size: int = field(default=4096, metadata={"help": "Vocabulary size of a trained BPE."})
+
+
+@dataclass
+class DataArguments:
+    """The corpus: a Hub dataset, local files, or `builtin:pydoc` (Python's own documentation text)."""
+
+    dataset_name: str | None = field(
+        default="builtin:pydoc", metadata={"help": "Hub dataset id, or builtin:pydoc (no download)."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    train_file: str | None = field(default=None, metadata={"help": "Local .txt/.json/.jsonl/.csv/.parquet."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation file."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the documents."})
+    sample_by: str = field(
+        default="paragraph",
+        metadata={"help": "How a .txt file splits into documents.", "choices": ["line", "paragraph", "document"]},
+    )
+    validation_split_percentage: float = field(
+        default=10.0, metadata={"help": "Without a validation split: the last this-% of documents."}
+    )
+    block_size: int = field(default=128, metadata={"help": "Tokens per packed training block."})
+    max_train_documents: int | None = field(default=None, metadata={"help": "Keep only the first N documents."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for map()."})
+
+
+PRETRAIN_ARGUMENTS = (ModelArguments, TokenizerArguments, DataArguments, TrainingArguments)
+
+
+@dataclass
+class Recipe:
+    """Parsed arguments in the order of the dataclass types, and the keys the user set explicitly."""
+
+    arguments: tuple
+    explicit: dict[str, Any]
+    source: str | None
+
+    def resolved(self) -> dict[str, Any]:
+        """The explicitly set keys with their final typed values: a recipe that reruns this exact run."""
+        values = {}
+        for args in self.arguments:
+            for f in dataclasses.fields(args):
+                if f.name in self.explicit:
+                    values[f.name] = _plain(getattr(args, f.name))
+        return {k: values[k] for k in self.explicit if k in values}
+
+
+def _plain(value: Any) -> Any:
+    """YAML-safe form of a parsed value (enums by value)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class _RecipeParser(HfArgumentParser):
+    """HfArgumentParser whose argparse errors raise one-line LmpipeErrors instead of printing usage."""
+
+    def error(self, message: str):  # argparse calls this on a bad flag or value
+        raise LmpipeError(message)
+
+
+def _to_flags(mapping: dict[str, Any]) -> list[str]:
+    flags = []
+    for key, value in mapping.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            flags += [f"--{key}", str(value).lower()]
+        elif isinstance(value, (list, tuple)):
+            flags += [f"--{key}", *map(str, value)]
+        elif isinstance(value, dict):
+            flags += [f"--{key}", json.dumps(value)]
+        else:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def _closest(key: str, known: set[str]) -> str:
+    match = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LmpipeError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LmpipeError(f"{path}: cannot read recipe ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise LmpipeError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LmpipeError(f"{path}: a recipe is a flat mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def _flag_keys(argv: list[str]) -> list[str]:
+    return [a[2:].split("=", 1)[0] for a in argv if a.startswith("--")]
+
+
+# lmpipe's defaults where TrainingArguments' own do not suit a language-model run; any recipe or flag wins.
+TRAINING_DEFAULTS = {
+    "report_to": "tensorboard",
+    "include_num_input_tokens_seen": True,
+    "logging_steps": 10,
+    "dataloader_pin_memory": torch.cuda.is_available(),
+}
+
+
+def parse_recipe(
+    argv: list[str],
+    types=PRETRAIN_ARGUMENTS,
+    default_recipe: str | None = None,
+    defaults: dict[str, Any] = TRAINING_DEFAULTS,
+) -> Recipe:
+    """Parse `[RECIPE.yaml] [--key value ...]` into the dataclasses `types`; raises LmpipeError on any mistake."""
+    parser = _RecipeParser(types)
+    known = {action.dest for action in parser._actions} - {"help"}
+    source = argv[0] if argv and not argv[0].startswith("-") else default_recipe
+    cli = argv[1:] if argv and not argv[0].startswith("-") else list(argv)
+    recipe = _read_yaml(source) if source else {}
+    for key in recipe:
+        if key in FORBIDDEN_KEYS:
+            raise LmpipeError(f"{source}: '{key}' may not be set in a recipe; use HF_TOKEN or `hf auth login`")
+        if key not in known:
+            raise LmpipeError(f"{source}: unknown key '{key}'{_closest(key, known)}")
+    for key in _flag_keys(cli):
+        if key in FORBIDDEN_KEYS:
+            raise LmpipeError(f"--{key} may not be given; use HF_TOKEN or `hf auth login`")
+        if key not in known and not (key.startswith("no_") and key[3:] in known):
+            raise LmpipeError(f"unknown option --{key}{_closest(key, known)}")
+    recipe_flags = _to_flags({**defaults, **recipe})
+    try:
+        _parse(parser, recipe_flags)  # recipe alone first, so a bad value names the recipe file
+    except LmpipeError as e:
+        raise LmpipeError(f"{source}: {e}") from None
+    arguments = _parse(parser, recipe_flags + cli)
+    explicit = dict.fromkeys([*recipe, *(k[3:] if k.startswith("no_") else k for k in _flag_keys(cli))])
+    return Recipe(arguments=arguments, explicit=explicit, source=source)
+
+
+def _parse(parser: _RecipeParser, flags: list[str]) -> tuple:
+    try:
+        *arguments, rest = parser.parse_args_into_dataclasses(args=flags, return_remaining_strings=True)
+    except (ValueError, TypeError) as e:  # raised by a dataclass __post_init__, e.g. TrainingArguments
+        raise LmpipeError(str(e).strip().splitlines()[0]) from None
+    if rest:
+        raise LmpipeError(f"unexpected arguments: {' '.join(rest)}")
+    return tuple(arguments)
+
+
+def write_resolved_recipe(recipe: Recipe, output_dir: str) -> Path:
+    """Write `recipe.yaml` atomically so a later run can compare or rerun it."""
+    path = Path(output_dir) / RESOLVED_RECIPE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,75 @@
+"""GPT-2 byte-level BPE tokenizers: loaded from the Hub or a directory, built from vocab+merges, or trained."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
+
+from lmpipe.errors import LmpipeError
+from lmpipe.recipe import TokenizerArguments
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+def gpt2_tokenizer_from_files(vocab_file: str, merges_file: str) -> GPT2Tokenizer:
+    """GPT-2's tokenizer from `vocab.json`+`merges.txt` (or OpenAI's identical `encoder.json`+`vocab.bpe`)."""
+    for path in (vocab_file, merges_file):
+        if not Path(path).is_file():
+            raise LmpipeError(f"{path}: tokenizer file not found")
+    try:
+        vocab, merges = models.BPE.read_file(vocab_file, merges_file)
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise LmpipeError(f"{vocab_file} / {merges_file}: not a BPE vocab/merges pair ({e})") from None
+    if EOS_TOKEN not in vocab:
+        raise LmpipeError(f"{vocab_file}: has no {EOS_TOKEN} token")
+    return GPT2Tokenizer(vocab=vocab, merges=merges)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> GPT2Tokenizer:
+    """A byte-level BPE trained on `texts`, with GPT-2's pre-tokenizer and `<|endoftext|>` as its only special."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = bpe.model.save(tmp)
+        return gpt2_tokenizer_from_files(vocab_file, merges_file)
+
+
+def load_tokenizer(
+    args: TokenizerArguments,
+    model_name_or_path: str | None = None,
+    training_texts: Iterable[str] | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedTokenizerBase:
+    """The recipe's tokenizer; it must have an EOS. No pad token is added: batches that pad say so themselves."""
+    if args.train_tokenizer:
+        if training_texts is None:
+            raise LmpipeError("train_tokenizer: true needs training text")
+        tokenizer = train_bpe_tokenizer(training_texts, args.tokenizer_vocab_size)
+    elif args.vocab_file or args.merges_file:
+        if not (args.vocab_file and args.merges_file):
+            raise LmpipeError("vocab_file and merges_file go together: set both")
+        tokenizer = gpt2_tokenizer_from_files(args.vocab_file, args.merges_file)
+    elif args.tokenizer_name_or_path or model_name_or_path:
+        name = args.tokenizer_name_or_path or model_name_or_path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise LmpipeError(f"{name}: cannot load a tokenizer ({str(e).strip().splitlines()[0]})") from None
+    else:
+        raise LmpipeError(
+            "no tokenizer: set tokenizer_name_or_path, vocab_file + merges_file, or train_tokenizer: true"
+        )
+    if tokenizer.eos_token_id is None:
+        raise LmpipeError(f"tokenizer {tokenizer.name_or_path or ''} has no EOS token")
+    return tokenizer

