@@ -138,9 +138,9 @@ def _to_flags(mapping: dict[str, Any]) -> list[str]:
     return flags
 
 
-def _closest(key: str, known: set[str]) -> str:
+def _closest(key: str, known: set[str], prefix: str = "") -> str:
     match = difflib.get_close_matches(key, sorted(known), n=1)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
@@ -197,7 +197,7 @@ def parse_recipe(
         if key in FORBIDDEN_KEYS:
             raise LmpipeError(f"--{key} may not be given; use HF_TOKEN or `hf auth login`")
         if key not in known and not (key.startswith("no_") and key[3:] in known):
-            raise LmpipeError(f"unknown option --{key}{_closest(key, known)}")
+            raise LmpipeError(f"unknown option --{key}{_closest(key, known, '--')}")
     recipe_flags = _to_flags({**defaults, **recipe})
     try:
         _parse(parser, recipe_flags)  # recipe alone first, so a bad value names the recipe file
