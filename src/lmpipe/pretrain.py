@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 
 from lmpipe.data.collate import collate_blocks
 from lmpipe.data.packing import blocks_as_array, flat_token_ids, pack_blocks, tokenize_documents
-from lmpipe.errors import LmpipeError
 from lmpipe.data.sources import check_text_column, load_corpus, split_validation
-from lmpipe.metrics import NllStatistics, compute_exact_metrics, token_byte_lengths, unigram_perplexity
+from lmpipe.errors import LmpipeError
+from lmpipe.metrics import token_byte_lengths, unigram_perplexity
 from lmpipe.model import build_model
-from lmpipe.recipe import DataArguments, ModelArguments, Recipe, TokenizerArguments, write_resolved_recipe
+from lmpipe.recipe import DataArguments, ModelArguments, Recipe, TokenizerArguments
 from lmpipe.tokenizer import load_tokenizer
-from lmpipe.train import (
-    METRICS_NAME,
-    PLOT_NAME,
-    ExactEvalTrainer,
-    check_training_arguments,
-    last_checkpoint,
-    plot_history,
-    write_json_atomically,
-)
+from lmpipe.train import build_trainer, check_training_arguments, train_and_evaluate, write_run_outputs
 
 
 @dataclass
@@ -35,7 +27,7 @@ class PackedCorpus:
     tokenizer: PreTrainedTokenizerBase
     train: Dataset
     validation: Dataset
-    train_ids: Any
+    train_ids: np.ndarray
 
 
 def prepare_corpus(
@@ -62,14 +54,6 @@ def prepare_corpus(
     return PackedCorpus(tokenizer, packed["train"], packed["validation"], flat_token_ids(tokenized["train"]))
 
 
-def final_evaluation(trainer: ExactEvalTrainer) -> dict[str, Any]:
-    """The evaluation logged at the last step when there was one, else a new one (never evaluate twice)."""
-    evaluations = [row for row in trainer.state.log_history if "eval_loss" in row]
-    if evaluations and evaluations[-1]["step"] == trainer.state.global_step:
-        return evaluations[-1]
-    return trainer.evaluate()
-
-
 def pretrain(recipe: Recipe) -> dict[str, Any]:
     """Run the recipe; returns the metrics written to `metrics.json` in the output directory."""
     model_args, tokenizer_args, data_args, training = recipe.arguments
@@ -80,41 +64,11 @@ def pretrain(recipe: Recipe) -> dict[str, Any]:
     corpus = prepare_corpus(data_args, tokenizer_args, model_args, training)
     model = build_model(model_args, corpus.tokenizer, data_args.block_size)
     byte_lengths = token_byte_lengths(corpus.tokenizer, model.config.vocab_size)
-
-    output_dir = Path(training.output_dir)
-    resume_from = training.resume_from_checkpoint or last_checkpoint(str(output_dir))
-    if training.process_index == 0:
-        write_resolved_recipe(recipe, str(output_dir))
-    trainer = ExactEvalTrainer(
-        model=model,
-        args=training,
-        train_dataset=corpus.train,
-        eval_dataset=corpus.validation,
-        data_collator=collate_blocks,
-        processing_class=corpus.tokenizer,
-        preprocess_logits_for_metrics=NllStatistics(byte_lengths),
-        compute_metrics=compute_exact_metrics,
+    trainer = build_trainer(
+        model, training, corpus.train, corpus.validation, collate_blocks, corpus.tokenizer, byte_lengths
     )
-    train_output = trainer.train(resume_from_checkpoint=resume_from)
-    evaluation = final_evaluation(trainer)
-    trainer.save_model(str(output_dir))
-    metrics = {
-        "eval_loss": evaluation["eval_loss"],
-        "perplexity": evaluation["eval_perplexity"],
-        "eval_tokens": evaluation["eval_tokens"],
-        "bits_per_byte": evaluation["eval_bits_per_byte"],
-        "unigram_perplexity": unigram_perplexity(
-            corpus.train_ids, blocks_as_array(corpus.validation), len(corpus.tokenizer)
-        ),
-        "trainer_batch_mean_eval_loss": evaluation["eval_batch_mean_loss"],
-        "train_loss": train_output.training_loss,
-        "train_tokens": trainer.state.num_input_tokens_seen,
-        "train_steps": trainer.state.global_step,
-        "train_runtime_s": train_output.metrics["train_runtime"],
-        "train_tokens_per_second": trainer.state.num_input_tokens_seen / train_output.metrics["train_runtime"],
-        "resumed_from": resume_from,
-    }
-    if trainer.is_world_process_zero():
-        plot_history(trainer.state.log_history, output_dir / PLOT_NAME)
-        write_json_atomically(metrics, output_dir / METRICS_NAME)
+    metrics = train_and_evaluate(trainer, recipe)
+    baseline = unigram_perplexity(corpus.train_ids, blocks_as_array(corpus.validation), len(corpus.tokenizer))
+    metrics = {**metrics, "unigram_perplexity": baseline}
+    write_run_outputs(trainer, metrics)
     return metrics

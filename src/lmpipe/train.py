@@ -8,10 +8,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainingArguments
+import numpy as np
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from lmpipe.errors import LmpipeError
+from lmpipe.metrics import NllStatistics, compute_exact_metrics
+from lmpipe.recipe import Recipe, write_resolved_recipe
 
 METRICS_NAME = "metrics.json"
 PLOT_NAME = "loss.png"
@@ -82,3 +86,67 @@ def plot_history(log_history: list[dict[str, Any]], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def build_trainer(
+    model: PreTrainedModel,
+    args: TrainingArguments,
+    train_dataset: Dataset,
+    eval_dataset: Dataset,
+    data_collator,
+    tokenizer: PreTrainedTokenizerBase,
+    byte_lengths: np.ndarray,
+) -> ExactEvalTrainer:
+    """The Trainer for every lmpipe run: exact evaluation wired in."""
+    return ExactEvalTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=data_collator,
+        processing_class=tokenizer,
+        preprocess_logits_for_metrics=NllStatistics(byte_lengths),
+        compute_metrics=compute_exact_metrics,
+    )
+
+
+def final_evaluation(trainer: ExactEvalTrainer) -> dict[str, Any]:
+    """The evaluation logged at the last step when there was one, else a new one (never evaluate twice)."""
+    evaluations = [row for row in trainer.state.log_history if "eval_loss" in row]
+    if evaluations and evaluations[-1]["step"] == trainer.state.global_step:
+        return evaluations[-1]
+    return trainer.evaluate()
+
+
+def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, Any]:
+    """Resume if a checkpoint exists, train, evaluate exactly, save the model; returns the run's metrics."""
+    output_dir = trainer.args.output_dir
+    resume_from = trainer.args.resume_from_checkpoint or last_checkpoint(output_dir)
+    if trainer.is_world_process_zero():
+        write_resolved_recipe(recipe, output_dir)
+    train_output = trainer.train(resume_from_checkpoint=resume_from)
+    evaluation = final_evaluation(trainer)
+    trainer.save_model(output_dir)
+    runtime = train_output.metrics["train_runtime"]
+    return {
+        "eval_loss": evaluation["eval_loss"],
+        "perplexity": evaluation["eval_perplexity"],
+        "eval_tokens": evaluation["eval_tokens"],
+        "bits_per_byte": evaluation["eval_bits_per_byte"],
+        "trainer_batch_mean_eval_loss": evaluation["eval_batch_mean_loss"],
+        "train_loss": train_output.training_loss,
+        "train_tokens": trainer.state.num_input_tokens_seen,
+        "train_steps": trainer.state.global_step,
+        "train_runtime_s": runtime,
+        "train_tokens_per_second": trainer.state.num_input_tokens_seen / runtime,
+        "resumed_from": resume_from,
+    }
+
+
+def write_run_outputs(trainer: ExactEvalTrainer, metrics: dict[str, Any]) -> None:
+    """The loss plot, then `metrics.json` last: its presence marks a finished run (rank 0 only)."""
+    if not trainer.is_world_process_zero():
+        return
+    output_dir = Path(trainer.args.output_dir)
+    plot_history(trainer.state.log_history, output_dir / PLOT_NAME)
+    write_json_atomically(metrics, output_dir / METRICS_NAME)
