@@ -1,0 +1,214 @@
+"""The loss check: four independent computations of the same causal-LM loss must agree on real batches.
+
+Per batch (one optimizer step: `gradient_accumulation_steps` micro-batches, as the Trainer groups them):
+1. `model`: the model's own loss (it shifts inside);
+2. `manual`: shift, log_softmax, gather, drop -100, average over kept tokens (`losses.shifted_token_nll`);
+3. `cross_entropy`: `F.cross_entropy(ignore_index=-100)` on the flattened shifted tensors;
+4. `trainer`: what the Trainer optimises and logs: its own `get_batch_samples` counts `num_items_in_batch`
+   and its `training_step` (compute_loss, accumulation scaling, backward) returns the step's loss.
+Losses (1) and (3) are per-call means; over several micro-batches they are combined weighted by kept tokens.
+A new kind of recipe plugs in by providing a function `recipe -> Trainer` like `pretrain_check_trainer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, set_seed
+
+from lmpipe.data.collate import collate_blocks
+from lmpipe.errors import LmpipeError
+from lmpipe.losses import IGNORE_INDEX, shifted_token_nll
+from lmpipe.metrics import token_byte_lengths
+from lmpipe.model import build_model
+from lmpipe.pretrain import prepare_corpus
+from lmpipe.recipe import Recipe
+from lmpipe.train import build_trainer, check_training_arguments
+
+LOSS_NAMES = ("model", "manual", "cross_entropy", "trainer")
+REFERENCE = "manual"
+FP32_TOLERANCE = 1e-5  # every loss is reduced in float32, whatever the weights' dtype
+LOW_PRECISION_TOLERANCE = 1e-2  # bf16 / fp16 weights: about two units of bf16's 8-bit mantissa
+
+
+@dataclass
+class LossCheckArguments:
+    """Flags of `check_loss.py` beyond the recipe's."""
+
+    batches: int = field(
+        default=4, metadata={"help": "Batches to compare; each is gradient_accumulation_steps micro-batches."}
+    )
+
+
+@dataclass
+class BatchLosses:
+    """The four losses of one batch (or of all batches, `batch="all"`), in nats per kept token."""
+
+    batch: str
+    kept_tokens: int
+    model: float
+    manual: float
+    cross_entropy: float
+    trainer: float
+
+    def losses(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in LOSS_NAMES}
+
+    def max_abs_diff(self) -> float:
+        values = self.losses().values()
+        return max(values) - min(values)
+
+
+@dataclass
+class LossCheck:
+    """Per-batch rows, their token-weighted total, and the relative tolerance they must agree within."""
+
+    rows: list[BatchLosses]
+    total: BatchLosses
+    relative_tolerance: float
+    dtype: str
+    micro_batches_per_batch: int
+
+    def first_disagreement(self) -> str | None:
+        """`batch B: X vs manual (...)` for the first loss that differs from the manual one beyond tolerance."""
+        for row in [*self.rows, self.total]:
+            reference = row.manual
+            for name, value in row.losses().items():
+                difference = abs(value - reference) / max(abs(reference), 1e-12)
+                if not difference <= self.relative_tolerance:  # also catches NaN
+                    return (
+                        f"batch {row.batch}: {name} loss {value:.6f} vs {REFERENCE} loss {reference:.6f} "
+                        f"(relative difference {difference:.1e} > {self.relative_tolerance:.0e})"
+                    )
+        return None
+
+
+def relative_tolerance(dtype: torch.dtype) -> float:
+    return LOW_PRECISION_TOLERANCE if dtype in (torch.bfloat16, torch.float16) else FP32_TOLERANCE
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """`training_step` puts the model in train mode: with dropout at 0 its forward equals the eval one."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _batch_losses(trainer: Trainer, micro_batches: list[dict], num_items_in_batch, name: str) -> BatchLosses:
+    """The four losses of one optimizer step, from the micro-batches `get_batch_samples` returned."""
+    model = trainer.model
+    model.eval()
+    nll_sum, kept_total, model_sum, cross_entropy_sum = 0.0, 0, 0.0, 0.0
+    with torch.no_grad():
+        for batch in micro_batches:
+            inputs = trainer._prepare_inputs(batch)  # the Trainer's own move to device
+            outputs = model(**inputs)
+            nll, kept = shifted_token_nll(outputs.logits, inputs["labels"])
+            kept_tokens = int(kept.sum())
+            shifted_logits = outputs.logits[:, :-1, :].float()
+            cross_entropy = F.cross_entropy(
+                shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+                inputs["labels"][:, 1:].reshape(-1),
+                ignore_index=IGNORE_INDEX,
+            )
+            nll_sum += nll.double().sum().item()
+            kept_total += kept_tokens
+            model_sum += outputs.loss.item() * kept_tokens
+            cross_entropy_sum += cross_entropy.item() * kept_tokens
+    if kept_total == 0:
+        raise LmpipeError(f"loss check: batch {name} has no scored label (every shifted label is -100)")
+    trainer.current_gradient_accumulation_steps = len(micro_batches)  # set by the training loop before each step
+    trainer_loss = sum(trainer.training_step(model, batch, num_items_in_batch).item() for batch in micro_batches)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return BatchLosses(
+        batch=name,
+        kept_tokens=kept_total,
+        model=model_sum / kept_total,
+        manual=nll_sum / kept_total,
+        cross_entropy=cross_entropy_sum / kept_total,
+        trainer=trainer_loss,
+    )
+
+
+def check_losses(trainer: Trainer, micro_batches: Iterable[dict]) -> LossCheck:
+    """Compare the four losses on `micro_batches` (dicts with input_ids, labels, optional attention_mask and
+    position_ids, as a collator yields them), grouped into optimizer steps by the Trainer's own code.
+
+    Takes the Trainer, not just the model: a wrong count lives in the Trainer (e.g. a model whose `loss_type` is
+    None makes it count unshifted labels). The model's dropout is turned off (see `disable_dropout`).
+    """
+    disable_dropout(trainer.model)
+    accumulation = trainer.args.gradient_accumulation_steps
+    iterator: Iterator[dict] = iter(micro_batches)
+    rows = []
+    while True:
+        step, num_items_in_batch = trainer.get_batch_samples(iterator, accumulation, trainer.args.device)
+        if not step:
+            break
+        rows.append(_batch_losses(trainer, step, num_items_in_batch, str(len(rows) + 1)))
+    if not rows:
+        raise LmpipeError("loss check: no batches to compare")
+    kept = sum(row.kept_tokens for row in rows)
+    weighted = {name: sum(getattr(row, name) * row.kept_tokens for row in rows) / kept for name in LOSS_NAMES}
+    dtype = next(trainer.model.parameters()).dtype
+    return LossCheck(
+        rows=rows,
+        total=BatchLosses(batch="all", kept_tokens=kept, **weighted),
+        relative_tolerance=relative_tolerance(dtype),
+        dtype=str(dtype).removeprefix("torch."),
+        micro_batches_per_batch=accumulation,
+    )
+
+
+def format_table(check: LossCheck) -> str:
+    """The table `check_loss.py` prints: one row per batch, then the total over all batches."""
+    header = f"{'batch':>5} {'kept tokens':>11} " + " ".join(f"{n:>13}" for n in LOSS_NAMES) + f" {'max abs diff':>12}"
+    lines = [
+        f"loss check: {len(check.rows)} batches (gradient_accumulation_steps={check.micro_batches_per_batch}), "
+        f"{check.dtype}, relative tolerance {check.relative_tolerance:.0e}, losses in nats per kept token",
+        header,
+    ]
+    for row in [*check.rows, check.total]:
+        losses = " ".join(f"{value:>13.6f}" for value in row.losses().values())
+        lines.append(f"{row.batch:>5} {row.kept_tokens:>11,} {losses} {row.max_abs_diff():>12.1e}")
+    return "\n".join(lines)
+
+
+def pretrain_check_trainer(recipe: Recipe, output_dir: str) -> Trainer:
+    """The Trainer a pretraining recipe would train with (model from scratch, or `model_name_or_path`).
+
+    It writes nothing of the run's: `output_dir` replaces the recipe's, with no reporting and no Hub push.
+    """
+    model_args, tokenizer_args, data_args, training, _ = recipe.arguments
+    check_training_arguments(training)
+    if model_args.model_name_or_path and tokenizer_args.train_tokenizer:
+        raise LmpipeError(
+            f"train_tokenizer: true makes a vocabulary that {model_args.model_name_or_path} was not trained with; "
+            "add --train_tokenizer false (the model's own tokenizer is used)"
+        )
+    training = dataclasses.replace(
+        training, output_dir=output_dir, report_to="none", push_to_hub=False
+    )
+    set_seed(training.seed)
+    corpus = prepare_corpus(data_args, tokenizer_args, model_args, training)
+    model = build_model(model_args, corpus.tokenizer, data_args.block_size)
+    byte_lengths = token_byte_lengths(corpus.tokenizer, model.config.vocab_size)
+    return build_trainer(model, training, corpus.train, corpus.validation, collate_blocks, corpus.tokenizer, byte_lengths)
+
+
+def run_loss_check(recipe: Recipe) -> LossCheck:
+    """The check on the first `batches` training batches of the recipe, drawn by the Trainer's own dataloader."""
+    check_args = recipe.arguments[-1]
+    if check_args.batches < 1:
+        raise LmpipeError(f"batches must be >= 1, got {check_args.batches}")
+    with tempfile.TemporaryDirectory(prefix="lmpipe-check-loss-") as output_dir:
+        trainer = pretrain_check_trainer(recipe, output_dir)
+        count = check_args.batches * trainer.args.gradient_accumulation_steps
+        return check_losses(trainer, islice(trainer.get_train_dataloader(), count))
