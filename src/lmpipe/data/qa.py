@@ -1,0 +1,148 @@
+"""Question-answer rows for causal-LM fine-tuning: the loss is on the answer and its EOS, never on the prompt.
+
+The prompt and the answer are tokenised apart and their ids concatenated, so the boundary is exact by
+construction (no response-template search, no re-tokenisation of the joined text).
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+from datasets import Dataset, DatasetDict, Value
+from transformers import PreTrainedTokenizerBase
+
+from lmpipe.data.sources import check_text_column
+from lmpipe.errors import LmpipeError
+from lmpipe.losses import IGNORE_INDEX
+from lmpipe.recipe import QAArguments
+
+DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
+DEFAULT_CONTEXT_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
+TRAINING_COLUMNS = ["input_ids", "labels"]
+
+
+def prompt_template(qa: QAArguments) -> str:
+    """The recipe's template (or the default): {question} is required, {context} exactly when a context column is set."""
+    template = qa.prompt_template or (DEFAULT_CONTEXT_TEMPLATE if qa.context_column else DEFAULT_TEMPLATE)
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        raise LmpipeError(f"prompt_template: {e}") from None
+    unknown = fields - {"question", "context"}
+    if unknown:
+        raise LmpipeError(f"prompt_template: unknown field {{{sorted(unknown)[0]}}}; use {{question}} and {{context}}")
+    if "question" not in fields:
+        raise LmpipeError("prompt_template: must contain {question}")
+    if ("context" in fields) != bool(qa.context_column):
+        raise LmpipeError("prompt_template: use {context} exactly when context_column is set")
+    return template
+
+
+def _is_text(feature) -> bool:
+    return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+
+
+def check_qa_columns(corpus: DatasetDict, qa: QAArguments, source: str) -> None:
+    """Question (and context) columns hold text; the answer column holds text or lists of text."""
+    for column in filter(None, (qa.question_column, qa.context_column)):
+        check_text_column(corpus, column, source)
+    column = qa.answer_column
+    for name, split in corpus.items():
+        if column not in split.column_names:
+            raise LmpipeError(f"{source} ({name}): no column '{column}'; columns are {', '.join(split.column_names)}")
+        feature = split.features[column]
+        if not (_is_text(feature) or _is_text(getattr(feature, "feature", None))):
+            raise LmpipeError(f"{source} ({name}): column '{column}' holds {feature} values, not text or lists of text")
+
+
+def accepted_answers(value, row: str) -> list[str]:
+    """The answers of one row as a non-empty list of non-empty strings; the first is the training target."""
+    answers = [value] if isinstance(value, str) else value
+    if not isinstance(answers, list) or not answers:
+        raise LmpipeError(f"{row}: answer is {'an empty list' if answers == [] else 'missing'}")
+    for number, answer in enumerate(answers, start=1):
+        if not isinstance(answer, str):
+            raise LmpipeError(f"{row}: answer {number} is {type(answer).__name__}, not text")
+        if not answer.strip():
+            raise LmpipeError(f"{row}: answer {number} is empty")
+    return answers
+
+
+def _text(value, column: str, row: str) -> str:
+    if not isinstance(value, str):
+        raise LmpipeError(f"{row}: column '{column}' is {type(value).__name__}, not text")
+    return value
+
+
+@dataclass
+class QACounts:
+    """Rows of a split: kept whole, kept with the prompt cut from the left, dropped (answer + EOS too long)."""
+
+    kept: int
+    truncated: int
+    dropped: int
+
+
+def tokenize_qa(
+    split: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    qa: QAArguments,
+    template: str,
+    source: str,
+) -> tuple[Dataset, QACounts]:
+    """Rows of `input_ids` = prompt ids + answer ids + EOS and `labels` = -100 on the prompt, the ids elsewhere.
+
+    Also keeps `prompt` (the text the model saw), `question` and `answers` (all accepted) for evaluation.
+    A prompt too long for `max_length` loses tokens from its left; an answer that leaves no room for one prompt
+    token is dropped. Bad rows raise an error naming the row (1-based, the N-th record of the file).
+    """
+    eos = tokenizer.eos_token_id
+
+    def encode(batch, indices):
+        rows = [f"{source} row {index + 1}" for index in indices]
+        questions = [_text(q, qa.question_column, row) for q, row in zip(batch[qa.question_column], rows)]
+        contexts = (
+            [_text(c, qa.context_column, row) for c, row in zip(batch[qa.context_column], rows)]
+            if qa.context_column
+            else [None] * len(rows)
+        )
+        answers = [accepted_answers(a, row) for a, row in zip(batch[qa.answer_column], rows)]
+        prompts = [template.format(question=q, context=c) for q, c in zip(questions, contexts)]
+        prompt_ids = tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
+        answer_ids = tokenizer(
+            [qa.answer_prefix + a[0] for a in answers], add_special_tokens=False, verbose=False
+        )["input_ids"]
+        out = {"input_ids": [], "labels": [], "prompt": [], "question": [], "answers": [], "truncated": []}
+        for row, prompt, prompt_tokens, answer_tokens, question, accepted in zip(
+            rows, prompts, prompt_ids, answer_ids, questions, answers
+        ):
+            if not prompt_tokens:
+                raise LmpipeError(f"{row}: the prompt is empty (nothing to answer after)")
+            target = answer_tokens + [eos]
+            room = qa.max_length - len(target)
+            if room < 1:
+                continue
+            truncated = len(prompt_tokens) > room
+            if truncated:
+                prompt_tokens = prompt_tokens[-room:]
+                prompt = tokenizer.decode(prompt_tokens)
+            out["input_ids"].append(prompt_tokens + target)
+            out["labels"].append([IGNORE_INDEX] * len(prompt_tokens) + target)
+            out["prompt"].append(prompt)
+            out["question"].append(question)
+            out["answers"].append(accepted)
+            out["truncated"].append(truncated)
+        return out
+
+    encoded = split.map(
+        encode,
+        batched=True,
+        with_indices=True,
+        num_proc=qa.preprocessing_num_workers,
+        remove_columns=split.column_names,
+        desc="Tokenising QA",
+    )
+    truncated = sum(encoded["truncated"])
+    counts = QACounts(kept=len(encoded) - truncated, truncated=truncated, dropped=len(split) - len(encoded))
+    return encoded.remove_columns("truncated"), counts

@@ -1,0 +1,174 @@
+"""QA fine-tuning end to end: recipe -> QA rows -> pretrained GPT-2 (full or LoRA) -> Trainer -> EM / F1 -> metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments, set_seed
+
+from lmpipe.checkpoints import check_output_dir
+from lmpipe.data.collate import padded_collator, qa_collator, real_token_fraction
+from lmpipe.data.qa import TRAINING_COLUMNS, QACounts, check_qa_columns, prompt_template, tokenize_qa
+from lmpipe.data.sources import load_corpus, split_validation
+from lmpipe.distributed import check_launch
+from lmpipe.errors import LmpipeError
+from lmpipe.generate import GenerationSettings, generate_completions
+from lmpipe.lora import MERGED_DIR, check_lora_arguments, save_merged, wrap_lora
+from lmpipe.metrics import token_byte_lengths
+from lmpipe.model import build_model
+from lmpipe.qa_metrics import score_predictions
+from lmpipe.recipe import LoraArguments, ModelArguments, QAArguments, Recipe
+from lmpipe.tokenizer import load_tokenizer
+from lmpipe.train import build_trainer, check_training_arguments, train_and_evaluate, write_run_outputs
+
+PREDICTIONS_NAME = "predictions.jsonl"
+
+
+@dataclass
+class QAData:
+    """Tokenised train/validation rows (with their prompt text and accepted answers) and per-file row counts."""
+
+    train: Dataset
+    validation: Dataset
+    counts: dict[str, QACounts]
+
+
+def check_finetune_arguments(model: ModelArguments, qa: QAArguments, lora: LoraArguments) -> str:
+    """Everything checkable from the recipe alone; returns the prompt template."""
+    if not model.model_name_or_path:
+        raise LmpipeError("model_name_or_path is required: a pretrained model directory or Hub id")
+    if qa.max_length < 2:
+        raise LmpipeError(f"max_length must be >= 2 (one prompt token and EOS), got {qa.max_length}")
+    if qa.generation_max_new_tokens < 1:
+        raise LmpipeError(f"generation_max_new_tokens must be >= 1, got {qa.generation_max_new_tokens}")
+    check_lora_arguments(lora)
+    return prompt_template(qa)
+
+
+def prepare_qa_data(
+    qa: QAArguments, tokenizer: PreTrainedTokenizerBase, training: TrainingArguments, template: str
+) -> QAData:
+    """Load, check, tokenise each file (so errors name its rows), then hold out validation if there is none."""
+    source = qa.train_file or qa.dataset_name or "data"
+    corpus = load_corpus(qa.dataset_name, qa.dataset_config_name, qa.train_file, qa.validation_file).flatten()
+    check_qa_columns(corpus, qa, source)
+    encoded, counts = {}, {}
+    with training.main_process_first(desc="tokenising QA pairs"):
+        for name, split in corpus.items():
+            split_source = qa.validation_file if name == "validation" and qa.validation_file else source
+            encoded[name], counts[name] = tokenize_qa(split, tokenizer, qa, template, split_source)
+            if len(encoded[name]) == 0:
+                raise LmpipeError(f"{split_source}: no example fits max_length={qa.max_length}")
+    splits = split_validation(DatasetDict(encoded), qa.validation_split_percentage, source)
+    return QAData(splits["train"], splits["validation"], counts)
+
+
+def evaluate_qa(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Dataset,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Greedy answers to the prompts the model was trained on, scored against every accepted answer."""
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False, seed=seed)
+    prompts = fit_prompts(tokenizer, examples["prompt"], model.config.n_positions - max_new_tokens)
+    predictions = generate_completions(model, tokenizer, prompts, settings, batch_size=batch_size)
+    scores = score_predictions(predictions, examples["answers"])
+    rows = [
+        {"question": q, "prompt": p, "prediction": prediction, "answers": a, "em": em, "f1": f1}
+        for q, p, prediction, a, em, f1 in zip(
+            examples["question"], prompts, predictions, examples["answers"],
+            scores["per_example_exact_match"], scores["per_example_f1"],
+        )
+    ]
+    return {"exact_match": scores["exact_match"], "f1": scores["f1"]}, rows
+
+
+def fit_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], limit: int) -> list[str]:
+    """Prompts cut from the left to at most `limit` tokens, leaving the model positions for the generated answer.
+
+    Re-encoding the decoded tail can merge differently at the cut; then fewer tokens are kept until it fits.
+    """
+    fitted = list(prompts)
+    for row, ids in enumerate(tokenizer(fitted, add_special_tokens=False)["input_ids"]):
+        keep = limit
+        while len(ids) > limit:
+            fitted[row] = tokenizer.decode(ids[len(ids) - max(keep, 0) :])
+            excess = len(tokenizer(fitted[row], add_special_tokens=False)["input_ids"]) - limit
+            if excess <= 0:
+                break
+            keep -= excess
+    return fitted
+
+
+def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def initial_evaluation(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """The evaluation before the first step (recipe `eval_on_start: true`), to compare with the final one."""
+    row = next((row for row in log_history if "eval_loss" in row and row["step"] == 0), None)
+    return {"initial_eval_loss": row["eval_loss"], "initial_perplexity": row["eval_perplexity"]} if row else {}
+
+
+def finetune_qa(recipe: Recipe) -> dict[str, Any]:
+    """Run the recipe; returns the metrics written to `metrics.json` (EM / F1 on the main process only)."""
+    model_args, tokenizer_args, qa, lora, training = recipe.arguments
+    check_training_arguments(training)
+    check_output_dir(recipe, training)
+    check_launch(training)
+    template = check_finetune_arguments(model_args, qa, lora)
+    set_seed(training.seed)
+    tokenizer = load_tokenizer(tokenizer_args, model_args.model_name_or_path, None, model_args.trust_remote_code)
+    data = prepare_qa_data(qa, tokenizer, training, template)
+    model = build_model(model_args, tokenizer, qa.max_length)
+    if qa.generation_max_new_tokens >= model.config.n_positions:
+        raise LmpipeError(
+            f"generation_max_new_tokens={qa.generation_max_new_tokens} leaves no room for a prompt in the model's "
+            f"n_positions={model.config.n_positions}"
+        )
+    byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
+    if lora.use_lora:
+        model = wrap_lora(model, lora)
+    trainer = build_trainer(
+        model,
+        training,
+        data.train.select_columns(TRAINING_COLUMNS),
+        data.validation.select_columns(TRAINING_COLUMNS),
+        qa_collator(tokenizer, qa.batching),
+        tokenizer,
+        byte_lengths,
+        eval_data_collator=padded_collator(tokenizer),
+    )
+    metrics = train_and_evaluate(trainer, recipe)
+    metrics.update(
+        initial_evaluation(trainer.state.log_history),
+        batching=qa.batching,
+        real_token_fraction=real_token_fraction(trainer.get_train_dataloader()),  # one epoch, as the Trainer batches it
+        examples={name: dataclasses.asdict(counts) for name, counts in data.counts.items()},
+        train_examples=len(data.train),
+        validation_examples=len(data.validation),
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        total_parameters=sum(p.numel() for p in model.parameters()),
+    )
+    if trainer.is_world_process_zero():
+        output_dir = Path(training.output_dir)
+        if lora.merge_lora:
+            model = save_merged(trainer.model, tokenizer, training.output_dir)
+            metrics["merged_model_dir"] = str(output_dir / MERGED_DIR)
+        qa_scores, predictions = evaluate_qa(
+            model, tokenizer, data.validation, qa.generation_max_new_tokens, training.per_device_eval_batch_size,
+            training.seed,
+        )
+        write_jsonl(predictions, output_dir / PREDICTIONS_NAME)
+        metrics.update(qa_scores, predictions_file=str(output_dir / PREDICTIONS_NAME))
+    write_run_outputs(trainer, metrics)
+    return metrics
