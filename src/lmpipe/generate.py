@@ -1,0 +1,171 @@
+"""Text continuations with `model.generate`: greedy or sampled (temperature, top-k, top-p), stopping at EOS.
+
+Used by `pipelines/generate.py` and by the QA evaluation, so a question is answered the same way in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from lmpipe.errors import LmpipeError
+from lmpipe.model import check_vocab, load_pretrained
+from lmpipe.recipe import TokenizerArguments
+from lmpipe.tokenizer import load_tokenizer
+
+
+# The sampling knobs and the values that switch them off.
+SAMPLING_OFF = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
+@dataclass
+class GenerateArguments:
+    """What `pipelines/generate.py` continues: a saved model (safetensors) and one prompt."""
+
+    # Optional to the parser (a recipe is parsed alone first); generate_from_pretrained requires them.
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Saved model directory or Hub id."})
+    prompt: str | None = field(default=None, metadata={"help": "Text to continue."})
+
+
+@dataclass
+class GenerationSettings:
+    """How to continue a prompt; greedy unless `do_sample` (the sampling knobs are refused without it)."""
+
+    max_new_tokens: int = field(default=32, metadata={"help": "Tokens to generate at most (fewer at EOS)."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample from the distribution (default: greedy)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature, > 0 (needs --do_sample)."})
+    top_k: int = field(default=0, metadata={"help": "Sample among the k likeliest; 0 = off (needs --do_sample)."})
+    top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus sampling mass in (0, 1]; 1 = off (needs --do_sample)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the sampling (the same seed gives the same text)."})
+    greedy: bool = field(default=False, metadata={"help": "Greedy decoding (the default); contradicts --do_sample."})
+
+    def check(self) -> None:
+        """Raise LmpipeError on a value `generate` would reject or silently ignore."""
+        if self.max_new_tokens < 1:
+            raise LmpipeError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.greedy and self.do_sample:
+            raise LmpipeError("--greedy and --do_sample contradict each other: choose one")
+        if self.top_k < 0:
+            raise LmpipeError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise LmpipeError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.do_sample and not self.temperature > 0:
+            raise LmpipeError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        ignored = [f"{name}={getattr(self, name)}" for name, off in SAMPLING_OFF.items() if getattr(self, name) != off]
+        if ignored and not self.do_sample:
+            raise LmpipeError(f"sampling settings without --do_sample (greedy ignores them): {', '.join(ignored)}")
+
+
+def generation_config(
+    settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase, model_vocab: int
+) -> GenerationConfig:
+    """The library's config: stop at EOS, pad with EOS (GPT-2 has no pad token), cache on (training turns it off).
+
+    Token ids from len(tokenizer) up to the model's padded vocabulary have no text: they are suppressed.
+    """
+    sampling = {name: getattr(settings, name) for name in SAMPLING_OFF} if settings.do_sample else {}
+    unused_rows = list(range(len(tokenizer), model_vocab))
+    return GenerationConfig(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=settings.do_sample,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+        suppress_tokens=unused_rows or None,
+        **sampling,
+    )
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, max_positions: int | None
+) -> list[list[int]]:
+    """Token ids of each prompt; an empty prompt or one with no room for the new tokens is an error."""
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    for row, ids in enumerate(encoded):
+        if not ids:
+            raise LmpipeError(f"prompt {row}: empty (nothing to continue)")
+        if max_positions and len(ids) + max_new_tokens > max_positions:
+            raise LmpipeError(
+                f"prompt {row}: {len(ids)} tokens + max_new_tokens={max_new_tokens} exceed the model's "
+                f"{max_positions} positions"
+            )
+    return encoded
+
+
+def left_padded(encoded: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) padded on the left with `pad_id`; the mask marks padding by position.
+
+    Not `tokenizer.pad`: it needs a pad token, and setting one would change the caller's tokenizer.
+    """
+    rows = [torch.tensor(ids) for ids in encoded]
+    input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side="left")
+    mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_value=0, padding_side="left")
+    return input_ids, mask
+
+
+def continuation_text(tokenizer: PreTrainedTokenizerBase, new_ids: torch.Tensor) -> str:
+    """The generated ids up to (not including) the first EOS; later positions are EOS padding."""
+    ids = new_ids.tolist()
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+@torch.no_grad()
+def generate_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    settings: GenerationSettings,
+    batch_size: int = 16,
+) -> list[str]:
+    """The continuation of each prompt (without the prompt), in the order given.
+
+    Prompts are batched by length and padded on the left with an attention mask, so every row's last prompt token
+    sits at the end and batched greedy output equals one-at-a-time output. Sampling is seeded with `settings.seed`
+    inside `fork_rng`, so the global RNG is left as it was (a Trainer's data order is not disturbed).
+    """
+    settings.check()
+    if batch_size < 1:
+        raise LmpipeError(f"batch_size must be >= 1, got {batch_size}")
+    encoded = encode_prompts(
+        tokenizer, prompts, settings.max_new_tokens, getattr(model.config, "max_position_embeddings", None)
+    )
+    config = generation_config(settings, tokenizer, model.config.vocab_size)
+    order = sorted(range(len(encoded)), key=lambda row: len(encoded[row]))  # similar lengths share a batch
+    completions: list[str] = [""] * len(encoded)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+            torch.manual_seed(settings.seed)
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                input_ids, attention_mask = left_padded([encoded[row] for row in rows], tokenizer.eos_token_id)
+                output = model.generate(
+                    input_ids=input_ids.to(model.device),
+                    attention_mask=attention_mask.to(model.device),
+                    generation_config=config,
+                )
+                for row, new_ids in zip(rows, output[:, input_ids.shape[1] :]):
+                    completions[row] = continuation_text(tokenizer, new_ids)
+    finally:
+        model.train(was_training)
+    return completions
+
+
+def generate_from_pretrained(args: GenerateArguments, settings: GenerationSettings) -> str:
+    """The continuation of `args.prompt` by a saved model with its own tokenizer; settings checked before loading."""
+    for name in ("model_name_or_path", "prompt"):
+        if getattr(args, name) is None:
+            raise LmpipeError(f"--{name} is required")
+    settings.check()
+    model = load_pretrained(args.model_name_or_path)
+    tokenizer = load_tokenizer(TokenizerArguments(), args.model_name_or_path)
+    check_vocab(model, tokenizer, allow_resize=False, name=args.model_name_or_path)
+    return generate_completions(model, tokenizer, [args.prompt], settings, batch_size=1)[0]
