@@ -1,0 +1,173 @@
+"""Trainer callbacks that let a run die and come back: save on SIGTERM/Ctrl-C, stop on a non-finite loss,
+and log at every checkpoint so a resumed run reports the same train loss as an uninterrupted one."""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainingArguments
+
+from lmpipe.checkpoints import newest_complete_checkpoint
+from lmpipe.errors import LmpipeError
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def on_any_rank(flag: int, args: TrainingArguments) -> int:
+    """The largest `flag` over all ranks, so that every rank stops at the same step (one tiny all-reduce)."""
+    if args.world_size > 1 and torch.distributed.is_initialized():
+        tensor = torch.tensor(flag, device=args.device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return int(tensor.item())
+    return flag
+
+
+class TrainingInterrupted(LmpipeError):
+    """Raised once the checkpoint is saved; the command exits with 128 + the signal's number, as the signal would."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
+
+
+class SaveOnSignal(TrainerCallback):
+    """SIGTERM (preemption, `kill`) or Ctrl-C: finish the current optimizer step, save a checkpoint, exit.
+
+    The Trainer has no signal handling; a second signal stops at once without saving. Ranks agree on the
+    step to stop at, so every rank saves the same checkpoint.
+    """
+
+    def __init__(self):
+        self.signal_number = 0
+        self.previous_handlers: dict[int, Any] = {}
+
+    def _handle(self, signal_number, frame):
+        if self.signal_number:  # second signal: the user insists
+            self._restore_handlers()
+            signal.raise_signal(signal_number)
+            return
+        self.signal_number = signal_number
+        print(
+            f"\n{signal.Signals(signal_number).name}: saving a checkpoint after this step (send it again to stop now)",
+            file=sys.stderr,
+        )
+
+    def _restore_handlers(self):
+        for number, handler in self.previous_handlers.items():
+            signal.signal(number, handler)
+        self.previous_handlers = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.signal_number = 0
+        if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
+            self.previous_handlers = {number: signal.signal(number, self._handle) for number in STOP_SIGNALS}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.signal_number = on_any_rank(self.signal_number, args)
+        if self.signal_number:
+            control.should_save = True  # after this step's due evaluation, if any: it draws from the RNG we save
+            control.should_training_stop = True
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.signal_number:  # the loop broke off mid-epoch: no end-of-epoch evaluation
+            control.should_evaluate = False
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._restore_handlers()
+        if self.signal_number:
+            raise TrainingInterrupted(
+                f"stopped by {signal.Signals(self.signal_number).name} after step {state.global_step}: saved"
+                f" {args.output_dir}/checkpoint-{state.global_step}; rerun the same command to resume from it",
+                self.signal_number,
+            )
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """A NaN or infinite training loss stops the run before anything is saved, naming the step.
+
+    The Trainer's `logging_nan_inf_filter` hides such a loss and trains on. We watch the loss the model returns
+    (a forward hook: callbacks are not given the loss) without a device sync, and check once per optimizer step.
+    """
+
+    def __init__(self):
+        self.finite: torch.Tensor | None = None
+        self.bad_step: int | None = None
+        self.hook = None
+
+    def _watch(self, module, inputs, output):
+        loss = output.get("loss") if isinstance(output, Mapping) else None
+        if module.training and loss is not None:
+            finite = torch.isfinite(loss.detach()).all()
+            self.finite = finite if self.finite is None else self.finite & finite
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.bad_step, self.finite = None, None
+        self.hook = model.register_forward_hook(self._watch)
+
+    def _veto(self, control: TrainerControl) -> TrainerControl:
+        control.should_save = control.should_evaluate = control.should_log = False
+        control.should_training_stop = True
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if on_any_rank(int(self.finite is not None and not bool(self.finite)), args):
+            self.bad_step = state.global_step
+        self.finite = None
+        return self._veto(control) if self.bad_step is not None else control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        return self._veto(control) if self.bad_step is not None else control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.hook.remove()
+        if self.bad_step is not None:
+            good = newest_complete_checkpoint(args.output_dir, args.save_only_model)
+            raise LmpipeError(
+                f"step {self.bad_step}: the training loss is not finite (NaN or inf); stopped without saving it."
+                f" Last good checkpoint: {good or 'none'}. Lower learning_rate or check the data,"
+                " then rerun to resume from it"
+            )
+
+
+class LogAtCheckpoints(TrainerCallback):
+    """Log the train loss at every save and at the last step, so a checkpoint's log history covers every step
+    before it and `mean_train_loss` is the same whether the run was resumed or not."""
+
+    def _log_if_saving(self, args, control):
+        if args.logging_strategy != "no" and (control.should_save or control.should_training_stop):
+            control.should_log = True
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        return self._log_if_saving(args, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        return self._log_if_saving(args, control)
+
+
+def reliability_callbacks() -> list[TrainerCallback]:
+    """In this order: a signal asks to save, the save is logged, a non-finite loss vetoes both."""
+    return [SaveOnSignal(), LogAtCheckpoints(), StopOnNonFiniteLoss()]
+
+
+def mean_train_loss(log_history: list[dict[str, Any]]) -> float | None:
+    """The step-weighted mean of the logged train losses over the whole run, across resumes (None: nothing logged).
+
+    The Trainer's own `train_loss` averages only the steps of the current `train()` call.
+    """
+    rows = [row for row in log_history if "loss" in row and "step" in row]
+    if not rows:
+        return None
+    total, previous_step = 0.0, 0
+    for row in rows:
+        total += row["loss"] * (row["step"] - previous_step)
+        previous_step = row["step"]
+    return total / previous_step if previous_step and math.isfinite(total) else None

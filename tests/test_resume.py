@@ -1,0 +1,274 @@
+"""Kill a pretraining run and rerun the same command: it must end exactly where an uninterrupted run ends.
+
+The killed runs are real subprocesses that SIGKILL themselves at a chosen moment (a test-only driver wraps the
+library; no hook lives in lmpipe): after a checkpoint was written, and half-way through writing one (the driver
+writes half of `optimizer.pt`, then dies). SIGTERM and a non-finite loss are exercised in-process.
+"""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+import lmpipe.pretrain
+from lmpipe.callbacks import mean_train_loss
+from lmpipe.checkpoints import checkpoint_problem
+from lmpipe.cli import main
+
+from conftest import REPO
+
+MAX_STEPS, SAVE_STEPS = 14, 4
+TINY_RUN = [
+    "--train_tokenizer", "true", "--tokenizer_vocab_size", "300", "--block_size", "32", "--n_positions", "32",
+    "--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--dropout", "0.1", "--max_steps", str(MAX_STEPS),
+    "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16", "--learning_rate", "0.003",
+    "--warmup_steps", "2", "--lr_scheduler_type", "cosine", "--eval_strategy", "steps", "--eval_steps", "7",
+    "--save_steps", str(SAVE_STEPS), "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
+    "--seed", "5", "--validation_split_percentage", "25",
+]  # dropout on, so the RNG state must be restored too; about 3 steps per epoch, so resumes land mid-epoch
+
+# Test-only driver: the same command as `lmpipe pretrain`, armed to SIGKILL itself.
+KILL_DRIVER = r"""
+import io, os, signal, sys
+import torch
+from transformers import TrainerCallback
+import lmpipe.pretrain
+from lmpipe.cli import main
+
+mode, step = sys.argv[1], int(sys.argv[2])
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if mode == "after-checkpoint":
+    class KillAtStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                die()
+
+    build = lmpipe.pretrain.build_trainer
+    def build_armed(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(KillAtStep())
+        return trainer
+    lmpipe.pretrain.build_trainer = build_armed
+else:  # "mid-checkpoint": die half-way through writing checkpoint-{step}/optimizer.pt
+    save = torch.save
+    def torn_save(obj, f, *args, **kwargs):
+        if str(f).endswith(os.path.join(f"checkpoint-{step}", "optimizer.pt")):
+            buffer = io.BytesIO()
+            save(obj, buffer, *args, **kwargs)
+            with open(f, "wb") as out:
+                out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+                out.flush()
+                os.fsync(out.fileno())
+            die()
+        return save(obj, f, *args, **kwargs)
+    torch.save = torn_save
+sys.exit(main(["pretrain", *sys.argv[3:]]))
+"""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from lmpipe.data.sources import pydoc_documents
+
+    path = tmp_path_factory.mktemp("resume") / "corpus.txt"
+    path.write_text("\n\n".join(pydoc_documents())[:1600], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from more threads, and the killed subprocesses use the same count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def command(corpus, output):
+    return ["--train_file", str(corpus), "--output_dir", str(output), *TINY_RUN]
+
+
+def outcome(output):
+    """What must not depend on interruptions: metrics, per-step train losses, final weights."""
+    metrics = json.loads((output / "metrics.json").read_text())
+    history = json.loads((output / f"checkpoint-{MAX_STEPS}" / "trainer_state.json").read_text())["log_history"]
+    losses = {row["step"]: row["loss"] for row in history if "loss" in row}
+    return metrics, losses, load_file(output / "model.safetensors")
+
+
+def assert_same_run(resumed, reference):
+    (metrics, losses, weights), (ref_metrics, ref_losses, ref_weights) = outcome(resumed), reference
+    for key in ("train_loss", "eval_loss", "perplexity"):
+        assert abs(metrics[key] - ref_metrics[key]) <= 1e-4, key
+    assert metrics["train_steps"] == MAX_STEPS and metrics["train_tokens"] == ref_metrics["train_tokens"]
+    assert sorted(losses) == list(range(1, MAX_STEPS + 1))
+    assert max(abs(losses[step] - ref_losses[step]) for step in ref_losses) <= 1e-4
+    assert weights.keys() == ref_weights.keys()
+    assert max((weights[k] - ref_weights[k]).abs().max().item() for k in weights) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def reference_run(corpus, tmp_path_factory):
+    """The uninterrupted run of the same command."""
+    output = tmp_path_factory.mktemp("reference") / "run"
+    assert main(["pretrain", *command(corpus, output)]) == 0
+    return output
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return outcome(reference_run)
+
+
+def killed_run(corpus, output, mode, step):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", KILL_DRIVER, mode, str(step), *command(corpus, output)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert not (output / "metrics.json").exists()
+
+
+def test_sigkill_after_a_checkpoint_resumes_to_the_same_result(corpus, reference, tmp_path):
+    output = tmp_path / "run"
+    killed_run(corpus, output, "after-checkpoint", step=SAVE_STEPS + 2)  # steps 5 and 6 are lost and redone
+    assert checkpoint_problem(output / f"checkpoint-{SAVE_STEPS}") is None
+    assert main(["pretrain", *command(corpus, output)]) == 0
+    assert json.loads((output / "metrics.json").read_text())["resumed_from"].endswith(f"checkpoint-{SAVE_STEPS}")
+    assert_same_run(output, reference)
+
+
+def test_sigkill_while_writing_a_checkpoint_falls_back_to_the_previous_one(corpus, reference, tmp_path, caplog):
+    output = tmp_path / "run"
+    torn = output / f"checkpoint-{2 * SAVE_STEPS}"
+    killed_run(corpus, output, "mid-checkpoint", step=2 * SAVE_STEPS)
+    assert (torn / "model.safetensors").exists() and not (torn / "trainer_state.json").exists()
+    assert main(["pretrain", *command(corpus, output)]) == 0
+    assert f"ignoring incomplete checkpoint {torn}" in caplog.text
+    assert json.loads((output / "metrics.json").read_text())["resumed_from"].endswith(f"checkpoint-{SAVE_STEPS}")
+    assert_same_run(output, reference)
+
+
+def test_overwrite_replaces_another_run_and_the_same_recipe_still_resumes(corpus, reference_run, tmp_path, caplog):
+    output = shutil.copytree(reference_run, tmp_path / "run")  # another run: 2 layers, checkpoints 12 and 14
+    args = ["pretrain", *command(corpus, output), "--n_layer", "1", "--max_steps", "4"]
+    assert main(args) == 2  # refused (tests/test_bad_inputs.py checks the message) and left alone
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-14"]
+    assert main([*args, "--overwrite_output_dir", "true"]) == 0
+    assert "removed another run's 2 checkpoint(s)" in caplog.text
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert json.loads((output / "metrics.json").read_text())["resumed_from"] is None
+    assert main([*args, "--overwrite_output_dir", "true"]) == 0  # now its own run: resumed, not replaced
+    assert json.loads((output / "metrics.json").read_text())["resumed_from"].endswith("checkpoint-4")
+
+
+class SendSignalAt(TrainerCallback):
+    def __init__(self, signal_number, step):
+        self.signal_number, self.step = signal_number, step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), self.signal_number)
+
+
+def arm(monkeypatch, callback):
+    build = lmpipe.pretrain.build_trainer
+
+    def build_armed(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(callback)
+        return trainer
+
+    monkeypatch.setattr(lmpipe.pretrain, "build_trainer", build_armed)
+
+
+def test_sigterm_saves_at_the_step_boundary_and_the_rerun_matches(corpus, reference, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "run"
+    arm(monkeypatch, SendSignalAt(signal.SIGTERM, step=6))  # during step 7, which is not a save step
+    assert main(["pretrain", *command(corpus, output)]) == 128 + signal.SIGTERM
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line == (
+        f"error: stopped by SIGTERM after step 7: saved {output}/checkpoint-7; rerun the same command to resume from it"
+    )
+    assert checkpoint_problem(output / "checkpoint-7") is None and not (output / "metrics.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    monkeypatch.undo()
+    assert main(["pretrain", *command(corpus, output)]) == 0
+    assert json.loads((output / "metrics.json").read_text())["resumed_from"].endswith("checkpoint-7")
+    assert_same_run(output, reference)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(corpus, tmp_path, monkeypatch):
+    output = tmp_path / "run"
+    arm(monkeypatch, SendSignalAt(signal.SIGINT, step=2))
+    assert main(["pretrain", *command(corpus, output)]) == 130
+    assert checkpoint_problem(output / "checkpoint-3") is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+class PoisonWeightsAfter(TrainerCallback):
+    """Make every later forward pass produce NaN, as a diverging run does."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.transformer.ln_f.weight.fill_(math.nan)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "run"
+    arm(monkeypatch, PoisonWeightsAfter(step=5))
+    assert main(["pretrain", *command(corpus, output)]) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: step 6: the training loss is not finite")
+    assert f"Last good checkpoint: {output / f'checkpoint-{SAVE_STEPS}'}." in last_line
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == [f"checkpoint-{SAVE_STEPS}"]
+    assert checkpoint_problem(output / f"checkpoint-{SAVE_STEPS}") is None
+    assert not (output / "metrics.json").exists() and not (output / "model.safetensors").exists()
+
+
+DAMAGES = {
+    "model.safetensors truncated": ("model.safetensors", lambda b: b[: len(b) // 2], "incomplete metadata"),
+    "model.safetensors header garbage": ("model.safetensors", lambda b: b[:8] + b"#" * 16 + b[24:], "invalid JSON"),
+    "optimizer.pt truncated": ("optimizer.pt", lambda b: b[: len(b) // 2], "damaged or incomplete"),
+    "optimizer.pt one bit flipped": ("optimizer.pt", lambda b: b[:800] + bytes([b[800] ^ 1]) + b[801:], "CRC"),
+    "trainer_state.json truncated": ("trainer_state.json", lambda b: b[:-20], "damaged or incomplete"),
+    "rng_state.pth missing": ("rng_state.pth", None, "no rng_state"),
+    "scheduler.pt missing": ("scheduler.pt", None, "no scheduler.pt"),
+    "trainer_state.json missing": ("trainer_state.json", None, "not finished"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_checkpoint_is_named_as_incomplete(damage, reference_run, tmp_path):
+    checkpoint = shutil.copytree(reference_run / f"checkpoint-{MAX_STEPS}", tmp_path / f"checkpoint-{MAX_STEPS}")
+    assert checkpoint_problem(checkpoint) is None
+    name, mutate, reason = DAMAGES[damage]
+    target = checkpoint / name
+    if mutate is None:
+        target.unlink()
+    else:
+        target.write_bytes(mutate(target.read_bytes()))
+    problem = checkpoint_problem(checkpoint)
+    assert problem is not None and reason in problem and str(checkpoint) in problem
+
+
+def test_mean_train_loss_weights_each_logged_window_by_its_steps():
+    history = [{"loss": 4.0, "step": 2}, {"eval_loss": 9.0, "step": 2}, {"loss": 1.0, "step": 3}, {"train_loss": 7}]
+    assert mean_train_loss(history) == pytest.approx((4.0 * 2 + 1.0) / 3)
+    assert mean_train_loss([{"eval_loss": 1.0, "step": 1}]) is None
