@@ -1,0 +1,8 @@
+"""Push a finished run folder to the Hub: `python pipelines/push.py OUTPUT_DIR [--hub_model_id ID] [--private]`."""
+
+import sys
+
+from lmpipe.cli import push_command, run
+
+if __name__ == "__main__":
+    sys.exit(run(push_command, sys.argv[1:]))
