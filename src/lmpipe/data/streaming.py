@@ -1,0 +1,123 @@
+"""Corpora larger than memory: documents are read lazily, tokenised and packed into blocks as training asks.
+
+Ranks: the Trainer hands this IterableDataset to accelerate, whose default for iterable datasets is
+`dispatch_batches`: global rank 0 alone reads the stream and sends every rank its slice of each global batch. So
+ranks never overlap, no block is lost, and the order of blocks is the one a single-rank run sees. (The
+alternative, `split_dataset_by_node`, gives each rank whole files or every n-th document: a single file would be
+read by every rank, and a rank whose share ends first would start a new epoch while the others are mid-stream.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
+from transformers import PreTrainedTokenizerBase, TrainingArguments
+
+from lmpipe.data.packing import tokenize_documents
+from lmpipe.data.sources import PYDOC, _first_line, check_text_column, load_local_file, pydoc_documents
+from lmpipe.errors import LmpipeError
+from lmpipe.recipe import DataArguments
+
+# Tokens gathered before cutting blocks: big enough for vectorised cuts, small enough to keep memory flat.
+FLUSH_TOKENS = 1 << 16
+
+
+def check_streaming_arguments(training: TrainingArguments) -> None:
+    """A stream has no length, so the Trainer cannot count epochs: the run's length must be max_steps."""
+    if training.max_steps <= 0:
+        raise LmpipeError("streaming: true needs max_steps > 0 (a stream has no length to count epochs in)")
+
+
+def stream_documents(data: DataArguments, source: str) -> tuple[IterableDataset, Dataset]:
+    """The train documents as a lazy stream, and the validation documents in memory for exact evaluation.
+
+    Validation is `validation_file` or the source's own validation split; otherwise the first
+    `streaming_validation_documents` documents of the stream (the head, since a stream's tail is unknown
+    until read), which training then skips.
+    """
+    validation = None
+    if data.train_file:
+        train = load_local_file(data.train_file, data.sample_by, streaming=True)
+        if data.validation_file:
+            validation = load_local_file(data.validation_file, data.sample_by)
+    elif data.validation_file:
+        raise LmpipeError("validation_file needs a train_file")
+    elif data.dataset_name == PYDOC:
+        train = Dataset.from_dict({"text": pydoc_documents()}).to_iterable_dataset()
+    elif data.dataset_name:
+        try:
+            splits = load_dataset(data.dataset_name, data.dataset_config_name, streaming=True)
+        except Exception as e:  # offline, unknown id, bad config: all surface as different exception types
+            raise LmpipeError(f"dataset {data.dataset_name}: cannot load ({_first_line(e)})") from None
+        if "train" not in splits:
+            raise LmpipeError(f"{source}: has no train split")
+        train = splits["train"]
+        if "validation" in splits:
+            validation = Dataset.from_list(list(splits["validation"]))
+    else:
+        raise LmpipeError("no data: set train_file or dataset_name")
+    if data.max_train_documents:
+        train = train.take(data.max_train_documents)
+    if validation is None:
+        held_out = data.streaming_validation_documents
+        if held_out < 1:
+            raise LmpipeError(f"streaming_validation_documents must be >= 1, got {held_out}")
+        validation = Dataset.from_list(list(train.take(held_out)))
+        train = train.skip(held_out)
+    check_text_column(DatasetDict({"validation": validation}), data.text_column, source)
+    first = next(iter(train.take(1)), None)
+    if first is None:
+        raise LmpipeError(f"{source}: no training documents left after holding out validation")
+    check_text_column(DatasetDict({"train": Dataset.from_list([first])}), data.text_column, source)
+    return train, validation
+
+
+class PackedStream(torch.utils.data.IterableDataset):
+    """`block_size` blocks of the stream's EOS-terminated documents, in corpus order; only the final tail is dropped.
+
+    Blocks are the ones `packing.pack_blocks` cuts from the same documents in memory. Inside DataLoader workers,
+    `datasets` gives each worker whole shards (files) of the stream, and each worker packs its own.
+    """
+
+    def __init__(
+        self, documents: IterableDataset, tokenizer: PreTrainedTokenizerBase, text_column: str, block_size: int
+    ):
+        self.documents = documents
+        self.tokenizer = tokenizer
+        self.text_column = text_column
+        self.block_size = block_size
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        # A generator, not IterableDataset.map(batched=True): map cannot carry a batch's remainder into the next.
+        pending: list[list[int]] = []
+        pending_tokens = 0
+        carry = np.empty(0, dtype=np.int32)
+        for row in tokenize_documents(self.documents, self.tokenizer, self.text_column):
+            pending.append(row["input_ids"])
+            pending_tokens += len(row["input_ids"])
+            if pending_tokens >= FLUSH_TOKENS:
+                carry = yield from self._cut(carry, pending)
+                pending, pending_tokens = [], 0
+        yield from self._cut(carry, pending)
+
+    def _cut(self, carry: np.ndarray, documents: list[list[int]]):
+        """Yield every whole block of `carry` + `documents`; return the remainder to carry into the next cut."""
+        ids = np.concatenate([carry, *(np.asarray(doc, dtype=np.int32) for doc in documents)])
+        whole = len(ids) - len(ids) % self.block_size
+        for block in ids[:whole].reshape(-1, self.block_size):
+            yield {"input_ids": block}
+        return ids[whole:]
+
+    def head_ids(self, max_tokens: int) -> np.ndarray:
+        """The token ids of the stream's first blocks, up to `max_tokens` (e.g. to fit the unigram baseline)."""
+        blocks = []
+        for row in self:
+            blocks.append(row["input_ids"])
+            if len(blocks) * self.block_size >= max_tokens:
+                break
+        if not blocks:
+            raise LmpipeError(f"train stream has fewer tokens than one block of block_size={self.block_size}")
+        return np.concatenate(blocks)

@@ -1,0 +1,48 @@
+"""Multi-process runs: refuse launches that would train independent copies, and give every rank rank 0's result."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+from accelerate.utils import broadcast_object_list
+from transformers import TrainingArguments
+
+from lmpipe.errors import LmpipeError
+
+Result = TypeVar("Result")
+
+
+def check_launch(training: TrainingArguments) -> None:
+    """The launcher's process count must be the Trainer's world size.
+
+    Without a GPU and without `use_cpu`, the Trainer ignores the process group that `accelerate launch` or
+    torchrun set up: every process trains and saves its own copy of the model, and nothing says so.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training.world_size != launched:
+        raise LmpipeError(
+            f"{launched} processes were launched but the Trainer sees {training.world_size} (no GPU, use_cpu false), "
+            f"so each would train its own copy: pass --use_cpu true for {launched}-rank DDP on CPU (gloo)"
+        )
+
+
+def on_main_process(training: TrainingArguments, compute: Callable[..., Result], *args) -> Result:
+    """`compute(*args)` on the global main process only; every rank gets that one result, or its LmpipeError.
+
+    Used where ranks must agree exactly (a tokenizer trained on the corpus): the others never compute it, and a
+    broadcast rather than a shared file also works across nodes that share no disk.
+    """
+    if training.world_size == 1:
+        return compute(*args)
+    payload = [None]
+    if training.process_index == 0:
+        try:
+            payload = [compute(*args)]
+        except LmpipeError as error:  # sent on, so every rank stops with the same line instead of waiting
+            payload = [error]
+    broadcast_object_list(payload, from_process=0)
+    if isinstance(payload[0], LmpipeError):
+        raise payload[0]
+    return payload[0]
