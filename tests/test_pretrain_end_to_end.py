@@ -1,9 +1,7 @@
-"""A tiny pretraining run end to end, and the bad inputs that must stop it early with one line."""
+"""A tiny pretraining run end to end (the bad inputs that must stop it early are in test_bad_inputs.py)."""
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,8 +9,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmpipe.cli import main
 from lmpipe.losses import shifted_token_nll
-
-from conftest import REPO
 
 TINY_RUN = [
     "--train_tokenizer", "true", "--tokenizer_vocab_size", "512", "--block_size", "64", "--n_positions", "64",
@@ -73,40 +69,3 @@ def test_rerun_resumes_from_the_last_checkpoint(finished_run, capsys):
     assert main(args) == 0
     metrics = json.loads((finished_run / "metrics.json").read_text())
     assert metrics["resumed_from"].endswith("checkpoint-160") and metrics["train_steps"] == 170
-
-
-BAD_INPUTS = {
-    "missing file": (["--train_file", "{tmp}/nope.txt"], "nope.txt: data file not found"),
-    "empty file": (["--train_file", "{tmp}/empty.txt"], "empty.txt: data file is empty"),
-    "missing column": (["--train_file", "{tmp}/rows.jsonl"], "no column 'text'; columns are body"),
-    "not utf-8": (["--train_file", "{tmp}/latin1.txt"], "latin1.txt: line 2 is not UTF-8"),
-    "block over positions": (["--block_size", "128", "--n_positions", "64"], "block_size=128 exceeds n_positions=64"),
-    "corpus shorter than a block": (["--train_file", "{tmp}/short.txt"], "fewer than one block"),
-    "zero learning rate": (["--learning_rate", "0"], "learning_rate must be > 0"),
-    "unknown flag": (["--lerning_rate", "0.1"], "unknown option --lerning_rate (did you mean '--learning_rate'?)"),
-}
-
-
-@pytest.mark.parametrize("name", BAD_INPUTS)
-def test_bad_input_is_one_line_and_leaves_no_finished_run(name, tmp_path, capsys):
-    (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "rows.jsonl").write_text('{"body": "hello"}\n{"body": "world"}\n')
-    (tmp_path / "latin1.txt").write_bytes("fine line\ncaf\xe9 au lait\n".encode("latin-1"))
-    (tmp_path / "short.txt").write_text("one\n\ntwo\n\nthree\n")
-    flags, message = BAD_INPUTS[name]
-    output = tmp_path / "out"
-    code = main(["pretrain", *[f.format(tmp=tmp_path) for f in flags], "--output_dir", str(output), "--report_to", "none"])
-    last_line = capsys.readouterr().err.strip().splitlines()[-1]  # progress bars may come before it
-    assert code == 2
-    assert last_line.startswith("error: ") and message in last_line
-    assert not (output / "metrics.json").exists()
-
-
-def test_pipeline_script_exits_non_zero_with_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "pipelines" / "pretrain.py"), "--train_file", str(tmp_path / "missing.txt")],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing.txt'}: data file not found"
-    assert "Traceback" not in result.stderr

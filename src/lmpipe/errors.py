@@ -3,3 +3,5 @@
 
 class LmpipeError(Exception):
     """A bad recipe, flag or data file: shown as `error: <message>` with exit code 2, never a traceback."""
+
+    exit_code = 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.errors import LmpipeError
@@ -34,6 +35,7 @@ def build_model(args: ModelArguments, tokenizer: PreTrainedTokenizerBase, block_
             n_embd=args.n_embd,
             n_layer=args.n_layer,
             n_head=args.n_head,
+            activation_function=args.activation_function,
             resid_pdrop=args.dropout,
             embd_pdrop=args.dropout,
             attn_pdrop=args.dropout,
@@ -62,7 +64,7 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, attn_imp
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or corrupted file
         raise LmpipeError(f"{name_or_path}: cannot load a safetensors model ({str(e).strip().splitlines()[0]})") from None
 
 

@@ -9,10 +9,14 @@ import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 
+from lmpipe.checkpoints import check_output_dir
 from lmpipe.data.collate import collate_blocks
 from lmpipe.data.packing import blocks_as_array, flat_token_ids, pack_blocks, tokenize_documents
 from lmpipe.data.sources import check_text_column, load_corpus, split_validation
+from lmpipe.data.streaming import PackedStream, check_streaming_arguments, stream_documents
+from lmpipe.distributed import check_launch, on_main_process
 from lmpipe.errors import LmpipeError
+from lmpipe.hub import CheckpointPusher, check_hub_push, push_run
 from lmpipe.metrics import token_byte_lengths, unigram_perplexity
 from lmpipe.model import build_model
 from lmpipe.recipe import DataArguments, ModelArguments, Recipe, TokenizerArguments
@@ -25,7 +29,7 @@ class PackedCorpus:
     """Train/validation blocks and the tokenizer that made them, plus the flat train ids for the baseline."""
 
     tokenizer: PreTrainedTokenizerBase
-    train: Dataset
+    train: Dataset | PackedStream
     validation: Dataset
     train_ids: np.ndarray
 
@@ -34,6 +38,8 @@ def prepare_corpus(
     data: DataArguments, tokenizer_args: TokenizerArguments, model: ModelArguments, training: TrainingArguments
 ) -> PackedCorpus:
     """Load, split, tokenise and pack; the tokenizer is trained on the train split when the recipe asks."""
+    if data.streaming:
+        return prepare_streaming_corpus(data, tokenizer_args, model, training)
     source = data.train_file or data.dataset_name or "data"
     corpus = load_corpus(data.dataset_name, data.dataset_config_name, data.train_file, data.validation_file, data.sample_by)
     if data.max_train_documents:
@@ -41,7 +47,9 @@ def prepare_corpus(
     corpus = split_validation(corpus, data.validation_split_percentage, source)
     check_text_column(corpus, data.text_column, source)
     texts = corpus["train"][data.text_column] if tokenizer_args.train_tokenizer else None
-    tokenizer = load_tokenizer(tokenizer_args, model.model_name_or_path, texts, model.trust_remote_code)
+    tokenizer = on_main_process(
+        training, load_tokenizer, tokenizer_args, model.model_name_or_path, texts, model.trust_remote_code
+    )
     with training.main_process_first(desc="tokenising and packing"):
         tokenized = {
             name: tokenize_documents(split, tokenizer, data.text_column, data.preprocessing_num_workers)
@@ -54,12 +62,38 @@ def prepare_corpus(
     return PackedCorpus(tokenizer, packed["train"], packed["validation"], flat_token_ids(tokenized["train"]))
 
 
+# Streaming: the unigram baseline is fitted on the stream's first this-many train tokens, not the whole stream.
+UNIGRAM_SAMPLE_TOKENS = 1 << 20
+
+
+def prepare_streaming_corpus(
+    data: DataArguments, tokenizer_args: TokenizerArguments, model: ModelArguments, training: TrainingArguments
+) -> PackedCorpus:
+    """Train blocks packed lazily from a stream; validation blocks in memory, so evaluation stays exact."""
+    check_streaming_arguments(training)
+    source = data.train_file or data.dataset_name or "data"
+    train_documents, validation_documents = stream_documents(data, source)
+    texts = (row[data.text_column] for row in train_documents) if tokenizer_args.train_tokenizer else None
+    tokenizer = on_main_process(
+        training, load_tokenizer, tokenizer_args, model.model_name_or_path, texts, model.trust_remote_code
+    )
+    with training.main_process_first(desc="tokenising validation"):
+        validation_ids = tokenize_documents(validation_documents, tokenizer, data.text_column)
+        validation = pack_blocks(validation_ids, data.block_size, "validation")
+    train = PackedStream(train_documents, tokenizer, data.text_column, data.block_size)
+    head_ids = on_main_process(training, train.head_ids, UNIGRAM_SAMPLE_TOKENS)
+    return PackedCorpus(tokenizer, train, validation, head_ids)
+
+
 def pretrain(recipe: Recipe) -> dict[str, Any]:
-    """Run the recipe; returns the metrics written to `metrics.json` in the output directory."""
+    """Run the recipe, then push when it says `push_to_hub`; returns the metrics written to `metrics.json`."""
     model_args, tokenizer_args, data_args, training = recipe.arguments
     check_training_arguments(training)
+    check_output_dir(recipe, training)
+    check_launch(training)
     if not model_args.model_name_or_path and data_args.block_size > model_args.n_positions:
         raise LmpipeError(f"block_size={data_args.block_size} exceeds n_positions={model_args.n_positions}")
+    hub = check_hub_push(training)  # before any data is loaded; None unless this process pushes
     set_seed(training.seed)
     corpus = prepare_corpus(data_args, tokenizer_args, model_args, training)
     model = build_model(model_args, corpus.tokenizer, data_args.block_size)
@@ -67,8 +101,12 @@ def pretrain(recipe: Recipe) -> dict[str, Any]:
     trainer = build_trainer(
         model, training, corpus.train, corpus.validation, collate_blocks, corpus.tokenizer, byte_lengths
     )
+    if hub:
+        trainer.add_callback(CheckpointPusher(hub))
     metrics = train_and_evaluate(trainer, recipe)
     baseline = unigram_perplexity(corpus.train_ids, blocks_as_array(corpus.validation), len(corpus.tokenizer))
     metrics = {**metrics, "unigram_perplexity": baseline}
     write_run_outputs(trainer, metrics)
+    if hub:
+        push_run(training.output_dir, hub)
     return metrics

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.activations import ACT2FN
 
 from lmpipe.errors import LmpipeError
 
@@ -46,6 +47,13 @@ class ModelArguments:
         default=False, metadata={"help": "Allow growing a pretrained model's embeddings to fit the tokenizer."}
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or eager."})
+    activation_function: str = field(
+        default="gelu_pytorch_tanh",
+        metadata={
+            "help": "MLP activation (from scratch). GPT-2's tanh GELU in one kernel; gelu_new: the same in 6 ops.",
+            "choices": sorted(ACT2FN),
+        },
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with a Hub model."})
 
 
@@ -83,9 +91,75 @@ class DataArguments:
     block_size: int = field(default=128, metadata={"help": "Tokens per packed training block."})
     max_train_documents: int | None = field(default=None, metadata={"help": "Keep only the first N documents."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for map()."})
+    streaming: bool = field(
+        default=False, metadata={"help": "Read, tokenise and pack the train corpus lazily (needs max_steps)."}
+    )
+    streaming_validation_documents: int = field(
+        default=1000, metadata={"help": "Streaming, no validation split: hold out the stream's first N documents."}
+    )
 
 
-PRETRAIN_ARGUMENTS = (ModelArguments, TokenizerArguments, DataArguments, TrainingArguments)
+@dataclass
+class RunTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the output-directory guard that transformers 5 dropped (run_clm users know the flag)."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace another run (a different recipe.yaml) in output_dir; the same recipe always resumes."},
+    )
+
+
+PRETRAIN_ARGUMENTS = (ModelArguments, TokenizerArguments, DataArguments, RunTrainingArguments)
+
+
+@dataclass
+class QAArguments:
+    """Question-answer pairs for fine-tuning: where they are, how a prompt is written, how rows are batched."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    train_file: str | None = field(default=None, metadata={"help": "Local .json/.jsonl/.csv/.parquet."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation file."})
+    question_column: str = field(default="question", metadata={"help": "Column holding the question."})
+    answer_column: str = field(
+        default="answer", metadata={"help": "Column holding the answer or a list of accepted answers."}
+    )
+    context_column: str | None = field(default=None, metadata={"help": "Optional column holding a passage."})
+    prompt_template: str | None = field(
+        default=None,
+        metadata={"help": "Python format string with {question} (and {context}); default 'Question: {question}\\nAnswer:'."},
+    )
+    answer_prefix: str = field(default=" ", metadata={"help": "Text put before the answer (GPT-2 BPE: a space)."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per example: prompt (left-truncated) + answer + EOS."})
+    validation_split_percentage: float = field(
+        default=10.0, metadata={"help": "Without a validation split: the last this-% of examples."}
+    )
+    batching: str = field(
+        default="padded",
+        metadata={"help": "padded: dynamic padding per batch; packed: padding-free rows.", "choices": ["padded", "packed"]},
+    )
+    generation_max_new_tokens: int = field(default=16, metadata={"help": "Greedy answer length for exact match / F1."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for map()."})
+
+
+@dataclass
+class LoraArguments:
+    """Low-rank adapters through peft instead of full fine-tuning."""
+
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters; the base weights stay frozen."})
+    lora_r: int = field(default=8, metadata={"help": "Adapter rank."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "Adapter scale numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["c_attn", "c_proj", "c_fc"],
+        metadata={"help": "Module names to adapt (GPT-2: attention c_attn/c_proj, MLP c_fc/c_proj)."},
+    )
+    merge_lora: bool = field(
+        default=False, metadata={"help": "Also save the adapter merged into a plain model under OUTPUT_DIR/merged."}
+    )
+
+
+FINETUNE_QA_ARGUMENTS = (ModelArguments, TokenizerArguments, QAArguments, LoraArguments, RunTrainingArguments)
 
 
 @dataclass
@@ -103,6 +177,8 @@ class Recipe:
             for f in dataclasses.fields(args):
                 if f.name in self.explicit:
                     values[f.name] = _plain(getattr(args, f.name))
+        if values.get("report_to") == []:  # TrainingArguments parses "none" into []: write what parses back to it
+            values["report_to"] = "none"
         return {k: values[k] for k in self.explicit if k in values}
 
 
@@ -199,11 +275,15 @@ def parse_recipe(
         if key not in known and not (key.startswith("no_") and key[3:] in known):
             raise LmpipeError(f"unknown option --{key}{_closest(key, known, '--')}")
     recipe_flags = _to_flags({**defaults, **recipe})
-    try:
-        _parse(parser, recipe_flags)  # recipe alone first, so a bad value names the recipe file
-    except LmpipeError as e:
-        raise LmpipeError(f"{source}: {e}") from None
-    arguments = _parse(parser, recipe_flags + cli)
+    try:  # with the flags first: a flag may satisfy a check the recipe alone fails (bf16 needs --use_cpu on CPU)
+        arguments = _parse(parser, recipe_flags + cli)
+    except LmpipeError as error:
+        try:  # the recipe alone failing the same way is the recipe's fault: name the file
+            _parse(parser, recipe_flags)
+        except LmpipeError as recipe_error:
+            if str(recipe_error) == str(error):
+                raise LmpipeError(f"{source}: {error}") from None
+        raise
     explicit = dict.fromkeys([*recipe, *(k[3:] if k.startswith("no_") else k for k in _flag_keys(cli))])
     return Recipe(arguments=arguments, explicit=explicit, source=source)
 

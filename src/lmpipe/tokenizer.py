@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,6 +14,8 @@ from lmpipe.errors import LmpipeError
 from lmpipe.recipe import TokenizerArguments
 
 EOS_TOKEN = "<|endoftext|>"
+
+logger = logging.getLogger(__name__)
 
 
 def gpt2_tokenizer_from_files(vocab_file: str, merges_file: str) -> GPT2Tokenizer:
@@ -62,6 +65,8 @@ def load_tokenizer(
         tokenizer = gpt2_tokenizer_from_files(args.vocab_file, args.merges_file)
     elif args.tokenizer_name_or_path or model_name_or_path:
         name = args.tokenizer_name_or_path or model_name_or_path
+        if trust_remote_code:
+            logger.warning("trust_remote_code is on: tokenizer code shipped with %s will run on this machine", name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -11,8 +12,10 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
+from lmpipe.callbacks import mean_train_loss, reliability_callbacks
+from lmpipe.card import write_model_card
+from lmpipe.checkpoints import resume_checkpoint
 from lmpipe.errors import LmpipeError
 from lmpipe.metrics import NllStatistics, compute_exact_metrics
 from lmpipe.recipe import Recipe, write_resolved_recipe
@@ -26,7 +29,20 @@ class ExactEvalTrainer(Trainer):
 
     The stock `eval_loss` is a mean of per-batch means; it is kept, renamed `eval_batch_mean_loss`, for comparison.
     Needs `preprocess_logits_for_metrics=NllStatistics(...)` and `compute_metrics=compute_exact_metrics`.
+    `eval_data_collator` (default: the training one) must keep one row per example: `gather_for_metrics` drops
+    the samples duplicated across ranks by row, so a padding-free collator (a whole batch in one row) cannot be used.
     """
+
+    def __init__(self, *args, eval_data_collator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator or self.data_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        training_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = training_collator
 
     def evaluation_loop(self, *args, **kwargs):
         output = super().evaluation_loop(*args, **kwargs)
@@ -46,13 +62,6 @@ def check_training_arguments(args: TrainingArguments) -> None:
             raise LmpipeError(f"{name} must be >= 1, got {getattr(args, name)}")
     if args.max_steps == 0 or (args.max_steps < 0 and not args.num_train_epochs > 0):
         raise LmpipeError(f"nothing to train: max_steps={args.max_steps}, num_train_epochs={args.num_train_epochs}")
-
-
-def last_checkpoint(output_dir: str) -> str | None:
-    """The newest `checkpoint-N` directory of a previous run of this output directory, to resume from."""
-    if not os.path.isdir(output_dir):
-        return None
-    return get_last_checkpoint(output_dir)
 
 
 def write_json_atomically(payload: dict[str, Any], path: Path) -> None:
@@ -88,6 +97,15 @@ def plot_history(log_history: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
+def without_trainer_push(args: TrainingArguments) -> TrainingArguments:
+    """The Trainer's copy of the arguments with its own Hub push off: lmpipe.hub pushes once the run is finished."""
+    if not args.push_to_hub:
+        return args
+    local = copy.copy(args)
+    local.push_to_hub = False
+    return local
+
+
 def build_trainer(
     model: PreTrainedModel,
     args: TrainingArguments,
@@ -96,11 +114,13 @@ def build_trainer(
     data_collator,
     tokenizer: PreTrainedTokenizerBase,
     byte_lengths: np.ndarray,
+    eval_data_collator=None,
 ) -> ExactEvalTrainer:
-    """The Trainer for every lmpipe run: exact evaluation wired in."""
-    return ExactEvalTrainer(
+    """The Trainer for every lmpipe run: exact evaluation and the reliability callbacks wired in."""
+    trainer = ExactEvalTrainer(
+        eval_data_collator=eval_data_collator,
         model=model,
-        args=args,
+        args=without_trainer_push(args),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=data_collator,
@@ -108,6 +128,9 @@ def build_trainer(
         preprocess_logits_for_metrics=NllStatistics(byte_lengths),
         compute_metrics=compute_exact_metrics,
     )
+    for callback in reliability_callbacks():  # after the progress bar's, so it is closed before they raise
+        trainer.add_callback(callback)
+    return trainer
 
 
 def final_evaluation(trainer: ExactEvalTrainer) -> dict[str, Any]:
@@ -121,8 +144,9 @@ def final_evaluation(trainer: ExactEvalTrainer) -> dict[str, Any]:
 def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, Any]:
     """Resume if a checkpoint exists, train, evaluate exactly, save the model; returns the run's metrics."""
     output_dir = trainer.args.output_dir
-    resume_from = trainer.args.resume_from_checkpoint or last_checkpoint(output_dir)
+    resume_from = resume_checkpoint(recipe, trainer.args)
     if trainer.is_world_process_zero():
+        (Path(output_dir) / METRICS_NAME).unlink(missing_ok=True)  # not finished while it trains on
         write_resolved_recipe(recipe, output_dir)
     train_output = trainer.train(resume_from_checkpoint=resume_from)
     evaluation = final_evaluation(trainer)
@@ -134,7 +158,7 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, A
         "eval_tokens": evaluation["eval_tokens"],
         "bits_per_byte": evaluation["eval_bits_per_byte"],
         "trainer_batch_mean_eval_loss": evaluation["eval_batch_mean_loss"],
-        "train_loss": train_output.training_loss,
+        "train_loss": mean_train_loss(trainer.state.log_history) or train_output.training_loss,
         "train_tokens": trainer.state.num_input_tokens_seen,
         "train_steps": trainer.state.global_step,
         "train_runtime_s": runtime,
@@ -144,9 +168,10 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, A
 
 
 def write_run_outputs(trainer: ExactEvalTrainer, metrics: dict[str, Any]) -> None:
-    """The loss plot, then `metrics.json` last: its presence marks a finished run (rank 0 only)."""
+    """The loss plot and model card, then `metrics.json` last: its presence marks a finished run (rank 0 only)."""
     if not trainer.is_world_process_zero():
         return
     output_dir = Path(trainer.args.output_dir)
     plot_history(trainer.state.log_history, output_dir / PLOT_NAME)
+    write_model_card(output_dir, metrics)
     write_json_atomically(metrics, output_dir / METRICS_NAME)

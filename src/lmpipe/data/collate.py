@@ -1,9 +1,15 @@
-"""Collators for packed causal-LM blocks."""
+"""Collators: packed causal-LM blocks, and QA rows either padded per batch or padding-free."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable
+
 import numpy as np
 import torch
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, PreTrainedTokenizerBase
+
+from lmpipe.losses import IGNORE_INDEX
 
 
 def collate_blocks(features: list[dict]) -> dict[str, torch.Tensor]:
@@ -14,3 +20,38 @@ def collate_blocks(features: list[dict]) -> dict[str, torch.Tensor]:
     """
     input_ids = torch.from_numpy(np.stack([np.asarray(f["input_ids"]) for f in features]).astype(np.int64))
     return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def padded_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
+    """Dynamic padding to the longest row of the batch, on the right; labels are padded with -100 by position.
+
+    GPT-2 has no pad token, so a private copy of the tokenizer pads with EOS: the attention mask and the -100
+    labels exclude padding by position, never by id, so each answer's own EOS is still learned.
+    """
+    padder = copy.deepcopy(tokenizer)
+    padder.pad_token = padder.eos_token
+    padder.padding_side = "right"
+    return DataCollatorForSeq2Seq(padder, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+
+
+def padding_free_collator() -> DataCollatorWithFlattening:
+    """The whole batch as one row with `position_ids` restarting at 0 per example and no attention mask.
+
+    From the position ids transformers builds a block-diagonal causal mask (sdpa and eager) when no KV cache is
+    built (build_model turns it off), so no token attends to another example; tests/test_qa_data.py checks it.
+    """
+    return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+
+
+def qa_collator(tokenizer: PreTrainedTokenizerBase, batching: str):
+    """The recipe's `batching`: `padded` or `packed` (padding-free)."""
+    return padding_free_collator() if batching == "packed" else padded_collator(tokenizer)
+
+
+def real_token_fraction(batches: Iterable[dict[str, torch.Tensor]]) -> float:
+    """Share of the token positions the model computes that hold real tokens (the rest is padding)."""
+    real = computed = 0
+    for batch in batches:
+        computed += batch["input_ids"].numel()
+        real += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    return real / computed if computed else float("nan")

@@ -4,29 +4,37 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-from datasets import Dataset
+from datasets import Dataset, Features, IterableDataset, List, Value
 from transformers import PreTrainedTokenizerBase
 
 from lmpipe.errors import LmpipeError
 
 
 def tokenize_documents(
-    documents: Dataset, tokenizer: PreTrainedTokenizerBase, text_column: str, num_proc: int | None = None
-) -> Dataset:
-    """Token ids of each document followed by EOS (batched, cached by `datasets`)."""
+    documents: Dataset | IterableDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    text_column: str,
+    num_proc: int | None = None,
+) -> Dataset | IterableDataset:
+    """Token ids of each document followed by EOS (batched; cached by `datasets`, or lazy for a stream)."""
     eos = tokenizer.eos_token_id
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # Rust tokenizer (None for a pure-Python one)
 
     def encode(batch):
-        ids = tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]
+        if backend is None:
+            ids = tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]
+        else:  # the same ids without the offsets, masks and Python wrapping that tokenizer(...) builds: ~1.3x faster
+            ids = [encoding.ids for encoding in backend.encode_batch_fast(batch[text_column], add_special_tokens=False)]
         return {"input_ids": [doc + [eos] for doc in ids]}
 
-    return documents.map(
-        encode,
-        batched=True,
-        num_proc=num_proc,
-        remove_columns=documents.column_names,
-        desc="Tokenising",
+    # A streamed IterableDataset takes neither num_proc nor desc, and may not know its columns yet. In memory the
+    # ids are int32, not datasets' default int64: half the cache to write and read (every vocabulary fits).
+    options = (
+        {"num_proc": num_proc, "desc": "Tokenising", "features": Features({"input_ids": List(Value("int32"))})}
+        if isinstance(documents, Dataset)
+        else {}
     )
+    return documents.map(encode, batched=True, remove_columns=documents.column_names or [text_column], **options)
 
 
 def flat_token_ids(tokenized: Dataset) -> np.ndarray:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
 
 from lmpipe.errors import LmpipeError
 
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 PYDOC = "builtin:pydoc"
+# Characters the text builder reads at a time when streaming (datasets' default, 10 MB, sets the streamed peak RSS).
+STREAMING_TEXT_CHUNK = 1 << 20
 
 
 def pydoc_documents() -> list[str]:
@@ -19,8 +22,8 @@ def pydoc_documents() -> list[str]:
     return [topics[name] for name in sorted(topics)]
 
 
-def load_local_file(path: str, sample_by: str = "paragraph") -> Dataset:
-    """One local file as a Dataset; `.txt` is split into documents by line, paragraph or whole file."""
+def load_local_file(path: str, sample_by: str = "paragraph", streaming: bool = False) -> Dataset | IterableDataset:
+    """One local file as a Dataset (or a lazy IterableDataset); `.txt` splits by line, paragraph or whole file."""
     file = Path(path)
     if not file.is_file():
         raise LmpipeError(f"{path}: data file not found")
@@ -32,12 +35,17 @@ def load_local_file(path: str, sample_by: str = "paragraph") -> Dataset:
     if builder == "text":
         _check_utf8(file)
     options = {"sample_by": sample_by} if builder == "text" else {}
+    if builder == "text" and streaming:
+        options["chunksize"] = STREAMING_TEXT_CHUNK
     try:
-        dataset = load_dataset(builder, data_files={"data": str(file)}, split="data", **options)
+        dataset = load_dataset(builder, data_files={"data": str(file)}, split="data", streaming=streaming, **options)
     except Exception as e:  # datasets wraps parser errors in DatasetGenerationError; the cause says what broke
         cause = e.__cause__ or e
-        raise LmpipeError(f"{path}: cannot parse as {builder} ({_first_line(cause)})") from None
-    if len(dataset) == 0:
+        problem = f"cannot parse as {builder} ({_first_line(cause)})"
+        if file.suffix.lower() == ".jsonl":  # pyarrow counts rows from 0 within a block: name the file's line
+            problem = _first_bad_json_line(file) or problem
+        raise LmpipeError(f"{path}: {problem}") from None
+    if not streaming and len(dataset) == 0:
         raise LmpipeError(f"{path}: no rows")
     return dataset
 
@@ -50,6 +58,18 @@ def _check_utf8(file: Path) -> None:
                 line.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise LmpipeError(f"{file}: line {number} is not UTF-8 (byte {e.start})") from None
+
+
+def _first_bad_json_line(file: Path) -> str | None:
+    """The first line that is not one JSON value, numbered from 1 as an editor shows it."""
+    with file.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+                    return f"line {number} is not valid JSON ({getattr(e, 'msg', None) or _first_line(e)})"
+    return None
 
 
 def _first_line(error: BaseException) -> str:
