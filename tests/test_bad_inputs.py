@@ -108,7 +108,7 @@ BAD_INPUTS = {
                                 "no_question.jsonl (train): no column 'question'"),
     "non-string answer": ([*QA, "--train_file", "{root}/int_answer.jsonl"], "int_answer.jsonl (train): column 'answer' holds List(Json"),
     "every answer longer than max_length": ([*QA, "--train_file", "{root}/long_answers.jsonl"],
-                                            "long_answers.jsonl: no example fits max_length=32"),  # see KNOWN_BUGS
+                                            "long_answers.jsonl: no example fits max_length=32"),
     # flags and values
     "unknown flag": ([*PRETRAIN, "--lerning_rate", "0.1"], "unknown option --lerning_rate (did you mean '--learning_rate'?)"),
     "hub token as a flag": ([*PRETRAIN, "--hub_token", "hf_secret"], "--hub_token may not be given"),
@@ -144,10 +144,7 @@ BAD_INPUTS = {
 
 
 # Found by this battery in code owned elsewhere; strict, so the marker must go when the bug is fixed.
-KNOWN_BUGS = {
-    "every answer longer than max_length": "lmpipe.data.qa.tokenize_qa: when every row is dropped the mapped dataset"
-    " has no 'truncated' column and a ValueError traceback replaces the one-line error",
-}
+KNOWN_BUGS: dict[str, str] = {}  # name -> reason, for a case that is known to fail (strict xfail)
 
 
 def snapshot(directory):

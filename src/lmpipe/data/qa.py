@@ -143,6 +143,8 @@ def tokenize_qa(
         remove_columns=split.column_names,
         desc="Tokenising QA",
     )
+    if len(encoded) == 0:
+        raise LmpipeError(f"{source}: no example fits max_length={qa.max_length} (all {len(split)} answers too long)")
     truncated = sum(encoded["truncated"])
     counts = QACounts(kept=len(encoded) - truncated, truncated=truncated, dropped=len(split) - len(encoded))
     return encoded.remove_columns("truncated"), counts
