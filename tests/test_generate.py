@@ -20,14 +20,6 @@ PROMPTS = [prompt for prompt, _ in PAIRS]
 TINY = dict(n_layer=1, n_embd=32, n_head=2, n_positions=64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors this small gain nothing from a second intra-op thread, which only contends on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tokenizer():

@@ -32,13 +32,6 @@ RUN = [
 ]  # dropout on: the seed must fix the dropout masks as well as the initial weights and the data order; info logs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):

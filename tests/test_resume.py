@@ -86,14 +86,6 @@ def corpus(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and the killed subprocesses use the same count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def command(corpus, output):
     return ["--train_file", str(corpus), "--output_dir", str(output), *TINY_RUN]
