@@ -4,8 +4,6 @@ import json
 import math
 import random
 import string
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,8 +19,6 @@ from lmpipe.evaluation import EvaluateArguments, evaluate_file
 from lmpipe.losses import manual_causal_lm_loss
 from lmpipe.model import CAUSAL_LM_LOSS
 from lmpipe.train import build_trainer
-
-from conftest import REPO
 
 BLOCK = 32
 
@@ -145,13 +141,9 @@ def test_bad_window_is_a_one_line_error(trained, name, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {message}"
 
 
-def test_pipeline_script_requires_a_model():
-    result = subprocess.run(
-        [sys.executable, str(REPO / "pipelines" / "evaluate.py"), "--validation_file", "x.txt"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: --model_name_or_path is required"
+def test_a_model_is_required(capsys):
+    assert main(["evaluate", "--validation_file", "x.txt"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --model_name_or_path is required"
 
 
 def test_trainer_evaluation_is_the_token_mean_over_uneven_rows_and_batches(tmp_path):
