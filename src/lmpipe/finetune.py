@@ -62,8 +62,6 @@ def prepare_qa_data(
         for name, split in corpus.items():
             split_source = qa.validation_file if name == "validation" and qa.validation_file else source
             encoded[name], counts[name] = tokenize_qa(split, tokenizer, qa, template, split_source)
-            if len(encoded[name]) == 0:
-                raise LmpipeError(f"{split_source}: no example fits max_length={qa.max_length}")
     splits = split_validation(DatasetDict(encoded), qa.validation_split_percentage, source)
     return QAData(splits["train"], splits["validation"], counts)
 
