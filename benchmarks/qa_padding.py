@@ -1,7 +1,8 @@
-"""QA padding waste: share of real tokens in the batches and answer tokens/s, padded vs padding-free batching.
+"""QA padding waste: share of real tokens in the batches and answer tokens/s, padded (random or length-grouped) vs padding-free.
 
 `recipes/finetune/nq_open.yaml` on NQ-open's EfficientQA dev set through lmpipe's QA path (`prepare_qa_data`,
-`build_model`, `build_trainer` with `qa_collator`), the two `batching` values side by side, interleaved. The model
+`build_model`, `build_trainer` with `qa_collator`), three batchings side by side, interleaved: `padded` (random
+batches), `padded+group_by_length` (the Trainer's LengthGroupedSampler) and `packed` (padding-free rows). The model
 is the default pretraining recipe's architecture (4 layers, 128 dim) with a byte-level BPE of 4,096 trained on
 Python's docs, saved from scratch: throughput does not depend on the weights, so no pretraining run is needed.
 
@@ -62,10 +63,17 @@ def save_model(directory: Path) -> Path:
     return directory
 
 
-def timed_epoch_part(model_dir: Path, train_file: str, batching: str, steps: int, warmup: int, work: Path) -> dict:
+MODES = {
+    "padded": ["--batching", "padded", "--train_sampling_strategy", "random"],
+    "padded+group_by_length": ["--batching", "padded", "--train_sampling_strategy", "group_by_length"],
+    "packed": ["--batching", "packed", "--train_sampling_strategy", "random"],
+}
+
+
+def timed_epoch_part(model_dir: Path, train_file: str, mode: str, steps: int, warmup: int, work: Path) -> dict:
     recipe = parse_recipe([
-        str(RECIPE), "--model_name_or_path", str(model_dir), "--train_file", train_file, "--batching", batching,
-        "--output_dir", str(work / batching), "--max_steps", str(steps), "--eval_strategy", "no",
+        str(RECIPE), "--model_name_or_path", str(model_dir), "--train_file", train_file, *MODES[mode],
+        "--output_dir", str(work / mode.replace("+", "_")), "--max_steps", str(steps), "--eval_strategy", "no",
         "--eval_on_start", "false", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
     ], types=FINETUNE_QA_ARGUMENTS)
     model_args, _, qa, lora, training = recipe.arguments
@@ -73,7 +81,7 @@ def timed_epoch_part(model_dir: Path, train_file: str, batching: str, steps: int
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     data = prepare_qa_data(qa, tokenizer, training, template)
     model = build_model(model_args, tokenizer, qa.max_length)
-    collator = CountingCollator(qa_collator(tokenizer, batching))
+    collator = CountingCollator(qa_collator(tokenizer, qa.batching))
     trainer = quiet_trainer(build_trainer(
         model, training, data.train.select_columns(TRAINING_COLUMNS), data.validation.select_columns(TRAINING_COLUMNS),
         collator, tokenizer, token_byte_lengths(tokenizer, model.config.vocab_size),
@@ -104,29 +112,28 @@ def main(argv=None) -> None:
     disable_progress_bars()
     torch.manual_seed(0)
     load = load_average()
-    modes = ("padded", "packed")
-    runs = {mode: [] for mode in modes}
+    runs = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model(Path(tmp) / "model")
         for _ in range(args.repeats):
-            for mode in modes:
+            for mode in MODES:
                 runs[mode].append(timed_epoch_part(model_dir, args.train_file, mode, args.steps, args.warmup, Path(tmp)))
                 print(f"# {mode}: {runs[mode][-1]}", file=sys.stderr, flush=True)
     results, rows = {}, []
-    for mode in modes:
+    for mode in MODES:
         entry = {
             "real_token_fraction": runs[mode][0]["real_token_fraction"],
             "answer_tokens_per_s": summary([r["answer_tokens_per_s"] for r in runs[mode]]),
             "steps_per_s": summary([r["steps_per_s"] for r in runs[mode]]),
         }
-        if mode == "packed":
+        if mode != "padded":
             entry["answer_tokens_per_s_over_padded"] = summary(
-                [b["answer_tokens_per_s"] / a["answer_tokens_per_s"] for a, b in zip(runs["padded"], runs["packed"])]
+                [b["answer_tokens_per_s"] / a["answer_tokens_per_s"] for a, b in zip(runs["padded"], runs[mode])]
             )
         results[mode] = entry
         rows.append([mode, f"{entry['real_token_fraction']:.1%}", fmt(entry["answer_tokens_per_s"], 0),
                      fmt(entry.get("answer_tokens_per_s_over_padded", {"median": None}), 2)])
-    print_table(["batching", "real tokens", "answer tokens/s", "packed/padded"], rows)
+    print_table(["batching", "real tokens", "answer tokens/s", "/ padded"], rows)
     emit_json({"benchmark": "qa_padding", "recipe": str(RECIPE.relative_to(REPO)), "steps": args.steps,
                "warmup_steps": args.warmup, "repeats": args.repeats, "batch_size": runs["padded"][0]["batch_size"],
                "train_examples": runs["padded"][0]["train_examples"], "machine": machine(),
