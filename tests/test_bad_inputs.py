@@ -119,7 +119,7 @@ BAD_INPUTS = {
     "zero steps": ([*PRETRAIN, "--max_steps", "0"], "nothing to train: max_steps=0"),
     "negative steps and no epochs": ([*PRETRAIN, "--max_steps", "-1", "--num_train_epochs", "0"], "nothing to train"),
     "block_size over n_positions": ([*PRETRAIN, "--block_size", "256", "--n_positions", "128"],
-                                    "block_size=256 exceeds n_positions=128"),
+                                    "block_size=256 exceeds the model's n_positions=128"),
     "heads do not divide the width": ([*SMALL, "--n_embd", "64", "--n_head", "3"], "n_embd=64 must be divisible by n_head=3"),
     "everything held out": ([*PRETRAIN, "--validation_split_percentage", "100"], "validation_split_percentage"),
     "vocab file without merges": ([*SMALL, "--train_tokenizer", "false", "--vocab_file", "{root}/empty.txt"],

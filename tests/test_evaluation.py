@@ -1,4 +1,4 @@
-"""Exact perplexity: evaluate.py against hand loops, the guide's sliding window, and the Trainer's evaluation."""
+"""Exact perplexity: pipelines/perplexity.py against hand loops, the guide's sliding window, and the Trainer's evaluation."""
 
 import json
 import math
@@ -121,7 +121,7 @@ def test_a_smaller_stride_never_gives_a_higher_perplexity(trained):
 
 def test_cli_prints_one_json_line(trained, capsys):
     flags = ["--model_name_or_path", str(trained / "run"), "--validation_file", str(trained / "valid.txt")]
-    assert main(["evaluate", *flags, "--block_size", str(BLOCK), "--stride", "16", "--batch_size", "16"]) == 0
+    assert main(["perplexity", *flags, "--block_size", str(BLOCK), "--stride", "16", "--batch_size", "16"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == pytest.approx(evaluate(trained, stride=16))
 
@@ -137,12 +137,12 @@ BAD_FLAGS = {
 def test_bad_window_is_a_one_line_error(trained, name, capsys):
     flags, message = BAD_FLAGS[name]
     files = ["--model_name_or_path", str(trained / "run"), "--validation_file", str(trained / "valid.txt")]
-    assert main(["evaluate", *files, *flags]) == 2
+    assert main(["perplexity", *files, *flags]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {message}"
 
 
 def test_a_model_is_required(capsys):
-    assert main(["evaluate", "--validation_file", "x.txt"]) == 2
+    assert main(["perplexity", "--validation_file", "x.txt"]) == 2
     assert capsys.readouterr().err.strip() == "error: --model_name_or_path is required"
 
 

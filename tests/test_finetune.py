@@ -228,6 +228,8 @@ BAD_INPUTS = {
     "empty answer": (["--train_file", "{root}/bad.jsonl"], "bad.jsonl row 2: answer 1 is empty"),
     "merge without lora": (["--merge_lora", "true"], "merge_lora: true needs use_lora: true"),
     "no room to generate": (["--generation_max_new_tokens", "96"], "generation_max_new_tokens=96 leaves no room"),
+    "rows longer than the model": (["--max_length", "97", "--train_file", "{root}/missing.jsonl"],  # before any data
+                                   "max_length=97 exceeds the model's n_positions=96"),
     "unknown target": (["--use_lora", "true", "--lora_target_modules", "q_proj"], "has no module named q_proj"),
 }
 
@@ -244,6 +246,19 @@ def test_bad_input_is_one_line_and_leaves_no_finished_run(name, pretrained, tmp_
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and message in last_line
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_loss_check_on_a_qa_recipe_scores_exactly_every_answer_token_and_eos(pretrained, capsys):
+    """One pass over every train batch: the four losses agree and count each answer's tokens + EOS, nothing else."""
+    tokenizer = AutoTokenizer.from_pretrained(pretrained / "pretrained")
+    rows = [json.loads(line) for line in (pretrained / "nq_open_300.jsonl").read_text().splitlines()]
+    train = rows[: EXAMPLES - HELD_OUT]  # the last 10% are held out
+    answer_tokens = sum(len(tokenizer(" " + row["answer"][0])["input_ids"]) + 1 for row in train)
+    assert main(["check-loss", "--model_name_or_path", str(pretrained / "pretrained"), "--train_file",
+                 str(pretrained / "nq_open_300.jsonl"), "--max_length", "96", "--batches", "1000",
+                 "--report_to", "none"]) == 0
+    total = next(line for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["all"])
+    assert int(total.split()[1].replace(",", "")) == answer_tokens
 
 
 def test_a_model_is_required(capsys):

@@ -27,6 +27,8 @@ from lmpipe.card import render_model_card
 from lmpipe.cli import main
 from lmpipe.hub import checkpoint_plan, upload_plan
 
+from conftest import SHARED_DATA
+
 FAKE_TOKEN = "hf_lmpipeFakeToken0123456789abcdefXYZ"
 WRITER = {"name": "tester", "auth": {"accessToken": {"role": "write"}}}
 TINY_RUN = [
@@ -39,6 +41,7 @@ MODEL_AND_TOKENIZER = {
     "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
 }
 RUN_FILES = {"README.md", "recipe.yaml", "metrics.json", "loss.png"}
+NQ_OPEN = SHARED_DATA / "nq_open_efficientqa_dev.jsonl"
 CHECKPOINT_FILES = MODEL_AND_TOKENIZER | {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"}
 
 
@@ -235,6 +238,30 @@ def test_the_uploaded_files_alone_load_the_same_model_and_tokenizer(pushed_run, 
         pushed = AutoModelForCausalLM.from_pretrained(tmp_path).eval()(ids).logits
         local = AutoModelForCausalLM.from_pretrained(run).eval()(ids).logits
     assert torch.equal(pushed, local)
+
+
+def test_a_qa_fine_tune_pushes_its_saves_and_the_finished_run_with_its_scores(pushed_run, hub_env, tmp_path):
+    """Fine-tuning the pushed pretrained model: each save, then exactly the finished run's plan, card with EM/F1."""
+    questions = tmp_path / "nq_open_24.jsonl"
+    questions.write_text("".join(NQ_OPEN.read_text(encoding="utf-8").splitlines(keepends=True)[:24]))
+    output = tmp_path / "qa"
+    with FakeHub() as fake:
+        hub_env.setattr(constants, "ENDPOINT", fake.url)
+        assert main([
+            "finetune-qa", "--model_name_or_path", str(pushed_run[0]), "--train_file", str(questions),
+            "--output_dir", str(output), "--max_length", "32", "--generation_max_new_tokens", "4", "--max_steps", "2",
+            "--per_device_train_batch_size", "4", "--save_steps", "2", "--report_to", "none", "--disable_tqdm", "true",
+            "--push_to_hub", "true", "--hub_model_id", "org/qa", "--hub_strategy", "every_save",
+        ]) == 0
+    during_training, finished = fake.commits
+    assert during_training.keys() == checkpoint_plan(output / "checkpoint-2", HubStrategy.EVERY_SAVE).keys()
+    plan = upload_plan(str(output))
+    assert finished.keys() == plan.keys() and all(finished[name] == path.read_bytes() for name, path in plan.items())
+    metrics = json.loads(finished["metrics.json"])
+    card = ModelCard(finished["README.md"].decode())
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {
+        key: metrics[key] for key in ("perplexity", "bits_per_byte", "exact_match", "f1")
+    }
 
 
 def test_lmpipe_push_uploads_exactly_the_plan_byte_for_byte(pushed_run, hub_env, tmp_path, capsys):

@@ -12,6 +12,7 @@ from lmpipe.data import sources, streaming
 from lmpipe.data.packing import blocks_as_array, pack_blocks, tokenize_documents
 from lmpipe.data.sources import load_local_file, pydoc_documents
 from lmpipe.data.streaming import PackedStream, stream_documents
+from lmpipe.errors import LmpipeError
 from lmpipe.recipe import DataArguments
 
 BLOCK = 64
@@ -87,4 +88,30 @@ def test_bad_streaming_input_is_one_line_before_training(name, tmp_path, capsys)
                  "--streaming_validation_documents", "2", "--output_dir", str(output), "--report_to", "none", *flags])
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and last_line.startswith("error: ") and message in last_line
+    assert not (output / "metrics.json").exists()
+
+
+DEEP_BAD_ROWS = {
+    "not JSON": ('{"text": "cut off', "corpus.jsonl: line 15001 is not valid JSON (Unterminated string starting at)"),
+    "not text": ('{"text": 5}', "corpus.jsonl: line 15001: column 'text' holds int, not text"),
+}
+
+
+@pytest.mark.parametrize("name", DEEP_BAD_ROWS)
+def test_a_bad_row_deep_in_a_streamed_file_is_named_by_its_line(name, tmp_path, gpt2_tokenizer, capsys):
+    """Past datasets' first chunk, whose own errors count rows from the start of a chunk."""
+    bad_row, message = DEEP_BAD_ROWS[name]
+    rows = [f'{{"text": "document {i} of the stream"}}' for i in range(20_000)]
+    rows[15_000] = bad_row
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(LmpipeError) as error:  # where a small file's first chunk is read, or later
+        train, _ = stream_documents(DataArguments(train_file=str(path), streaming=True), str(path))
+        list(PackedStream(train, gpt2_tokenizer, "text", BLOCK, str(path)))
+    assert str(error.value).endswith(message)
+    output = tmp_path / "out"
+    code = main(["pretrain", "--train_file", str(path), "--streaming", "true", "--max_steps", "2",
+                 "--output_dir", str(output), "--report_to", "none"])
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last_line == f"error: {path.parent / message}"
     assert not (output / "metrics.json").exists()

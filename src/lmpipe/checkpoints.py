@@ -32,7 +32,7 @@ STEP = re.compile(r"checkpoint-(\d+)$")
 # Identity of a run: every recipe group but TrainingArguments, and its seeds. Schedule, optimiser and logging
 # may change between resumes (a longer run, a lower learning rate after a loss spike), as the Trainer allows.
 IDENTITY_TRAINING_KEYS = ("seed", "data_seed")
-NOT_IDENTITY_KEYS = {"preprocessing_num_workers"}
+NOT_IDENTITY_KEYS = {"preprocessing_num_workers", "generation_max_new_tokens", "merge_lora"}
 # What a checkpoint needs, as (what, test on a file name); the training state unless `save_only_model`.
 NEEDS_WEIGHTS = (
     "model weights (*.safetensors)", lambda n: n.endswith(".safetensors") or n.startswith("pytorch_model_fsdp")

@@ -34,14 +34,16 @@ def pretrain_command(argv: list[str]) -> None:
 def check_loss_command(argv: list[str]) -> int:
     """Compare the model's, a manual, F.cross_entropy's and the Trainer's loss on the recipe's batches.
 
-    Without a recipe: the default recipe, or with `--model_name_or_path` the dataclass defaults (its tokenizer).
+    A recipe with QA keys (question_column, max_length, use_lora, ...) is checked as QA fine-tuning. Without a
+    recipe: the default one, or with `--model_name_or_path` the dataclass defaults (its tokenizer).
     """
     from lmpipe.loss_check import LossCheckArguments, format_table, run_loss_check
-    from lmpipe.recipe import PRETRAIN_ARGUMENTS
+    from lmpipe.recipe import FINETUNE_QA_ARGUMENTS, PRETRAIN_ARGUMENTS, is_qa_recipe
 
     loads_a_model = any(arg.split("=", 1)[0] == "--model_name_or_path" for arg in argv)
     default = None if loads_a_model else default_pretrain_recipe()
-    recipe = parse_recipe(argv, types=(*PRETRAIN_ARGUMENTS, LossCheckArguments), default_recipe=default)
+    types = FINETUNE_QA_ARGUMENTS if is_qa_recipe(argv) else PRETRAIN_ARGUMENTS
+    recipe = parse_recipe(argv, types=(*types, LossCheckArguments), default_recipe=default)
     check = run_loss_check(recipe)
     print(format_table(check))
     disagreement = check.first_disagreement()
@@ -52,7 +54,7 @@ def check_loss_command(argv: list[str]) -> int:
     return 0
 
 
-def evaluate_command(argv: list[str]) -> None:
+def perplexity_command(argv: list[str]) -> None:
     """Exact perplexity of a saved model on a text file, printed as one JSON line."""
     from lmpipe.evaluation import EvaluateArguments, evaluate_file
 
@@ -102,7 +104,7 @@ COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
     "pretrain": pretrain_command,
     "finetune-qa": finetune_qa_command,
     "check-loss": check_loss_command,
-    "evaluate": evaluate_command,
+    "perplexity": perplexity_command,
     "push": push_command,
     "generate": generate_command,
 }

@@ -28,7 +28,7 @@ from lmpipe.tokenizer import load_tokenizer
 
 @dataclass
 class EvaluateArguments:
-    """Flags of `evaluate.py`."""
+    """Flags of `pipelines/perplexity.py` / `lmpipe perplexity`."""
 
     # Optional here only so that a recipe file may hold them (it is parsed alone first); evaluate_file requires them.
     model_name_or_path: str | None = field(default=None, metadata={"help": "Saved model directory or Hub id."})

@@ -18,13 +18,14 @@ from lmpipe.data.sources import load_corpus, split_validation
 from lmpipe.distributed import check_launch
 from lmpipe.errors import LmpipeError
 from lmpipe.generate import GenerationSettings, generate_completions
+from lmpipe.hub import CheckpointPusher, check_hub_push, push_run
 from lmpipe.lora import MERGED_DIR, check_lora_arguments, save_merged, wrap_lora
 from lmpipe.metrics import token_byte_lengths
-from lmpipe.model import build_model
+from lmpipe.model import build_model, check_sequence_length, model_positions
 from lmpipe.qa_metrics import score_predictions
 from lmpipe.recipe import LoraArguments, ModelArguments, QAArguments, Recipe
 from lmpipe.tokenizer import load_tokenizer
-from lmpipe.train import build_trainer, check_training_arguments, train_and_evaluate, write_run_outputs
+from lmpipe.train import ExactEvalTrainer, build_trainer, check_training_arguments, train_and_evaluate, write_run_outputs
 
 PREDICTIONS_NAME = "predictions.jsonl"
 
@@ -38,8 +39,19 @@ class QAData:
     counts: dict[str, QACounts]
 
 
+def check_lengths_fit(model: ModelArguments, qa: QAArguments) -> None:
+    """Training rows and prompt + generated answer must fit the model's positions; checked before any data is read."""
+    positions = model_positions(model)
+    check_sequence_length(positions, qa.max_length, "max_length")
+    if qa.generation_max_new_tokens >= positions:
+        raise LmpipeError(
+            f"generation_max_new_tokens={qa.generation_max_new_tokens} leaves no room for a prompt in the model's "
+            f"n_positions={positions}"
+        )
+
+
 def check_finetune_arguments(model: ModelArguments, qa: QAArguments, lora: LoraArguments) -> str:
-    """Everything checkable from the recipe alone; returns the prompt template."""
+    """Everything checkable from the recipe and the model's config, before any data; returns the prompt template."""
     if not model.model_name_or_path:
         raise LmpipeError("model_name_or_path is required: a pretrained model directory or Hub id")
     if qa.max_length < 2:
@@ -47,6 +59,7 @@ def check_finetune_arguments(model: ModelArguments, qa: QAArguments, lora: LoraA
     if qa.generation_max_new_tokens < 1:
         raise LmpipeError(f"generation_max_new_tokens must be >= 1, got {qa.generation_max_new_tokens}")
     check_lora_arguments(lora)
+    check_lengths_fit(model, qa)
     return prompt_template(qa)
 
 
@@ -117,22 +130,15 @@ def initial_evaluation(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return {"initial_eval_loss": row["eval_loss"], "initial_perplexity": row["eval_perplexity"]} if row else {}
 
 
-def finetune_qa(recipe: Recipe) -> dict[str, Any]:
-    """Run the recipe; returns the metrics written to `metrics.json` (EM / F1 on the main process only)."""
-    model_args, tokenizer_args, qa, lora, training = recipe.arguments
-    check_training_arguments(training)
-    check_output_dir(recipe, training)
-    check_launch(training)
-    template = check_finetune_arguments(model_args, qa, lora)
-    set_seed(training.seed)
+def build_qa_trainer(
+    recipe: Recipe, training: TrainingArguments, template: str
+) -> tuple[ExactEvalTrainer, PreTrainedTokenizerBase, QAData]:
+    """Tokenizer, QA rows, the pretrained model (LoRA-wrapped when asked) and its Trainer: fine-tuning and the
+    loss check train on exactly this."""
+    model_args, tokenizer_args, qa, lora = recipe.arguments[:4]
     tokenizer = load_tokenizer(tokenizer_args, model_args.model_name_or_path, None, model_args.trust_remote_code)
     data = prepare_qa_data(qa, tokenizer, training, template)
     model = build_model(model_args, tokenizer, qa.max_length)
-    if qa.generation_max_new_tokens >= model.config.n_positions:
-        raise LmpipeError(
-            f"generation_max_new_tokens={qa.generation_max_new_tokens} leaves no room for a prompt in the model's "
-            f"n_positions={model.config.n_positions}"
-        )
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     if lora.use_lora:
         model = wrap_lora(model, lora)
@@ -146,6 +152,23 @@ def finetune_qa(recipe: Recipe) -> dict[str, Any]:
         byte_lengths,
         eval_data_collator=padded_collator(tokenizer),
     )
+    return trainer, tokenizer, data
+
+
+def finetune_qa(recipe: Recipe) -> dict[str, Any]:
+    """Run the recipe, then push when it says `push_to_hub`; returns the metrics written to `metrics.json`
+    (EM / F1 on the main process only)."""
+    model_args, _, qa, lora, training = recipe.arguments
+    check_training_arguments(training)
+    check_output_dir(recipe, training)
+    check_launch(training)
+    template = check_finetune_arguments(model_args, qa, lora)
+    hub = check_hub_push(training)  # before any data is loaded; None unless this process pushes
+    set_seed(training.seed)
+    trainer, tokenizer, data = build_qa_trainer(recipe, training, template)
+    model = trainer.model
+    if hub:
+        trainer.add_callback(CheckpointPusher(hub))
     metrics = train_and_evaluate(trainer, recipe)
     metrics.update(
         initial_evaluation(trainer.state.log_history),
@@ -169,4 +192,6 @@ def finetune_qa(recipe: Recipe) -> dict[str, Any]:
         write_jsonl(predictions, output_dir / PREDICTIONS_NAME)
         metrics.update(qa_scores, predictions_file=str(output_dir / PREDICTIONS_NAME))
     write_run_outputs(trainer, metrics)
+    if hub:
+        push_run(training.output_dir, hub)
     return metrics

@@ -7,7 +7,7 @@ Per batch (one optimizer step: `gradient_accumulation_steps` micro-batches, as t
 4. `trainer`: what the Trainer optimises and logs: its own `get_batch_samples` counts `num_items_in_batch`
    and its `training_step` (compute_loss, accumulation scaling, backward) returns the step's loss.
 Losses (1) and (3) are per-call means; over several micro-batches they are combined weighted by kept tokens.
-A new kind of recipe plugs in by providing a function `recipe -> Trainer` like `pretrain_check_trainer`.
+Pretraining and QA fine-tuning recipes are checked on the Trainer each would train with (`check_trainer`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from transformers import Trainer, set_seed
 
 from lmpipe.data.collate import collate_blocks
 from lmpipe.errors import LmpipeError
+from lmpipe.finetune import build_qa_trainer, check_finetune_arguments
 from lmpipe.losses import IGNORE_INDEX, shifted_token_nll
 from lmpipe.metrics import token_byte_lengths
 from lmpipe.model import build_model
 from lmpipe.pretrain import prepare_corpus
-from lmpipe.recipe import Recipe
+from lmpipe.recipe import QAArguments, Recipe
 from lmpipe.train import build_trainer, check_training_arguments
 
 LOSS_NAMES = ("model", "manual", "cross_entropy", "trainer")
@@ -181,21 +182,23 @@ def format_table(check: LossCheck) -> str:
     return "\n".join(lines)
 
 
-def pretrain_check_trainer(recipe: Recipe, output_dir: str) -> Trainer:
-    """The Trainer a pretraining recipe would train with (model from scratch, or `model_name_or_path`).
+def check_trainer(recipe: Recipe, output_dir: str) -> Trainer:
+    """The Trainer the recipe would train with: pretraining (from scratch or `model_name_or_path`) or QA fine-tuning.
 
     It writes nothing of the run's: `output_dir` replaces the recipe's, with no reporting and no Hub push.
     """
-    model_args, tokenizer_args, data_args, training, _ = recipe.arguments
+    model_args, tokenizer_args, data_args, *_, training, _ = recipe.arguments
     check_training_arguments(training)
+    training = dataclasses.replace(training, output_dir=output_dir, report_to="none", push_to_hub=False)
+    if isinstance(data_args, QAArguments):
+        template = check_finetune_arguments(model_args, data_args, recipe.arguments[3])
+        set_seed(training.seed)
+        return build_qa_trainer(recipe, training, template)[0]
     if model_args.model_name_or_path and tokenizer_args.train_tokenizer:
         raise LmpipeError(
             f"train_tokenizer: true makes a vocabulary that {model_args.model_name_or_path} was not trained with; "
             "add --train_tokenizer false (the model's own tokenizer is used)"
         )
-    training = dataclasses.replace(
-        training, output_dir=output_dir, report_to="none", push_to_hub=False
-    )
     set_seed(training.seed)
     corpus = prepare_corpus(data_args, tokenizer_args, model_args, training)
     model = build_model(model_args, corpus.tokenizer, data_args.block_size)
@@ -209,6 +212,6 @@ def run_loss_check(recipe: Recipe) -> LossCheck:
     if check_args.batches < 1:
         raise LmpipeError(f"batches must be >= 1, got {check_args.batches}")
     with tempfile.TemporaryDirectory(prefix="lmpipe-check-loss-") as output_dir:
-        trainer = pretrain_check_trainer(recipe, output_dir)
+        trainer = check_trainer(recipe, output_dir)
         count = check_args.batches * trainer.args.gradient_accumulation_steps
         return check_losses(trainer, islice(trainer.get_train_dataloader(), count))

@@ -6,7 +6,7 @@ import logging
 import math
 
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.errors import LmpipeError
 from lmpipe.recipe import ModelArguments
@@ -46,11 +46,27 @@ def build_model(args: ModelArguments, tokenizer: PreTrainedTokenizerBase, block_
             raise LmpipeError(f"n_embd={args.n_embd} must be divisible by n_head={args.n_head}")
         config._attn_implementation = args.attn_implementation
         model = GPT2LMHeadModel(config)
-    if block_size > model.config.n_positions:
-        raise LmpipeError(f"block_size={block_size} exceeds the model's n_positions={model.config.n_positions}")
+    check_sequence_length(model.config.n_positions, block_size, "block_size")
     model.loss_type = CAUSAL_LM_LOSS
     model.config.use_cache = False
     return model
+
+
+def model_positions(args: ModelArguments) -> int:
+    """The model's n_positions from the recipe or the pretrained config alone, so a bad length fails before data."""
+    if not args.model_name_or_path:
+        return args.n_positions
+    try:
+        config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise LmpipeError(f"{args.model_name_or_path}: cannot load a model config ({str(e).strip().splitlines()[0]})") from None
+    return config.n_positions
+
+
+def check_sequence_length(n_positions: int, length: int, key: str) -> None:
+    """Position ids past n_positions would index outside the position embeddings."""
+    if length > n_positions:
+        raise LmpipeError(f"{key}={length} exceeds the model's n_positions={n_positions}")
 
 
 def load_pretrained(name_or_path: str, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):

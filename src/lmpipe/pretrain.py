@@ -13,12 +13,12 @@ from lmpipe.checkpoints import check_output_dir
 from lmpipe.data.collate import collate_blocks
 from lmpipe.data.packing import blocks_as_array, flat_token_ids, pack_blocks, tokenize_documents
 from lmpipe.data.sources import check_text_column, load_corpus, split_validation
-from lmpipe.data.streaming import PackedStream, check_streaming_arguments, stream_documents
+from lmpipe.data.streaming import PackedStream, check_streaming_arguments, stream_documents, stream_texts
 from lmpipe.distributed import check_launch, on_main_process
 from lmpipe.errors import LmpipeError
 from lmpipe.hub import CheckpointPusher, check_hub_push, push_run
 from lmpipe.metrics import token_byte_lengths, unigram_perplexity
-from lmpipe.model import build_model
+from lmpipe.model import build_model, check_sequence_length, model_positions
 from lmpipe.recipe import DataArguments, ModelArguments, Recipe, TokenizerArguments
 from lmpipe.tokenizer import load_tokenizer
 from lmpipe.train import build_trainer, check_training_arguments, train_and_evaluate, write_run_outputs
@@ -73,14 +73,14 @@ def prepare_streaming_corpus(
     check_streaming_arguments(training)
     source = data.train_file or data.dataset_name or "data"
     train_documents, validation_documents = stream_documents(data, source)
-    texts = (row[data.text_column] for row in train_documents) if tokenizer_args.train_tokenizer else None
+    texts = stream_texts(train_documents, data.text_column, source) if tokenizer_args.train_tokenizer else None
     tokenizer = on_main_process(
         training, load_tokenizer, tokenizer_args, model.model_name_or_path, texts, model.trust_remote_code
     )
     with training.main_process_first(desc="tokenising validation"):
         validation_ids = tokenize_documents(validation_documents, tokenizer, data.text_column)
         validation = pack_blocks(validation_ids, data.block_size, "validation")
-    train = PackedStream(train_documents, tokenizer, data.text_column, data.block_size)
+    train = PackedStream(train_documents, tokenizer, data.text_column, data.block_size, source)
     head_ids = on_main_process(training, train.head_ids, UNIGRAM_SAMPLE_TOKENS)
     return PackedCorpus(tokenizer, train, validation, head_ids)
 
@@ -91,8 +91,7 @@ def pretrain(recipe: Recipe) -> dict[str, Any]:
     check_training_arguments(training)
     check_output_dir(recipe, training)
     check_launch(training)
-    if not model_args.model_name_or_path and data_args.block_size > model_args.n_positions:
-        raise LmpipeError(f"block_size={data_args.block_size} exceeds n_positions={model_args.n_positions}")
+    check_sequence_length(model_positions(model_args), data_args.block_size, "block_size")
     hub = check_hub_push(training)  # before any data is loaded; None unless this process pushes
     set_seed(training.seed)
     corpus = prepare_corpus(data_args, tokenizer_args, model_args, training)

@@ -160,6 +160,9 @@ class LoraArguments:
 
 
 FINETUNE_QA_ARGUMENTS = (ModelArguments, TokenizerArguments, QAArguments, LoraArguments, RunTrainingArguments)
+QA_ONLY_KEYS = {f.name for t in (QAArguments, LoraArguments) for f in dataclasses.fields(t)} - {
+    f.name for t in PRETRAIN_ARGUMENTS for f in dataclasses.fields(t)
+}
 
 
 @dataclass
@@ -286,6 +289,14 @@ def parse_recipe(
         raise
     explicit = dict.fromkeys([*recipe, *(k[3:] if k.startswith("no_") else k for k in _flag_keys(cli))])
     return Recipe(arguments=arguments, explicit=explicit, source=source)
+
+
+def is_qa_recipe(argv: list[str]) -> bool:
+    """Whether `[RECIPE.yaml] [--key value ...]` sets a key only QA fine-tuning knows (for commands taking either)."""
+    keys = set(_flag_keys(argv))
+    if argv and not argv[0].startswith("-"):
+        keys |= set(_read_yaml(argv[0]))
+    return bool(keys & QA_ONLY_KEYS)
 
 
 def _parse(parser: _RecipeParser, flags: list[str]) -> tuple:

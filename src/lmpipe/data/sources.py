@@ -41,9 +41,9 @@ def load_local_file(path: str, sample_by: str = "paragraph", streaming: bool = F
         dataset = load_dataset(builder, data_files={"data": str(file)}, split="data", streaming=streaming, **options)
     except Exception as e:  # datasets wraps parser errors in DatasetGenerationError; the cause says what broke
         cause = e.__cause__ or e
-        problem = f"cannot parse as {builder} ({_first_line(cause)})"
+        problem = f"cannot parse as {builder} ({first_line(cause)})"
         if file.suffix.lower() == ".jsonl":  # pyarrow counts rows from 0 within a block: name the file's line
-            problem = _first_bad_json_line(file) or problem
+            problem = first_bad_json_line(file) or problem
         raise LmpipeError(f"{path}: {problem}") from None
     if not streaming and len(dataset) == 0:
         raise LmpipeError(f"{path}: no rows")
@@ -60,19 +60,24 @@ def _check_utf8(file: Path) -> None:
                 raise LmpipeError(f"{file}: line {number} is not UTF-8 (byte {e.start})") from None
 
 
-def _first_bad_json_line(file: Path) -> str | None:
-    """The first line that is not one JSON value, numbered from 1 as an editor shows it."""
+def first_bad_json_line(file: Path, text_column: str | None = None) -> str | None:
+    """The first line that is not one JSON value (or whose `text_column` is not text), numbered from 1 as an
+    editor shows it."""
     with file.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
-                    return f"line {number} is not valid JSON ({getattr(e, 'msg', None) or _first_line(e)})"
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.strip())
+            except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+                return f"line {number} is not valid JSON ({getattr(e, 'msg', None) or first_line(e)})"
+            value = row.get(text_column) if text_column and isinstance(row, dict) else ""
+            if not isinstance(value, str):
+                return f"line {number}: column '{text_column}' holds {type(value).__name__}, not text"
     return None
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
@@ -99,7 +104,7 @@ def load_corpus(
     try:
         loaded = load_dataset(dataset_name, dataset_config_name)
     except Exception as e:  # offline, unknown id, bad config: all surface as different exception types
-        raise LmpipeError(f"dataset {dataset_name}: cannot load ({_first_line(e)})") from None
+        raise LmpipeError(f"dataset {dataset_name}: cannot load ({first_line(e)})") from None
     return DatasetDict({name: split for name, split in loaded.items() if name in ("train", "validation")})
 
 

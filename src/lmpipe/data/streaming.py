@@ -10,14 +10,19 @@ read by every rank, and a rank whose share ends first would start a new epoch wh
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase, TrainingArguments
 
 from lmpipe.data.packing import tokenize_documents
-from lmpipe.data.sources import PYDOC, _first_line, check_text_column, load_local_file, pydoc_documents
+from lmpipe.data.sources import (
+    PYDOC, check_text_column, first_bad_json_line, first_line, load_local_file, pydoc_documents,
+)
 from lmpipe.errors import LmpipeError
 from lmpipe.recipe import DataArguments
 
@@ -29,6 +34,30 @@ def check_streaming_arguments(training: TrainingArguments) -> None:
     """A stream has no length, so the Trainer cannot count epochs: the run's length must be max_steps."""
     if training.max_steps <= 0:
         raise LmpipeError("streaming: true needs max_steps > 0 (a stream has no length to count epochs in)")
+
+
+@contextmanager
+def named_read_errors(source: str, text_column: str):
+    """A bad row met mid-stream, named by its line in a local JSON Lines file (datasets and pyarrow count rows
+    within a chunk), or else by the stream and the reader's own first line; never a traceback from a worker."""
+    try:
+        yield
+    except (ValueError, TypeError, DatasetGenerationError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        if isinstance(e, LmpipeError):
+            raise
+        path = Path(source)
+        located = path.suffix.lower() == ".jsonl" and path.is_file() and first_bad_json_line(path, text_column)
+        raise LmpipeError(f"{source}: {located or f'cannot read the stream ({first_line(e)})'}") from None
+
+
+def stream_texts(documents: IterableDataset, text_column: str, source: str) -> Iterator[str]:
+    """The documents' texts, e.g. to train a tokenizer on; a non-text value is named like any bad row."""
+    with named_read_errors(source, text_column):
+        for row in documents:
+            text = row[text_column]
+            if not isinstance(text, str):
+                raise TypeError(f"column '{text_column}' holds {type(text).__name__}, not text")
+            yield text
 
 
 def stream_documents(data: DataArguments, source: str) -> tuple[IterableDataset, Dataset]:
@@ -51,7 +80,7 @@ def stream_documents(data: DataArguments, source: str) -> tuple[IterableDataset,
         try:
             splits = load_dataset(data.dataset_name, data.dataset_config_name, streaming=True)
         except Exception as e:  # offline, unknown id, bad config: all surface as different exception types
-            raise LmpipeError(f"dataset {data.dataset_name}: cannot load ({_first_line(e)})") from None
+            raise LmpipeError(f"dataset {data.dataset_name}: cannot load ({first_line(e)})") from None
         if "train" not in splits:
             raise LmpipeError(f"{source}: has no train split")
         train = splits["train"]
@@ -65,10 +94,12 @@ def stream_documents(data: DataArguments, source: str) -> tuple[IterableDataset,
         held_out = data.streaming_validation_documents
         if held_out < 1:
             raise LmpipeError(f"streaming_validation_documents must be >= 1, got {held_out}")
-        validation = Dataset.from_list(list(train.take(held_out)))
+        with named_read_errors(source, data.text_column):
+            validation = Dataset.from_list(list(train.take(held_out)))
         train = train.skip(held_out)
     check_text_column(DatasetDict({"validation": validation}), data.text_column, source)
-    first = next(iter(train.take(1)), None)
+    with named_read_errors(source, data.text_column):
+        first = next(iter(train.take(1)), None)
     if first is None:
         raise LmpipeError(f"{source}: no training documents left after holding out validation")
     check_text_column(DatasetDict({"train": Dataset.from_list([first])}), data.text_column, source)
@@ -83,9 +114,15 @@ class PackedStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(
-        self, documents: IterableDataset, tokenizer: PreTrainedTokenizerBase, text_column: str, block_size: int
+        self,
+        documents: IterableDataset,
+        tokenizer: PreTrainedTokenizerBase,
+        text_column: str,
+        block_size: int,
+        source: str = "train stream",
     ):
         self.documents = documents
+        self.source = source
         self.tokenizer = tokenizer
         self.text_column = text_column
         self.block_size = block_size
@@ -95,12 +132,13 @@ class PackedStream(torch.utils.data.IterableDataset):
         pending: list[list[int]] = []
         pending_tokens = 0
         carry = np.empty(0, dtype=np.int32)
-        for row in tokenize_documents(self.documents, self.tokenizer, self.text_column):
-            pending.append(row["input_ids"])
-            pending_tokens += len(row["input_ids"])
-            if pending_tokens >= FLUSH_TOKENS:
-                carry = yield from self._cut(carry, pending)
-                pending, pending_tokens = [], 0
+        with named_read_errors(self.source, self.text_column):
+            for row in tokenize_documents(self.documents, self.tokenizer, self.text_column):
+                pending.append(row["input_ids"])
+                pending_tokens += len(row["input_ids"])
+                if pending_tokens >= FLUSH_TOKENS:
+                    carry = yield from self._cut(carry, pending)
+                    pending, pending_tokens = [], 0
         yield from self._cut(carry, pending)
 
     def _cut(self, carry: np.ndarray, documents: list[list[int]]):
