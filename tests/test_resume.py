@@ -264,3 +264,16 @@ def test_mean_train_loss_weights_each_logged_window_by_its_steps():
     history = [{"loss": 4.0, "step": 2}, {"eval_loss": 9.0, "step": 2}, {"loss": 1.0, "step": 3}, {"train_loss": 7}]
     assert mean_train_loss(history) == pytest.approx((4.0 * 2 + 1.0) / 3)
     assert mean_train_loss([{"eval_loss": 1.0, "step": 1}]) is None
+
+
+def test_generation_and_merge_settings_do_not_make_a_qa_rerun_another_run(tmp_path):
+    """They act after training: changing them resumes (and re-evaluates); a data setting does not."""
+    from lmpipe.checkpoints import identity_changes
+    from lmpipe.recipe import FINETUNE_QA_ARGUMENTS, parse_recipe, write_resolved_recipe
+
+    base = ["--model_name_or_path", "m", "--train_file", "qa.jsonl", "--use_lora", "true", "--output_dir", str(tmp_path)]
+    write_resolved_recipe(parse_recipe(base, types=FINETUNE_QA_ARGUMENTS), str(tmp_path))
+    after_training = ["--generation_max_new_tokens", "32", "--merge_lora", "true", "--learning_rate", "1e-4"]
+    assert identity_changes(parse_recipe(base + after_training, types=FINETUNE_QA_ARGUMENTS), str(tmp_path)) == []
+    other_rows = parse_recipe(base + ["--max_length", "64"], types=FINETUNE_QA_ARGUMENTS)
+    assert identity_changes(other_rows, str(tmp_path)) == ["max_length 128 -> 64"]
