@@ -42,8 +42,6 @@ def build_model(args: ModelArguments, tokenizer: PreTrainedTokenizerBase, block_
             bos_token_id=tokenizer.eos_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        if args.n_embd % args.n_head:
-            raise LmpipeError(f"n_embd={args.n_embd} must be divisible by n_head={args.n_head}")
         config._attn_implementation = args.attn_implementation
         model = GPT2LMHeadModel(config)
     check_sequence_length(model.config.n_positions, block_size, "block_size")
@@ -53,8 +51,11 @@ def build_model(args: ModelArguments, tokenizer: PreTrainedTokenizerBase, block_
 
 
 def model_positions(args: ModelArguments) -> int:
-    """The model's n_positions from the recipe or the pretrained config alone, so a bad length fails before data."""
+    """The model's n_positions from the recipe or the pretrained config alone, so a bad length fails before data;
+    a from-scratch shape is checked here too."""
     if not args.model_name_or_path:
+        if args.n_embd % args.n_head:
+            raise LmpipeError(f"n_embd={args.n_embd} must be divisible by n_head={args.n_head}")
         return args.n_positions
     try:
         config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)

@@ -20,7 +20,7 @@ from lmpipe.hub import CheckpointPusher, check_hub_push, push_run
 from lmpipe.metrics import token_byte_lengths, unigram_perplexity
 from lmpipe.model import build_model, check_sequence_length, model_positions
 from lmpipe.recipe import DataArguments, ModelArguments, Recipe, TokenizerArguments
-from lmpipe.tokenizer import load_tokenizer
+from lmpipe.tokenizer import check_tokenizer_arguments, load_tokenizer
 from lmpipe.train import build_trainer, check_training_arguments, train_and_evaluate, write_run_outputs
 
 
@@ -38,6 +38,7 @@ def prepare_corpus(
     data: DataArguments, tokenizer_args: TokenizerArguments, model: ModelArguments, training: TrainingArguments
 ) -> PackedCorpus:
     """Load, split, tokenise and pack; the tokenizer is trained on the train split when the recipe asks."""
+    check_tokenizer_arguments(tokenizer_args)
     if data.streaming:
         return prepare_streaming_corpus(data, tokenizer_args, model, training)
     source = data.train_file or data.dataset_name or "data"

@@ -48,6 +48,16 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> GPT2Tokenizer:
         return gpt2_tokenizer_from_files(vocab_file, merges_file)
 
 
+def check_tokenizer_arguments(args: TokenizerArguments) -> None:
+    """A trained tokenizer and a named one exclude each other; checked before any data is read."""
+    named = [key for key in ("tokenizer_name_or_path", "vocab_file", "merges_file") if getattr(args, key)]
+    if args.train_tokenizer and named:
+        raise LmpipeError(
+            f"train_tokenizer: true and {' / '.join(named)} both choose the tokenizer; "
+            "set train_tokenizer: false to use the named one"
+        )
+
+
 def load_tokenizer(
     args: TokenizerArguments,
     model_name_or_path: str | None = None,
