@@ -14,7 +14,8 @@ count, in one process and interleaved, so that the ratios survive a noisy machin
 Steady tokens/s are timed from the end of step `--warmup` to the end of the last step; "wall" is the whole
 `train()` call for the same number of tokens. Each is divided by the machine's matmul rate in the same dtype,
 measured in the same run at the same thread count (a 2048^3 `torch.matmul`), with model FLOPs per token
-counted as nanoGPT does: 6 N + 12 L H Q T (N = parameters without the position embeddings).
+counted as nanoGPT does: 6 N + 12 L H Q T (N = parameters without the position embeddings). One untimed run
+per dtype comes first, and the variants' order rotates between repetitions, so no variant always runs first.
 
     HF_HUB_OFFLINE=1 python benchmarks/train_throughput.py              # full run (about 15 minutes)
     HF_HUB_OFFLINE=1 python benchmarks/train_throughput.py --tiny       # seconds: checks the script works
@@ -309,9 +310,12 @@ def main(argv=None) -> None:
     matmul = {dtype: [] for dtype in dtypes}
     with tempfile.TemporaryDirectory() as tmp:
         setup = Setup(args, Path(tmp))
+        for dtype in dtypes:  # untimed: a process's first run pays one-time costs (the first was ~2x slower)
+            timed_run(ours, setup, dtype, {})
         for repeat in range(args.repeats):
             for dtype in dtypes:  # interleaved: every repetition runs every variant once, then the matmul
-                for name, build, overrides in variants:
+                shift = repeat % len(variants)  # each variant takes each place in the order in turn
+                for name, build, overrides in variants[shift:] + variants[:shift]:
                     results[dtype][name].append(timed_run(build, setup, dtype, overrides))
                     print(f"# repeat {repeat} {dtype} {name}: {results[dtype][name][-1]['tokens_per_s']:.0f} tok/s",
                           file=sys.stderr, flush=True)
