@@ -297,3 +297,23 @@ def test_processes_the_trainer_does_not_see_are_refused(monkeypatch):
     check_launch(SimpleNamespace(world_size=2))
     monkeypatch.delenv("WORLD_SIZE")
     check_launch(SimpleNamespace(world_size=1))
+
+
+def test_a_single_cpu_process_gets_back_the_cores_accelerate_launch_took(monkeypatch):
+    """`accelerate launch` without a GPU sets OMP_NUM_THREADS=1; one process then uses every core again."""
+    from lmpipe.distributed import restore_cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    try:
+        torch.set_num_threads(1)
+        restore_cpu_threads(SimpleNamespace(world_size=1))  # not launched by accelerate: left as given
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+        restore_cpu_threads(SimpleNamespace(world_size=2))  # two ranks share the cores
+        assert torch.get_num_threads() == 1
+        restore_cpu_threads(SimpleNamespace(world_size=1))
+        assert torch.get_num_threads() == cores
+    finally:
+        torch.set_num_threads(threads)

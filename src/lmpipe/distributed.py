@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import TypeVar
 
+import torch
 from accelerate.utils import broadcast_object_list
 from transformers import TrainingArguments
 
 from lmpipe.errors import LmpipeError
 
 Result = TypeVar("Result")
+logger = logging.getLogger(__name__)
 
 
 def check_launch(training: TrainingArguments) -> None:
@@ -25,6 +28,25 @@ def check_launch(training: TrainingArguments) -> None:
         raise LmpipeError(
             f"{launched} processes were launched but the Trainer sees {training.world_size} (no GPU, use_cpu false), "
             f"so each would train its own copy: pass --use_cpu true for {launched}-rank DDP on CPU (gloo)"
+        )
+
+
+def restore_cpu_threads(training: TrainingArguments) -> None:
+    """Give a single CPU process every core that `accelerate launch` took away.
+
+    Without a GPU, `--cpu` or `--num_cpu_threads_per_process`, `accelerate launch` sets OMP_NUM_THREADS=1: the
+    README's one-process CPU run would use one core of many (measured: half the speed on 2 cores). The launcher's
+    default and a user's own OMP_NUM_THREADS=1 look the same; `python pipelines/...` is never changed.
+    """
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ
+    if not launched_by_accelerate or training.world_size > 1 or torch.cuda.is_available():
+        return
+    cores = len(os.sched_getaffinity(0))
+    if os.environ.get("OMP_NUM_THREADS") == "1" and torch.get_num_threads() == 1 and cores > 1:
+        torch.set_num_threads(cores)
+        logger.warning(
+            "accelerate launch set OMP_NUM_THREADS=1 (its default without a GPU) for this single CPU process; "
+            "using all %d cores (`python pipelines/...` keeps OMP_NUM_THREADS as given)", cores
         )
 
 

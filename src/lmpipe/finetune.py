@@ -15,7 +15,7 @@ from lmpipe.checkpoints import check_output_dir
 from lmpipe.data.collate import padded_collator, qa_collator, real_token_fraction
 from lmpipe.data.qa import TRAINING_COLUMNS, QACounts, check_qa_columns, prompt_template, tokenize_qa
 from lmpipe.data.sources import load_corpus, split_validation
-from lmpipe.distributed import check_launch
+from lmpipe.distributed import check_launch, restore_cpu_threads
 from lmpipe.errors import LmpipeError
 from lmpipe.generate import GenerationSettings, generate_completions
 from lmpipe.hub import CheckpointPusher, check_hub_push, push_run
@@ -162,6 +162,7 @@ def finetune_qa(recipe: Recipe) -> dict[str, Any]:
     check_training_arguments(training)
     check_output_dir(recipe, training)
     check_launch(training)
+    restore_cpu_threads(training)
     template = check_finetune_arguments(model_args, qa, lora)
     hub = check_hub_push(training)  # before any data is loaded; None unless this process pushes
     set_seed(training.seed)

@@ -14,7 +14,7 @@ from lmpipe.data.collate import collate_blocks
 from lmpipe.data.packing import blocks_as_array, flat_token_ids, pack_blocks, tokenize_documents
 from lmpipe.data.sources import check_text_column, load_corpus, split_validation
 from lmpipe.data.streaming import PackedStream, check_streaming_arguments, stream_documents, stream_texts
-from lmpipe.distributed import check_launch, on_main_process
+from lmpipe.distributed import check_launch, on_main_process, restore_cpu_threads
 from lmpipe.errors import LmpipeError
 from lmpipe.hub import CheckpointPusher, check_hub_push, push_run
 from lmpipe.metrics import token_byte_lengths, unigram_perplexity
@@ -92,6 +92,7 @@ def pretrain(recipe: Recipe) -> dict[str, Any]:
     check_training_arguments(training)
     check_output_dir(recipe, training)
     check_launch(training)
+    restore_cpu_threads(training)
     check_sequence_length(model_positions(model_args), data_args.block_size, "block_size")
     hub = check_hub_push(training)  # before any data is loaded; None unless this process pushes
     set_seed(training.seed)
