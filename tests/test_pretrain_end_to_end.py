@@ -54,7 +54,7 @@ def test_reported_perplexity_equals_a_hand_loop_over_the_saved_model(finished_ru
     total_nll, total_tokens = 0.0, 0
     with torch.no_grad():
         for block in blocks:
-            ids = torch.as_tensor(block, dtype=torch.long)[None]
+            ids = torch.tensor(block, dtype=torch.long)[None]  # a copy: the Arrow-backed array is read-only
             nll, kept = shifted_token_nll(model(ids).logits, ids)
             total_nll += nll.sum().item()
             total_tokens += kept.sum().item()
