@@ -14,6 +14,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def write_pydoc_corpus(path: Path, documents: int) -> Path:
+    """The first `documents` topics of Python's docs (real text, no download) as paragraphs of a .txt corpus."""
+    from lmpipe.data.sources import pydoc_documents
+
+    path.write_text("\n\n".join(pydoc_documents()[:documents]), encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Tiny test models gain nothing from a second intra-op thread; subprocess runs in tests use the same count."""
@@ -43,8 +51,4 @@ def gpt2_tokenizer(gpt2_files):
 @pytest.fixture
 def text_file(tmp_path) -> Path:
     """A small corpus of real text: paragraphs of Python's documentation."""
-    from lmpipe.data.sources import pydoc_documents
-
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(pydoc_documents()[:30]), encoding="utf-8")
-    return path
+    return write_pydoc_corpus(tmp_path / "corpus.txt", 30)

@@ -27,7 +27,7 @@ from lmpipe.card import render_model_card
 from lmpipe.cli import main
 from lmpipe.hub import checkpoint_plan, upload_plan
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, write_pydoc_corpus
 
 FAKE_TOKEN = "hf_lmpipeFakeToken0123456789abcdefXYZ"
 WRITER = {"name": "tester", "auth": {"accessToken": {"role": "write"}}}
@@ -122,11 +122,9 @@ def closed_port_url() -> str:
 @pytest.fixture(scope="module")
 def pushed_run(tmp_path_factory):
     """`lmpipe pretrain` with push_to_hub in a fresh process: the Hub answers the check, then the network drops."""
-    from lmpipe.data.sources import pydoc_documents
-
     root = tmp_path_factory.mktemp("hub")
     corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(pydoc_documents()[:20]), encoding="utf-8")
+    write_pydoc_corpus(corpus, 20)
     output = root / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE", "TRANSFORMERS_OFFLINE"))}
     with FakeHub(drop_after_whoami=True) as fake:

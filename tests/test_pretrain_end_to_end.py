@@ -10,6 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lmpipe.cli import main
 from lmpipe.losses import shifted_token_nll
 
+from conftest import write_pydoc_corpus
+
 TINY_RUN = [
     "--train_tokenizer", "true", "--tokenizer_vocab_size", "512", "--block_size", "64", "--n_positions", "64",
     "--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--dropout", "0", "--max_steps", "160",
@@ -21,11 +23,9 @@ TINY_RUN = [
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    from lmpipe.data.sources import pydoc_documents
-
     root = tmp_path_factory.mktemp("pretrain")
     corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(pydoc_documents()[:40]), encoding="utf-8")
+    write_pydoc_corpus(corpus, 40)
     output = root / "run"
     assert main(["pretrain", "--train_file", str(corpus), "--output_dir", str(output), *TINY_RUN]) == 0
     return output
