@@ -121,6 +121,8 @@ BAD_INPUTS = {
     "block_size over n_positions": ([*PRETRAIN, "--block_size", "256", "--n_positions", "128"],
                                     "block_size=256 exceeds the model's n_positions=128"),
     "heads do not divide the width": ([*PRETRAIN, "--n_embd", "64", "--n_head", "3"], "n_embd=64 must be divisible by n_head=3"),
+    "trained tokenizer for a pretrained model": ([*PRETRAIN, "--model_name_or_path", "{root}/gpt2-tiny", "--block_size", "64"],
+                                                 "train_tokenizer: true makes a vocabulary that"),
     "trained and named tokenizer": ([*PRETRAIN, "--vocab_file", "{root}/empty.txt", "--merges_file", "{root}/empty.txt"],
                                     "train_tokenizer: true and vocab_file / merges_file both choose the tokenizer"),
     "everything held out": ([*PRETRAIN, "--validation_split_percentage", "100"], "validation_split_percentage"),

@@ -159,9 +159,8 @@ def resume_checkpoint(recipe: Recipe, args: TrainingArguments) -> str | None:
     """The checkpoint this run continues from: the named one, else the newest complete one of this same run.
 
     With `overwrite_output_dir` and another run in the directory, that run's checkpoints are deleted first, so
-    that a later resume can never pick up its weights.
+    that a later resume can never pick up its weights. The callers have run `check_output_dir` before any data.
     """
-    check_output_dir(recipe, args)
     if args.resume_from_checkpoint:
         return args.resume_from_checkpoint
     with args.main_process_first(local=False, desc="choosing the checkpoint to resume from"):

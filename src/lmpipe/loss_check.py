@@ -22,15 +22,12 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, set_seed
 
-from lmpipe.data.collate import collate_blocks
 from lmpipe.errors import LmpipeError
 from lmpipe.finetune import build_qa_trainer, check_finetune_arguments
 from lmpipe.losses import IGNORE_INDEX, shifted_token_nll
-from lmpipe.metrics import token_byte_lengths
-from lmpipe.model import build_model
-from lmpipe.pretrain import prepare_corpus
+from lmpipe.pretrain import build_pretrain_trainer
 from lmpipe.recipe import QAArguments, Recipe
-from lmpipe.train import build_trainer, check_training_arguments
+from lmpipe.train import check_training_arguments
 
 LOSS_NAMES = ("model", "manual", "cross_entropy", "trainer")
 REFERENCE = "manual"
@@ -187,23 +184,15 @@ def check_trainer(recipe: Recipe, output_dir: str) -> Trainer:
 
     It writes nothing of the run's: `output_dir` replaces the recipe's, with no reporting and no Hub push.
     """
-    model_args, tokenizer_args, data_args, *_, training, _ = recipe.arguments
+    model_args, _, data_args, *_, training, _ = recipe.arguments
     check_training_arguments(training)
     training = dataclasses.replace(training, output_dir=output_dir, report_to="none", push_to_hub=False)
     if isinstance(data_args, QAArguments):
         template = check_finetune_arguments(model_args, data_args, recipe.arguments[3])
         set_seed(training.seed)
         return build_qa_trainer(recipe, training, template)[0]
-    if model_args.model_name_or_path and tokenizer_args.train_tokenizer:
-        raise LmpipeError(
-            f"train_tokenizer: true makes a vocabulary that {model_args.model_name_or_path} was not trained with; "
-            "add --train_tokenizer false (the model's own tokenizer is used)"
-        )
     set_seed(training.seed)
-    corpus = prepare_corpus(data_args, tokenizer_args, model_args, training)
-    model = build_model(model_args, corpus.tokenizer, data_args.block_size)
-    byte_lengths = token_byte_lengths(corpus.tokenizer, model.config.vocab_size)
-    return build_trainer(model, training, corpus.train, corpus.validation, collate_blocks, corpus.tokenizer, byte_lengths)
+    return build_pretrain_trainer(recipe, training)[0]
 
 
 def run_loss_check(recipe: Recipe) -> LossCheck:

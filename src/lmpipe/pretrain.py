@@ -21,7 +21,7 @@ from lmpipe.metrics import token_byte_lengths, unigram_perplexity
 from lmpipe.model import build_model, check_sequence_length, model_positions
 from lmpipe.recipe import DataArguments, ModelArguments, Recipe, TokenizerArguments
 from lmpipe.tokenizer import check_tokenizer_arguments, load_tokenizer
-from lmpipe.train import build_trainer, check_training_arguments, train_and_evaluate, write_run_outputs
+from lmpipe.train import ExactEvalTrainer, build_trainer, check_training_arguments, train_and_evaluate, write_run_outputs
 
 
 @dataclass
@@ -38,7 +38,7 @@ def prepare_corpus(
     data: DataArguments, tokenizer_args: TokenizerArguments, model: ModelArguments, training: TrainingArguments
 ) -> PackedCorpus:
     """Load, split, tokenise and pack; the tokenizer is trained on the train split when the recipe asks."""
-    check_tokenizer_arguments(tokenizer_args)
+    check_tokenizer_arguments(tokenizer_args, model.model_name_or_path)
     if data.streaming:
         return prepare_streaming_corpus(data, tokenizer_args, model, training)
     source = data.train_file or data.dataset_name or "data"
@@ -86,9 +86,21 @@ def prepare_streaming_corpus(
     return PackedCorpus(tokenizer, train, validation, head_ids)
 
 
+def build_pretrain_trainer(recipe: Recipe, training: TrainingArguments) -> tuple[ExactEvalTrainer, PackedCorpus]:
+    """Corpus, tokenizer, model and Trainer of a pretraining recipe: pretraining and the loss check train on this."""
+    model_args, tokenizer_args, data_args = recipe.arguments[:3]
+    corpus = prepare_corpus(data_args, tokenizer_args, model_args, training)
+    model = build_model(model_args, corpus.tokenizer, data_args.block_size)
+    byte_lengths = token_byte_lengths(corpus.tokenizer, model.config.vocab_size)
+    trainer = build_trainer(
+        model, training, corpus.train, corpus.validation, collate_blocks, corpus.tokenizer, byte_lengths
+    )
+    return trainer, corpus
+
+
 def pretrain(recipe: Recipe) -> dict[str, Any]:
     """Run the recipe, then push when it says `push_to_hub`; returns the metrics written to `metrics.json`."""
-    model_args, tokenizer_args, data_args, training = recipe.arguments
+    model_args, _, data_args, training = recipe.arguments
     check_training_arguments(training)
     check_output_dir(recipe, training)
     check_launch(training)
@@ -96,12 +108,7 @@ def pretrain(recipe: Recipe) -> dict[str, Any]:
     check_sequence_length(model_positions(model_args), data_args.block_size, "block_size")
     hub = check_hub_push(training)  # before any data is loaded; None unless this process pushes
     set_seed(training.seed)
-    corpus = prepare_corpus(data_args, tokenizer_args, model_args, training)
-    model = build_model(model_args, corpus.tokenizer, data_args.block_size)
-    byte_lengths = token_byte_lengths(corpus.tokenizer, model.config.vocab_size)
-    trainer = build_trainer(
-        model, training, corpus.train, corpus.validation, collate_blocks, corpus.tokenizer, byte_lengths
-    )
+    trainer, corpus = build_pretrain_trainer(recipe, training)
     if hub:
         trainer.add_callback(CheckpointPusher(hub))
     metrics = train_and_evaluate(trainer, recipe)

@@ -48,13 +48,18 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> GPT2Tokenizer:
         return gpt2_tokenizer_from_files(vocab_file, merges_file)
 
 
-def check_tokenizer_arguments(args: TokenizerArguments) -> None:
-    """A trained tokenizer and a named one exclude each other; checked before any data is read."""
+def check_tokenizer_arguments(args: TokenizerArguments, model_name_or_path: str | None = None) -> None:
+    """A trained tokenizer excludes a named one and a pretrained model; checked before any data is read."""
     named = [key for key in ("tokenizer_name_or_path", "vocab_file", "merges_file") if getattr(args, key)]
     if args.train_tokenizer and named:
         raise LmpipeError(
             f"train_tokenizer: true and {' / '.join(named)} both choose the tokenizer; "
             "set train_tokenizer: false to use the named one"
+        )
+    if args.train_tokenizer and model_name_or_path:
+        raise LmpipeError(
+            f"train_tokenizer: true makes a vocabulary that {model_name_or_path} was not trained with; "
+            "add --train_tokenizer false (the model's own tokenizer is used)"
         )
 
 
