@@ -29,7 +29,7 @@ from transformers.tokenization_utils_base import (
     TOKENIZER_CONFIG_FILE,
 )
 from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, sort_checkpoints
 from transformers.utils import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_SAFE_WEIGHTS_NAME,
@@ -40,6 +40,7 @@ from transformers.utils import (
 )
 
 from lmpipe.card import CARD_NAME, write_model_card
+from lmpipe.checkpoints import newest_complete_checkpoint
 from lmpipe.errors import LmpipeError
 from lmpipe.recipe import RESOLVED_RECIPE_NAME
 from lmpipe.train import METRICS_NAME, PLOT_NAME
@@ -186,10 +187,10 @@ def upload_plan(output_dir: str, strategy: HubStrategy = HubStrategy.END) -> dic
     plan = {**model_files(folder), **_present(folder, RUN_FILES)}
     if (folder / TENSORBOARD_DIR).is_dir():
         plan.update(_tree(folder / TENSORBOARD_DIR, TENSORBOARD_DIR))
-    if strategy == HubStrategy.CHECKPOINT and (last := get_last_checkpoint(str(folder))):
-        plan.update(checkpoint_files(Path(last), LAST_CHECKPOINT))
+    if strategy == HubStrategy.CHECKPOINT and (last := newest_complete_checkpoint(str(folder), save_only_model=True)):
+        plan.update(checkpoint_files(Path(last), LAST_CHECKPOINT))  # a torn newer one (killed mid-save) is skipped
     if strategy == HubStrategy.ALL_CHECKPOINTS:
-        for checkpoint in sorted(folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+        for checkpoint in map(Path, sort_checkpoints(str(folder))):
             plan.update(checkpoint_files(checkpoint, checkpoint.name))
     return plan
 
