@@ -17,7 +17,7 @@ from lmpipe.lora import MERGED_DIR, save_merged, wrap_lora
 from lmpipe.model import CAUSAL_LM_LOSS, build_model
 from lmpipe.recipe import LoraArguments, ModelArguments, QAArguments
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, write_pydoc_corpus
 
 NQ_OPEN = SHARED_DATA / "nq_open_efficientqa_dev.jsonl"
 QA_PAIRS = {
@@ -105,16 +105,37 @@ def test_lora_trainer_loss_equals_the_manual_loss(loss_type, gpt2_tokenizer, tmp
         assert logged < manual * 0.99
 
 
-def test_prompts_are_cut_from_the_left_to_leave_room_for_the_answer(gpt2_tokenizer):
-    from lmpipe.finetune import fit_prompts
+def greedy_from_ids(model, tokenizer, ids, max_new_tokens) -> str:
+    """Greedy decoding by hand: a full forward per step (no cache, no padding), argmax over real token ids only."""
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.tensor([ids + new])).logits[0, -1, : len(tokenizer)].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+    return tokenizer.decode(new)
 
-    prompts = ["Question: what is the capital of france\nAnswer:", "Question: café crème ü\nAnswer:", "Q:"]
-    for limit in (3, 4, 6):  # at 4 the cut splits the two bytes of "ü": the decoded tail starts with U+FFFD
-        fitted = fit_prompts(gpt2_tokenizer, prompts, limit)
-        assert fitted[2] == "Q:"
-        for prompt, cut in zip(prompts, fitted):
-            assert len(gpt2_tokenizer(cut)["input_ids"]) <= limit and prompt.endswith(cut.lstrip("\ufffd"))
-    assert fitted[0] == " of france\nAnswer:"
+
+def test_answers_are_generated_from_the_prompt_ids_the_row_was_trained_on(gpt2_tokenizer):
+    """A prompt cut inside the two bytes of "ü" does not survive decode + encode: generation must use its ids."""
+    from lmpipe.finetune import evaluate_qa
+
+    question, answer = "café crème ü", "yes"
+    prompt_ids = gpt2_tokenizer(f"Question: {question}\nAnswer:")["input_ids"]
+    room = next(n for n in range(2, len(prompt_ids))
+                if gpt2_tokenizer(gpt2_tokenizer.decode(prompt_ids[-n:]))["input_ids"] != prompt_ids[-n:])
+    target = gpt2_tokenizer(" " + answer)["input_ids"] + [gpt2_tokenizer.eos_token_id]
+    split = Dataset.from_dict({"question": [question], "answer": [[answer]]})
+    rows, counts = tokenize_qa(split, gpt2_tokenizer, QAArguments(max_length=room + len(target)),
+                               "Question: {question}\nAnswer:", "pairs")
+    assert counts.truncated == 1 and rows[0]["input_ids"] == prompt_ids[-room:] + target
+    torch.manual_seed(0)
+    model = build_model(ModelArguments(n_layer=1, n_embd=32, n_head=2, n_positions=64), gpt2_tokenizer, 64).eval()
+    _, predictions = evaluate_qa(model, gpt2_tokenizer, rows, max_new_tokens=6, batch_size=4, seed=0)
+    assert predictions[0]["prediction"] == greedy_from_ids(model, gpt2_tokenizer, prompt_ids[-room:], 6)
+    retokenised = gpt2_tokenizer(predictions[0]["prompt"])["input_ids"]
+    assert retokenised != prompt_ids[-room:]  # what generating from the prompt text would have used
 
 
 def test_nested_answer_column_and_context(gpt2_tokenizer, tmp_path):
@@ -152,11 +173,9 @@ EXAMPLES, HELD_OUT = 300, 30
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    from lmpipe.data.sources import pydoc_documents
-
     root = tmp_path_factory.mktemp("finetune")
     corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(pydoc_documents()[:40]), encoding="utf-8")
+    write_pydoc_corpus(corpus, 40)
     assert main(["pretrain", "--train_file", str(corpus), "--output_dir", str(root / "pretrained"), *PRETRAIN]) == 0
     questions = root / "nq_open_300.jsonl"
     questions.write_text("".join(NQ_OPEN.read_text(encoding="utf-8").splitlines(keepends=True)[:EXAMPLES]))
@@ -207,6 +226,11 @@ def test_full_fine_tune_with_padded_batches(pretrained):
     assert metrics["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
     assert 0.5 < metrics["real_token_fraction"] < 1.0
     assert metrics["trainable_parameters"] == metrics["total_parameters"]
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    model = AutoModelForCausalLM.from_pretrained(output).eval()
+    for row in predictions[:4]:  # the saved model's own greedy answer to the prompt it was scored on
+        ids = tokenizer(row["prompt"])["input_ids"]
+        assert row["prediction"] == greedy_from_ids(model, tokenizer, ids, 8)
 
 
 def test_lora_fine_tune_with_packed_batches_and_merge(pretrained):

@@ -17,8 +17,9 @@ from lmpipe.data.qa import TRAINING_COLUMNS, QACounts, check_qa_columns, prompt_
 from lmpipe.data.sources import load_corpus, split_validation
 from lmpipe.distributed import check_launch, restore_cpu_threads
 from lmpipe.errors import LmpipeError
-from lmpipe.generate import GenerationSettings, generate_completions
+from lmpipe.generate import GenerationSettings, generate_from_ids
 from lmpipe.hub import CheckpointPusher, check_hub_push, push_run
+from lmpipe.losses import IGNORE_INDEX
 from lmpipe.lora import MERGED_DIR, check_lora_arguments, save_merged, wrap_lora
 from lmpipe.metrics import token_byte_lengths
 from lmpipe.model import build_model, check_sequence_length, model_positions
@@ -87,10 +88,20 @@ def evaluate_qa(
     batch_size: int,
     seed: int,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Greedy answers to the prompts the model was trained on, scored against every accepted answer."""
+    """Greedy answers to the prompts the model was trained on, scored against every accepted answer.
+
+    The prompts are the rows' own prompt ids (the -100 labels), not their text re-tokenised: a prompt cut from the
+    left by id may not survive decode + encode. They are cut further from the left if the answer needs the room.
+    """
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False, seed=seed)
-    prompts = fit_prompts(tokenizer, examples["prompt"], model.config.n_positions - max_new_tokens)
-    predictions = generate_completions(model, tokenizer, prompts, settings, batch_size=batch_size)
+    limit = model.config.n_positions - max_new_tokens
+    lengths = [prompt_length(labels) for labels in examples["labels"]]
+    prompt_ids = [ids[:length][-limit:] for ids, length in zip(examples["input_ids"], lengths)]
+    predictions = generate_from_ids(model, tokenizer, prompt_ids, settings, batch_size=batch_size)
+    prompts = [  # the text shown in predictions.jsonl
+        text if length <= limit else tokenizer.decode(ids)
+        for text, length, ids in zip(examples["prompt"], lengths, prompt_ids)
+    ]
     scores = score_predictions(predictions, examples["answers"])
     rows = [
         {"question": q, "prompt": p, "prediction": prediction, "answers": a, "em": em, "f1": f1}
@@ -102,21 +113,9 @@ def evaluate_qa(
     return {"exact_match": scores["exact_match"], "f1": scores["f1"]}, rows
 
 
-def fit_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], limit: int) -> list[str]:
-    """Prompts cut from the left to at most `limit` tokens, leaving the model positions for the generated answer.
-
-    Re-encoding the decoded tail can merge differently at the cut; then fewer tokens are kept until it fits.
-    """
-    fitted = list(prompts)
-    for row, ids in enumerate(tokenizer(fitted, add_special_tokens=False)["input_ids"]):
-        keep = limit
-        while len(ids) > limit:
-            fitted[row] = tokenizer.decode(ids[len(ids) - max(keep, 0) :])
-            excess = len(tokenizer(fitted[row], add_special_tokens=False)["input_ids"]) - limit
-            if excess <= 0:
-                break
-            keep -= excess
-    return fitted
+def prompt_length(labels: list[int]) -> int:
+    """A QA row's prompt is everything before its first scored label."""
+    return next(position for position, label in enumerate(labels) if label != IGNORE_INDEX)
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:

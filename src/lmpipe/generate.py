@@ -81,11 +81,8 @@ def generation_config(
     )
 
 
-def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, max_positions: int | None
-) -> list[list[int]]:
-    """Token ids of each prompt; an empty prompt or one with no room for the new tokens is an error."""
-    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+def check_prompt_ids(encoded: list[list[int]], max_new_tokens: int, max_positions: int | None) -> None:
+    """An empty prompt, or one with no room for the new tokens in the model's positions, is an error."""
     for row, ids in enumerate(encoded):
         if not ids:
             raise LmpipeError(f"prompt {row}: empty (nothing to continue)")
@@ -94,7 +91,6 @@ def encode_prompts(
                 f"prompt {row}: {len(ids)} tokens + max_new_tokens={max_new_tokens} exceed the model's "
                 f"{max_positions} positions"
             )
-    return encoded
 
 
 def left_padded(encoded: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +112,6 @@ def continuation_text(tokenizer: PreTrainedTokenizerBase, new_ids: torch.Tensor)
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-@torch.no_grad()
 def generate_completions(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -124,7 +119,20 @@ def generate_completions(
     settings: GenerationSettings,
     batch_size: int = 16,
 ) -> list[str]:
-    """The continuation of each prompt (without the prompt), in the order given.
+    """The continuation of each prompt text (without the prompt), in the order given."""
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    return generate_from_ids(model, tokenizer, encoded, settings, batch_size)
+
+
+@torch.no_grad()
+def generate_from_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    encoded: list[list[int]],
+    settings: GenerationSettings,
+    batch_size: int = 16,
+) -> list[str]:
+    """The continuation of each prompt, given as token ids (e.g. exactly the ids a QA row was trained on).
 
     Prompts are batched by length and padded on the left with an attention mask, so every row's last prompt token
     sits at the end and batched greedy output equals one-at-a-time output. Sampling is seeded with `settings.seed`
@@ -133,9 +141,7 @@ def generate_completions(
     settings.check()
     if batch_size < 1:
         raise LmpipeError(f"batch_size must be >= 1, got {batch_size}")
-    encoded = encode_prompts(
-        tokenizer, prompts, settings.max_new_tokens, getattr(model.config, "max_position_embeddings", None)
-    )
+    check_prompt_ids(encoded, settings.max_new_tokens, getattr(model.config, "max_position_embeddings", None))
     config = generation_config(settings, tokenizer, model.config.vocab_size)
     order = sorted(range(len(encoded)), key=lambda row: len(encoded[row]))  # similar lengths share a batch
     completions: list[str] = [""] * len(encoded)
