@@ -15,9 +15,11 @@ def test_blocks_equal_the_hand_concatenation(gpt2_tokenizer):
     expected = []
     for text in DOCUMENTS:
         expected += gpt2_tokenizer.encode(text) + [eos]
-    # writer_batch_size=1 and batch_size=1: many map batches, where run_clm would drop a tail in each
-    tokenized = Dataset.from_dict({"text": DOCUMENTS}).map(lambda b: b, batched=True, batch_size=1)
-    tokenized = tokenize_documents(tokenized, gpt2_tokenizer, "text")
+    tokenized = tokenize_documents(Dataset.from_dict({"text": DOCUMENTS}), gpt2_tokenizer, "text")
+    # one document per map batch and per Arrow record batch: packing must cross batches, where run_clm's
+    # group_texts drops a tail in each
+    tokenized = tokenized.map(lambda batch: batch, batched=True, batch_size=1, writer_batch_size=1)
+    assert tokenized.data.column("input_ids").num_chunks == len(DOCUMENTS)
     blocks = blocks_as_array(pack_blocks(tokenized, block_size=5))
     n_blocks = len(expected) // 5
     assert blocks.shape == (n_blocks, 5)
