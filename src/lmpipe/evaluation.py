@@ -16,7 +16,7 @@ from accelerate import PartialState
 from datasets import DatasetDict
 from transformers import PreTrainedModel
 
-from lmpipe.data.packing import blocks_as_array, pack_blocks, tokenize_documents
+from lmpipe.data.packing import flat_token_ids, tokenize_documents, whole_blocks
 from lmpipe.data.sources import check_text_column, load_local_file
 from lmpipe.errors import LmpipeError
 from lmpipe.losses import IGNORE_INDEX
@@ -104,7 +104,7 @@ def evaluate_file(args: EvaluateArguments) -> dict[str, float | int]:
     check_vocab(model, tokenizer, allow_resize=False, name=args.model_name_or_path)
     block_size, stride = window_sizes(args.block_size, args.stride, model.config.n_positions)
     tokenized = tokenize_documents(documents, tokenizer, args.text_column)
-    blocks = blocks_as_array(pack_blocks(tokenized, block_size, args.validation_file))
+    blocks = whole_blocks(flat_token_ids(tokenized), block_size, args.validation_file)
     ids = torch.from_numpy(blocks.reshape(-1).astype(np.int64))
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     model.to(PartialState().device)

@@ -11,7 +11,9 @@ from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 
 from lmpipe.checkpoints import check_output_dir
 from lmpipe.data.collate import collate_blocks
-from lmpipe.data.packing import blocks_as_array, flat_token_ids, pack_blocks, tokenize_documents
+from lmpipe.data.packing import (
+    blocks_as_array, blocks_dataset, flat_token_ids, pack_blocks, tokenize_documents, whole_blocks,
+)
 from lmpipe.data.sources import check_text_column, load_corpus, split_validation
 from lmpipe.data.streaming import PackedStream, check_streaming_arguments, stream_documents, stream_texts
 from lmpipe.distributed import check_launch, on_main_process, restore_cpu_threads
@@ -56,11 +58,12 @@ def prepare_corpus(
             name: tokenize_documents(split, tokenizer, data.text_column, data.preprocessing_num_workers)
             for name, split in corpus.items()
         }
-        for name, split in tokenized.items():
-            if len(flat_token_ids(split)) == 0:
+        ids = {name: flat_token_ids(split) for name, split in tokenized.items()}  # once per split
+        for name, split_ids in ids.items():
+            if len(split_ids) == 0:
                 raise LmpipeError(f"{source} ({name}): no tokens after tokenisation")
-        packed = {name: pack_blocks(split, data.block_size, name) for name, split in tokenized.items()}
-    return PackedCorpus(tokenizer, packed["train"], packed["validation"], flat_token_ids(tokenized["train"]))
+        packed = {name: blocks_dataset(whole_blocks(split_ids, data.block_size, name)) for name, split_ids in ids.items()}
+    return PackedCorpus(tokenizer, packed["train"], packed["validation"], ids["train"])
 
 
 # Streaming: the unigram baseline is fitted on the stream's first this-many train tokens, not the whole stream.

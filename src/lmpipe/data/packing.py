@@ -43,14 +43,23 @@ def flat_token_ids(tokenized: Dataset) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
 
 
-def pack_blocks(tokenized: Dataset, block_size: int, split: str = "train") -> Dataset:
-    """Fixed-size blocks over the whole concatenation; only the final partial block is dropped."""
-    ids = flat_token_ids(tokenized)
+def whole_blocks(ids: np.ndarray, block_size: int, split: str = "train") -> np.ndarray:
+    """The flat ids cut into (n_blocks, block_size); only the final partial block is dropped."""
     n_blocks = len(ids) // block_size
     if n_blocks == 0:
         raise LmpipeError(f"{split} split has {len(ids)} tokens, fewer than one block of block_size={block_size}")
-    blocks = pa.FixedSizeListArray.from_arrays(pa.array(ids[: n_blocks * block_size]), block_size)
-    return Dataset(pa.table({"input_ids": blocks}))
+    return ids[: n_blocks * block_size].reshape(n_blocks, block_size)
+
+
+def blocks_dataset(blocks: np.ndarray) -> Dataset:
+    """(n_blocks, block_size) ids as a Dataset with one fixed-size `input_ids` list per row."""
+    column = pa.FixedSizeListArray.from_arrays(pa.array(blocks.reshape(-1)), blocks.shape[1])
+    return Dataset(pa.table({"input_ids": column}))
+
+
+def pack_blocks(tokenized: Dataset, block_size: int, split: str = "train") -> Dataset:
+    """Fixed-size blocks over the whole concatenation of the tokenised documents."""
+    return blocks_dataset(whole_blocks(flat_token_ids(tokenized), block_size, split))
 
 
 def blocks_as_array(packed: Dataset) -> np.ndarray:
