@@ -96,14 +96,19 @@ def outcome(output):
     metrics = json.loads((output / "metrics.json").read_text())
     history = json.loads((output / f"checkpoint-{MAX_STEPS}" / "trainer_state.json").read_text())["log_history"]
     losses = {row["step"]: row["loss"] for row in history if "loss" in row}
-    return metrics, losses, load_file(output / "model.safetensors")
+    return metrics, losses, load_file(output / "model.safetensors"), history
 
 
 def assert_same_run(resumed, reference):
-    (metrics, losses, weights), (ref_metrics, ref_losses, ref_weights) = outcome(resumed), reference
+    (metrics, losses, weights, _), (ref_metrics, ref_losses, ref_weights, ref_history) = outcome(resumed), reference
     for key in ("train_loss", "eval_loss", "perplexity"):
         assert abs(metrics[key] - ref_metrics[key]) <= 1e-4, key
     assert metrics["train_steps"] == MAX_STEPS and metrics["train_tokens"] == ref_metrics["train_tokens"]
+    # tokens/s counts this session's tokens only: those after the resumed step, as the reference run logged them
+    resumed_step = int(metrics["resumed_from"].rsplit("-", 1)[1]) if metrics["resumed_from"] else 0
+    before = {row["step"]: row["num_input_tokens_seen"] for row in ref_history if "loss" in row}.get(resumed_step, 0)
+    session_tokens = ref_metrics["train_tokens"] - before
+    assert metrics["train_tokens_per_second"] * metrics["train_runtime_s"] == pytest.approx(session_tokens)
     assert sorted(losses) == list(range(1, MAX_STEPS + 1))
     assert max(abs(losses[step] - ref_losses[step]) for step in ref_losses) <= 1e-4
     assert weights.keys() == ref_weights.keys()

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 
 from lmpipe.callbacks import mean_train_loss, reliability_callbacks
 from lmpipe.card import write_model_card
-from lmpipe.checkpoints import resume_checkpoint
+from lmpipe.checkpoints import TRAINER_STATE, resume_checkpoint
 from lmpipe.errors import LmpipeError
 from lmpipe.metrics import NllStatistics, compute_exact_metrics
 from lmpipe.recipe import Recipe, write_resolved_recipe
@@ -141,6 +141,14 @@ def final_evaluation(trainer: ExactEvalTrainer) -> dict[str, Any]:
     return trainer.evaluate()
 
 
+def tokens_seen_at(checkpoint: str | None) -> int:
+    """Training tokens a resumed run had already seen: `train_runtime` counts only this session's time."""
+    if checkpoint is None:
+        return 0
+    state = json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))
+    return state.get("num_input_tokens_seen", 0)
+
+
 def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, Any]:
     """Resume if a checkpoint exists, train, evaluate exactly, save the model; returns the run's metrics."""
     output_dir = trainer.args.output_dir
@@ -148,6 +156,7 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, A
     if trainer.is_world_process_zero():
         (Path(output_dir) / METRICS_NAME).unlink(missing_ok=True)  # not finished while it trains on
         write_resolved_recipe(recipe, output_dir)
+    tokens_before = tokens_seen_at(resume_from)  # read now: save_total_limit may delete that checkpoint
     train_output = trainer.train(resume_from_checkpoint=resume_from)
     evaluation = final_evaluation(trainer)
     trainer.save_model(output_dir)
@@ -162,7 +171,7 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, A
         "train_tokens": trainer.state.num_input_tokens_seen,
         "train_steps": trainer.state.global_step,
         "train_runtime_s": runtime,
-        "train_tokens_per_second": trainer.state.num_input_tokens_seen / runtime,
+        "train_tokens_per_second": (trainer.state.num_input_tokens_seen - tokens_before) / runtime,
         "resumed_from": resume_from,
     }
 
