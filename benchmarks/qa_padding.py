@@ -10,7 +10,7 @@ Python's docs, saved from scratch: throughput does not depend on the weights, so
   (`lmpipe.data.collate.real_token_fraction`; padding-free rows hold no padding by construction);
 - answer tokens/s: label tokens (the answer and its EOS; prompts are -100) trained per second, steady state.
 
-    HF_HUB_OFFLINE=1 python benchmarks/qa_padding.py [--train_file ../shared/data/nq_open_efficientqa_dev.jsonl]
+    HF_HUB_OFFLINE=1 python benchmarks/qa_padding.py [--train_file data/nq_open_efficientqa_dev.jsonl]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import transformers
 from datasets import disable_progress_bars
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, SHARED_DATA, emit_json, fmt, load_average, machine, print_table, summary  # noqa: E402
+from common import REPO, DATA, emit_json, fmt, load_average, machine, print_table, summary  # noqa: E402
 from train_throughput import StepClock, quiet_trainer  # noqa: E402
 
 from lmpipe.data.collate import qa_collator, real_token_fraction  # noqa: E402
@@ -103,7 +103,7 @@ def timed_epoch_part(model_dir: Path, train_file: str, mode: str, steps: int, wa
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--train_file", default=str(SHARED_DATA / "nq_open_efficientqa_dev.jsonl"))
+    parser.add_argument("--train_file", default=str(DATA / "nq_open_efficientqa_dev.jsonl"))
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)

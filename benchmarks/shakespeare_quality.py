@@ -10,7 +10,7 @@ The scored tokens are every block position but the first (the run's `eval_tokens
 validation blocks). Their characters are their UTF-8 bytes (the text is ASCII) plus 2 for every scored
 `<|endoftext|>` between speeches: speeches are split at blank lines, and the EOS stands in for that "\\n\\n".
 
-    HF_HUB_OFFLINE=1 python benchmarks/shakespeare_quality.py [--train_file ../shared/data/tinyshakespeare.txt]
+    HF_HUB_OFFLINE=1 python benchmarks/shakespeare_quality.py [--train_file data/tinyshakespeare.txt]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, SHARED_DATA, emit_json, fmt, load_average, machine, print_table, summary  # noqa: E402
+from common import REPO, DATA, emit_json, fmt, load_average, machine, print_table, summary  # noqa: E402
 from recipe_ab import run_recipe  # noqa: E402
 
 from lmpipe.data.packing import blocks_as_array, pack_blocks, tokenize_documents  # noqa: E402
@@ -62,7 +62,7 @@ def scored_characters(recipe: str, flags: list[str], run_dir: Path) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--train_file", default=str(SHARED_DATA / "tinyshakespeare.txt"))
+    parser.add_argument("--train_file", default=str(DATA / "tinyshakespeare.txt"))
     parser.add_argument("--recipe", default=str(RECIPE))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--flags", default="", help="extra recipe flags, comma-separated (e.g. --max_steps,10)")

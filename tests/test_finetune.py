@@ -17,9 +17,9 @@ from lmpipe.lora import MERGED_DIR, save_merged, wrap_lora
 from lmpipe.model import CAUSAL_LM_LOSS, build_model
 from lmpipe.recipe import LoraArguments, ModelArguments, QAArguments
 
-from conftest import SHARED_DATA, write_pydoc_corpus
+from conftest import DATA, write_pydoc_corpus
 
-NQ_OPEN = SHARED_DATA / "nq_open_efficientqa_dev.jsonl"
+NQ_OPEN = DATA / "nq_open_efficientqa_dev.jsonl"
 QA_PAIRS = {
     "what is the capital of france": ["Paris"],
     "who wrote the origin of species": ["Charles Darwin", "Darwin"],

@@ -27,7 +27,7 @@ from lmpipe.card import render_model_card
 from lmpipe.cli import main
 from lmpipe.hub import checkpoint_plan, upload_plan
 
-from conftest import SHARED_DATA, write_pydoc_corpus
+from conftest import DATA, write_pydoc_corpus
 
 FAKE_TOKEN = "hf_lmpipeFakeToken0123456789abcdefXYZ"
 WRITER = {"name": "tester", "auth": {"accessToken": {"role": "write"}}}
@@ -41,7 +41,7 @@ MODEL_AND_TOKENIZER = {
     "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
 }
 RUN_FILES = {"README.md", "recipe.yaml", "metrics.json", "loss.png"}
-NQ_OPEN = SHARED_DATA / "nq_open_efficientqa_dev.jsonl"
+NQ_OPEN = DATA / "nq_open_efficientqa_dev.jsonl"
 CHECKPOINT_FILES = MODEL_AND_TOKENIZER | {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"}
 
 

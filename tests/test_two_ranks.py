@@ -89,7 +89,7 @@ from lmpipe.data.sources import load_local_file, pydoc_documents  # noqa: E402
 from lmpipe.distributed import check_launch  # noqa: E402
 from lmpipe.errors import LmpipeError  # noqa: E402
 
-from conftest import REPO, SHARED_DATA  # noqa: E402
+from conftest import REPO, DATA  # noqa: E402
 
 CPU_2PROC = REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"
 BLOCK = 32
@@ -164,7 +164,7 @@ def pretraining(corpus) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def finetuning(corpus, pretraining) -> SimpleNamespace:
     """QA fine-tuning of the pretrained model on 48 NQ-open questions: padded rows of different lengths."""
-    questions = (SHARED_DATA / "nq_open_efficientqa_dev.jsonl").read_text(encoding="utf-8").splitlines()[:48]
+    questions = (DATA / "nq_open_efficientqa_dev.jsonl").read_text(encoding="utf-8").splitlines()[:48]
     (corpus / "qa.jsonl").write_text("\n".join(questions) + "\n", encoding="utf-8")
     command = ["finetune-qa", "--model_name_or_path", str(pretraining.one), "--train_file", str(corpus / "qa.jsonl"),
                "--validation_split_percentage", "25", "--max_length", "64", "--generation_max_new_tokens", "4",
