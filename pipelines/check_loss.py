@@ -6,7 +6,7 @@ does not; 2 for a mistake in the recipe or flags.
 
 import sys
 
-from lmpipe.cli import check_loss_command, run
+from lmpipe.cli import run
 
 if __name__ == "__main__":
-    sys.exit(run(check_loss_command, sys.argv[1:]))
+    sys.exit(run("check-loss", sys.argv[1:], prog=sys.argv[0]))

@@ -2,7 +2,7 @@
 
 import sys
 
-from lmpipe.cli import finetune_qa_command, run
+from lmpipe.cli import run
 
 if __name__ == "__main__":
-    sys.exit(run(finetune_qa_command, sys.argv[1:]))
+    sys.exit(run("finetune-qa", sys.argv[1:], prog=sys.argv[0]))

@@ -5,7 +5,7 @@
 
 import sys
 
-from lmpipe.cli import generate_command, run
+from lmpipe.cli import run
 
 if __name__ == "__main__":
-    sys.exit(run(generate_command, sys.argv[1:]))
+    sys.exit(run("generate", sys.argv[1:], prog=sys.argv[0]))

@@ -4,7 +4,7 @@
 
 import sys
 
-from lmpipe.cli import perplexity_command, run
+from lmpipe.cli import run
 
 if __name__ == "__main__":
-    sys.exit(run(perplexity_command, sys.argv[1:]))
+    sys.exit(run("perplexity", sys.argv[1:], prog=sys.argv[0]))

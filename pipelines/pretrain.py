@@ -2,7 +2,7 @@
 
 import sys
 
-from lmpipe.cli import pretrain_command, run
+from lmpipe.cli import run
 
 if __name__ == "__main__":
-    sys.exit(run(pretrain_command, sys.argv[1:]))
+    sys.exit(run("pretrain", sys.argv[1:], prog=sys.argv[0]))

@@ -2,7 +2,7 @@
 
 import sys
 
-from lmpipe.cli import push_command, run
+from lmpipe.cli import run
 
 if __name__ == "__main__":
-    sys.exit(run(push_command, sys.argv[1:]))
+    sys.exit(run("push", sys.argv[1:], prog=sys.argv[0]))

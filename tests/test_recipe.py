@@ -53,6 +53,7 @@ def test_resolved_recipe_reruns_the_same_arguments(tmp_path):
     recipe = parse_recipe([path, "--seed", "7"])
     written = write_resolved_recipe(recipe, str(tmp_path / "run"))
     assert yaml.safe_load(written.read_text()) == {
+        "task": "pretrain",
         "n_layer": 3,
         "lr_scheduler_type": "cosine",
         "output_dir": "out",

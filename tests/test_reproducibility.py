@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmpipe.checkpoints import checkpoint_problem
-from lmpipe.cli import default_pretrain_recipe, main
+from lmpipe.cli import DEFAULT_PRETRAIN_RECIPE, main
 from lmpipe.model import load_pretrained
 from lmpipe.recipe import ModelArguments, parse_recipe
 from lmpipe.tokenizer import load_tokenizer
@@ -97,7 +97,7 @@ def test_the_resolved_recipe_reruns_the_same_arguments(two_runs):
     first, _, _ = two_runs
     again = parse_recipe([str(first / "recipe.yaml")])
     command = ["--train_file", str(first.parent / "corpus.txt"), "--output_dir", str(first), *RUN]
-    original = parse_recipe(command, default_recipe=default_pretrain_recipe())  # as `lmpipe pretrain` parses it
+    original = parse_recipe(command, default_recipe=DEFAULT_PRETRAIN_RECIPE)  # as `lmpipe pretrain` parses it
     *groups, training = again.arguments
     *original_groups, original_training = original.arguments
     assert groups == original_groups and training.to_dict() == original_training.to_dict()

@@ -10,7 +10,9 @@ import torch
 
 from lmpipe.errors import LmpipeError
 from lmpipe.model import build_model
-from lmpipe.recipe import REPO_RECIPES, ModelArguments, parse_recipe
+from lmpipe.recipe import ModelArguments, parse_recipe
+
+from conftest import REPO
 
 
 def gpt2_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +48,7 @@ def test_unknown_activation_is_a_one_line_error():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
 def test_bf16_recipe_runs_on_cpu_with_use_cpu_flag(tmp_path):
     """gpt2-small.yaml sets bf16; on a CPU machine `--use_cpu true` must be enough (it is what the error asks for)."""
-    recipe = str(REPO_RECIPES / "pretrain" / "gpt2-small.yaml")
+    recipe = str(REPO / "recipes" / "pretrain" / "gpt2-small.yaml")
     with pytest.raises(LmpipeError, match=r"gpt2-small.yaml: .*use_cpu"):
         parse_recipe([recipe])
     training = parse_recipe([recipe, "--use_cpu", "true", "--output_dir", str(tmp_path)]).arguments[-1]

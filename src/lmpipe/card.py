@@ -12,9 +12,9 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from lmpipe.recipe import RESOLVED_RECIPE_NAME, DataArguments
+from lmpipe.recipe import DataArguments
+from lmpipe.run_files import CARD_NAME, RESOLVED_RECIPE_NAME, write_text_atomically
 
-CARD_NAME = "README.md"
 TAGS = ["lmpipe", "gpt2"]
 
 # (metrics.json key, label, format) in the order the card shows them; absent keys are skipped.
@@ -93,7 +93,5 @@ def write_model_card(output_dir: str | os.PathLike, metrics: dict[str, Any]) -> 
     folder = Path(output_dir)
     card = render_model_card(folder.absolute().name, metrics, (folder / RESOLVED_RECIPE_NAME).read_text("utf-8"))
     path = folder / CARD_NAME
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(str(card), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, str(card))
     return path

@@ -23,7 +23,8 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import sort_checkpoints
 
 from lmpipe.errors import LmpipeError
-from lmpipe.recipe import RESOLVED_RECIPE_NAME, Recipe
+from lmpipe.recipe import TASK_KEY, Recipe
+from lmpipe.run_files import RESOLVED_RECIPE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +121,10 @@ def identity_changes(recipe: Recipe, output_dir: str) -> list[str]:
     if not isinstance(before, dict):
         return [f"a {RESOLVED_RECIPE_NAME} that is not a mapping"]
     fields = {f.name: (group, f) for group in recipe.arguments for f in dataclasses.fields(group)}
-    foreign = sorted(key for key in before if key not in fields)
+    foreign = sorted(key for key in before if key not in fields and key != TASK_KEY)
     changes = [f"keys of another command: {', '.join(foreign)}"] if foreign else []
+    if before.get(TASK_KEY, recipe.task) != recipe.task:
+        changes.append(f"{TASK_KEY} {before[TASK_KEY]!r} -> {recipe.task!r}")
     for name, (group, field) in fields.items():
         is_training = isinstance(group, TrainingArguments)
         if name in NOT_IDENTITY_KEYS or (is_training and name not in IDENTITY_TRAINING_KEYS):

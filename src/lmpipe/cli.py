@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from lmpipe.errors import LmpipeError
-from lmpipe.recipe import REPO_RECIPES, parse_recipe
+from lmpipe.recipe import FINETUNE_QA_ARGUMENTS, TASKS, HelpRequested, parse_recipe, recipe_task
+from lmpipe.run_files import RESOLVED_RECIPE_NAME
 
-DEFAULT_PRETRAIN_RECIPE = REPO_RECIPES / "pretrain" / "default.yaml"
-
-
-def default_pretrain_recipe() -> str | None:
-    return str(DEFAULT_PRETRAIN_RECIPE) if DEFAULT_PRETRAIN_RECIPE.is_file() else None
+DEFAULT_PRETRAIN_RECIPE = str(Path(__file__).with_name("default_recipe.yaml"))  # package data: any install has it
+# Keys of a finished run's recipe.yaml that do not apply when its saved model and tokenizer are loaded back.
+FROM_SCRATCH_KEYS = (
+    "train_tokenizer", "tokenizer_vocab_size", "tokenizer_name_or_path", "vocab_file", "merges_file",
+    "n_layer", "n_embd", "n_head", "n_positions", "pad_vocab_to_multiple_of", "activation_function",
+)
 
 
 def pretrain_command(argv: list[str]) -> None:
-    """Pretrain from a recipe (default: the tiny GPT-2 on Python's documentation text)."""
+    """Pretrain a GPT-2 from a recipe (default: the tiny GPT-2 on Python's documentation text)."""
     from lmpipe.pretrain import pretrain
 
-    recipe = parse_recipe(argv, default_recipe=default_pretrain_recipe())
+    recipe = parse_recipe(argv, default_recipe=DEFAULT_PRETRAIN_RECIPE)
     metrics = pretrain(recipe)
     training = recipe.arguments[-1]
     if training.process_index == 0:
@@ -31,19 +36,61 @@ def pretrain_command(argv: list[str]) -> None:
         )
 
 
-def check_loss_command(argv: list[str]) -> int:
-    """Compare the model's, a manual, F.cross_entropy's and the Trainer's loss on the recipe's batches.
+def _pop_task(argv: list[str]) -> tuple[str | None, list[str]]:
+    """`--task T` / `--task=T` taken out of the arguments (it picks the recipe's dataclasses; it is no recipe key)."""
+    rest, task, args = [], None, iter(argv)
+    for arg in args:
+        if arg == "--task":
+            task = next(args, "")
+        elif arg.startswith("--task="):
+            task = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if task is not None and task not in TASKS:
+        raise LmpipeError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    return task, rest
 
-    A recipe with QA keys (question_column, max_length, use_lora, ...) is checked as QA fine-tuning. Without a
-    recipe: the default one, or with `--model_name_or_path` the dataclass defaults (its tokenizer).
+
+def _run_directory_recipe(run_dir: str):
+    """A finished run's recipe.yaml with its saved model (and tokenizer) in place of the from-scratch keys.
+
+    A LoRA run's folder holds an adapter, not a model: its recipe is checked as written (base model + adapters).
+    """
+    path = Path(run_dir) / RESOLVED_RECIPE_NAME
+    if not path.is_file():
+        raise LmpipeError(f"{run_dir}: not an lmpipe run directory (no {RESOLVED_RECIPE_NAME})")
+
+    def load_saved_model(recipe: dict) -> dict:
+        if recipe.get("use_lora"):
+            return recipe
+        kept = {key: value for key, value in recipe.items() if key not in FROM_SCRATCH_KEYS}
+        return {**kept, "model_name_or_path": run_dir}
+
+    return str(path), load_saved_model
+
+
+def check_loss_command(argv: list[str]) -> int:
+    """Compare the model's, a manual, F.cross_entropy's and the Trainer's loss on the recipe's first batches.
+
+    The argument is a recipe or a finished run's directory (its recipe.yaml and its saved model). The recipe's
+    `task` key (which every run's recipe.yaml records) or `--task` says whether it is pretraining or QA
+    fine-tuning; without either, pretraining. Without a recipe: the default one, or with `--model_name_or_path`
+    the dataclass defaults (that model's tokenizer).
     """
     from lmpipe.loss_check import LossCheckArguments, format_table, run_loss_check
-    from lmpipe.recipe import FINETUNE_QA_ARGUMENTS, PRETRAIN_ARGUMENTS, is_qa_recipe
 
+    task, argv = _pop_task(argv)
+    adjust = None
+    if argv and not argv[0].startswith("-") and Path(argv[0]).is_dir():
+        recipe_path, adjust = _run_directory_recipe(argv[0])
+        argv = [recipe_path, *argv[1:]]
+    has_recipe = bool(argv) and not argv[0].startswith("-")
     loads_a_model = any(arg.split("=", 1)[0] == "--model_name_or_path" for arg in argv)
-    default = None if loads_a_model else default_pretrain_recipe()
-    types = FINETUNE_QA_ARGUMENTS if is_qa_recipe(argv) else PRETRAIN_ARGUMENTS
-    recipe = parse_recipe(argv, types=(*types, LossCheckArguments), default_recipe=default)
+    default = None if loads_a_model else DEFAULT_PRETRAIN_RECIPE
+    task = task or (recipe_task(argv[0]) if has_recipe and "--help" not in argv else None) or "pretrain"
+    recipe = parse_recipe(
+        argv, types=(*TASKS[task], LossCheckArguments), default_recipe=default, adjust=adjust
+    )
     check = run_loss_check(recipe)
     print(format_table(check))
     disagreement = check.first_disagreement()
@@ -65,7 +112,6 @@ def perplexity_command(argv: list[str]) -> None:
 def finetune_qa_command(argv: list[str]) -> None:
     """Fine-tune a pretrained model on question-answer pairs (full or LoRA); answer-only perplexity, EM and F1."""
     from lmpipe.finetune import finetune_qa
-    from lmpipe.recipe import FINETUNE_QA_ARGUMENTS
 
     recipe = parse_recipe(argv, types=FINETUNE_QA_ARGUMENTS)
     metrics = finetune_qa(recipe)
@@ -91,40 +137,72 @@ def generate_command(argv: list[str]) -> None:
 
 
 def push_command(argv: list[str]) -> None:
-    """Push a finished run folder to the Hub: `lmpipe push OUTPUT_DIR [--hub_model_id ID] [--private]`."""
+    """Push a finished run folder to the Hub (model, tokenizer, card, recipe, metrics; checkpoints if asked)."""
     from lmpipe.hub import PushArguments, push_output_dir
 
+    if "-h" in argv or "--help" in argv:
+        parse_recipe(argv, types=(PushArguments,), defaults={})  # raises HelpRequested
     if not argv or argv[0].startswith("-"):
-        raise LmpipeError("usage: lmpipe push OUTPUT_DIR [--hub_model_id ID] [--private] [--hub_strategy STRATEGY]")
+        raise LmpipeError(f"usage: lmpipe push {COMMANDS['push'].usage}")
     (args,) = parse_recipe(argv[1:], types=(PushArguments,), defaults={}).arguments
     push_output_dir(argv[0], args)
 
 
-COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
-    "pretrain": pretrain_command,
-    "finetune-qa": finetune_qa_command,
-    "check-loss": check_loss_command,
-    "perplexity": perplexity_command,
-    "push": push_command,
-    "generate": generate_command,
+@dataclass(frozen=True)
+class Command:
+    """A command's function (returns its exit code, or None for 0) and its arguments as `usage:` shows them."""
+
+    function: Callable[[list[str]], int | None]
+    usage: str
+
+
+COMMANDS = {
+    "pretrain": Command(pretrain_command, "[RECIPE.yaml] [--key value ...]"),
+    "finetune-qa": Command(finetune_qa_command, "RECIPE.yaml [--key value ...]"),
+    "check-loss": Command(
+        check_loss_command, "[RECIPE.yaml | RUN_DIR] [--task pretrain|qa] [--batches N] [--key value ...]"
+    ),
+    "perplexity": Command(perplexity_command, "--model_name_or_path DIR --validation_file FILE [--key value ...]"),
+    "push": Command(push_command, "OUTPUT_DIR [--hub_model_id ID] [--private] [--hub_strategy STRATEGY]"),
+    "generate": Command(generate_command, "--model_name_or_path DIR --prompt TEXT [--key value ...]"),
 }
 
 
-def run(command: Callable[[list[str]], int | None], argv: list[str]) -> int:
-    """Run a command; its own code (e.g. 1: a check failed), or 2 with `error: ...` on stderr for a user mistake."""
+def _summary(command: Command) -> str:
+    return inspect.getdoc(command.function).splitlines()[0]
+
+
+def run(name: str, argv: list[str], prog: str | None = None) -> int:
+    """Run a command; its own code (e.g. 1: a check failed), 0 after `--help`, or `error: ...` on stderr with the
+    error's code (2 for a user mistake) — never a traceback for a mistake."""
+    command = COMMANDS[name]
     try:
-        return command(argv) or 0
+        return command.function(argv) or 0
+    except HelpRequested as keys:
+        print(f"usage: {prog or f'lmpipe {name}'} {command.usage}\n\n{inspect.getdoc(command.function)}\n\n{keys}")
+        return 0
     except LmpipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code  # 2; 3 when a finished run failed to upload (lmpipe.hub.HubPushError)
 
 
+def overview() -> str:
+    """`lmpipe --help`: every command with its arguments and what it does."""
+    lines = ["usage: lmpipe COMMAND [arguments]   (lmpipe COMMAND --help lists a command's recipe keys)", ""]
+    for name, command in COMMANDS.items():
+        lines += [f"  {name} {command.usage}", f"      {_summary(command)}"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(overview())
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: lmpipe {{{','.join(COMMANDS)}}} [RECIPE.yaml] [--key value ...]", file=sys.stderr)
+        print(overview(), file=sys.stderr)
         return 2
-    return run(COMMANDS[argv[0]], argv[1:])
+    return run(argv[0], argv[1:])
 
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx2
-from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token, is_offline_mode
-from huggingface_hub.errors import HfHubHTTPError
-from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+from huggingface_hub import (
+    CommitOperationAdd, HfApi, constants, get_session, get_token, hf_raise_for_status, is_offline_mode,
+)
+from huggingface_hub.errors import HfHubHTTPError, HTTPError
+from huggingface_hub.utils import build_hf_headers
 from transformers import GPT2TokenizerFast, TrainerCallback, TrainingArguments
 from transformers.tokenization_utils_base import (
     ADDED_TOKENS_FILE,
@@ -39,17 +40,15 @@ from transformers.utils import (
     SAFE_WEIGHTS_NAME,
 )
 
-from lmpipe.card import CARD_NAME, write_model_card
+from lmpipe.card import write_model_card
 from lmpipe.checkpoints import newest_complete_checkpoint
 from lmpipe.errors import LmpipeError
-from lmpipe.recipe import RESOLVED_RECIPE_NAME
-from lmpipe.train import METRICS_NAME, PLOT_NAME
+from lmpipe.run_files import CARD_NAME, METRICS_NAME, PLOT_NAME, RESOLVED_RECIPE_NAME, TENSORBOARD_DIR
 
 logger = logging.getLogger(__name__)
 
 HUB_CHECK_TIMEOUT_S = 5.0
 LAST_CHECKPOINT = "last-checkpoint"  # where hub_strategy=checkpoint keeps the newest checkpoint, as the Trainer does
-TENSORBOARD_DIR = "runs"  # the Hub shows TensorBoard logs found here as "Training metrics"
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, ADAPTER_SAFE_WEIGHTS_NAME)
 MODEL_FILES = (CONFIG_NAME, GENERATION_CONFIG_NAME, ADAPTER_CONFIG_NAME, *WEIGHT_FILES)
 TOKENIZER_FILES = (
@@ -101,7 +100,9 @@ def check_environment(subject: str) -> None:
 def hub_user(subject: str) -> str:
     """The token's user name: one short request that also proves the Hub answers and the token may write."""
     endpoint = constants.ENDPOINT
-    try:  # HfApi.whoami sends this request with no timeout (huggingface_hub's client sets none): add a short one
+    # Not HfApi.whoami: it takes no timeout, and an unreachable Hub would stall the run's start. huggingface_hub's
+    # own session, headers and error mapping send the same request with one.
+    try:
         response = get_session().get(
             f"{endpoint}/api/whoami-v2", headers=build_hf_headers(), timeout=HUB_CHECK_TIMEOUT_S
         )
@@ -112,7 +113,7 @@ def hub_user(subject: str) -> str:
         if e.response.status_code == 401:
             raise LmpipeError(f"{subject}: the Hub token is invalid (HF_TOKEN or `hf auth login`)") from None
         raise LmpipeError(f"{subject}: the Hub at {endpoint} answered HTTP {e.response.status_code}") from None
-    except httpx2.HTTPError as e:
+    except HTTPError as e:  # huggingface_hub's name for its transport's errors
         raise LmpipeError(
             f"{subject}: the Hub at {endpoint} is unreachable ({type(e).__name__}); check the network or HF_ENDPOINT"
         ) from None
@@ -254,7 +255,7 @@ def push_run(output_dir: str, target: HubTarget) -> str:
     plan = upload_plan(output_dir, target.strategy)
     try:
         url = commit(HfApi(), target, plan, "Upload finished lmpipe run")
-    except (httpx2.HTTPError, OSError) as e:  # network and Hub answers (httpx2, HfHubHTTPError), unreadable files
+    except (HTTPError, OSError) as e:  # network and Hub answers (HTTPError, HfHubHTTPError), unreadable files
         raise HubPushError(
             f"push to {target.repo_id} failed ({type(e).__name__}: {_first_line(e)}); the finished run is intact in"
             f" {output_dir}; push it later with `{retry_command(output_dir, target)}`"

@@ -8,7 +8,7 @@ import math
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
-from lmpipe.errors import LmpipeError
+from lmpipe.errors import LmpipeError, not_a_directory_hint
 from lmpipe.recipe import ModelArguments
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ def model_positions(args: ModelArguments) -> int:
     try:
         config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise LmpipeError(f"{args.model_name_or_path}: cannot load a model config ({str(e).strip().splitlines()[0]})") from None
+        name, first_line = args.model_name_or_path, str(e).strip().splitlines()[0]
+        raise LmpipeError(f"{name}: cannot load a model config ({first_line}){not_a_directory_hint(name)}") from None
     return config.n_positions
 
 
@@ -82,7 +83,10 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, attn_imp
             attn_implementation=attn_implementation,
         )
     except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or corrupted file
-        raise LmpipeError(f"{name_or_path}: cannot load a safetensors model ({str(e).strip().splitlines()[0]})") from None
+        first_line = str(e).strip().splitlines()[0]
+        raise LmpipeError(
+            f"{name_or_path}: cannot load a safetensors model ({first_line}){not_a_directory_hint(name_or_path)}"
+        ) from None
 
 
 def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, allow_resize: bool, name: str) -> None:

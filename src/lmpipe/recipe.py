@@ -10,7 +10,8 @@ import dataclasses
 import difflib
 import enum
 import json
-import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,14 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.activations import ACT2FN
 
 from lmpipe.errors import LmpipeError
+from lmpipe.run_files import RESOLVED_RECIPE_NAME, write_text_atomically
 
 # Keys that must never come from a recipe: the token is read from the environment / login cache only.
 FORBIDDEN_KEYS = {"hub_token"}
-RESOLVED_RECIPE_NAME = "recipe.yaml"
-REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+# The key naming a recipe's command; written first in every run's recipe.yaml so the run says what it was.
+TASK_KEY = "task"
+# A value such as -1e-3 or -.5 after a flag: argparse would take it for an option.
+NEGATIVE_NUMBER = re.compile(r"^-(\d|\.\d|inf$|nan$)", re.IGNORECASE)
 
 
 @dataclass
@@ -160,9 +164,7 @@ class LoraArguments:
 
 
 FINETUNE_QA_ARGUMENTS = (ModelArguments, TokenizerArguments, QAArguments, LoraArguments, RunTrainingArguments)
-QA_ONLY_KEYS = {f.name for t in (QAArguments, LoraArguments) for f in dataclasses.fields(t)} - {
-    f.name for t in PRETRAIN_ARGUMENTS for f in dataclasses.fields(t)
-}
+TASKS = {"pretrain": PRETRAIN_ARGUMENTS, "qa": FINETUNE_QA_ARGUMENTS}
 
 
 @dataclass
@@ -172,9 +174,10 @@ class Recipe:
     arguments: tuple
     explicit: dict[str, Any]
     source: str | None
+    task: str | None = None  # a key of TASKS for training recipes; None for commands that train nothing
 
     def resolved(self) -> dict[str, Any]:
-        """The explicitly set keys with their final typed values: a recipe that reruns this exact run."""
+        """The task, then the explicitly set keys with their final typed values: a recipe that reruns this run."""
         values = {}
         for args in self.arguments:
             for f in dataclasses.fields(args):
@@ -182,7 +185,8 @@ class Recipe:
                     values[f.name] = _plain(getattr(args, f.name))
         if values.get("report_to") == []:  # TrainingArguments parses "none" into []: write what parses back to it
             values["report_to"] = "none"
-        return {k: values[k] for k in self.explicit if k in values}
+        keys = {k: values[k] for k in self.explicit if k in values}
+        return {TASK_KEY: self.task, **keys} if self.task else keys
 
 
 def _plain(value: Any) -> Any:
@@ -202,19 +206,32 @@ class _RecipeParser(HfArgumentParser):
 
 
 def _to_flags(mapping: dict[str, Any]) -> list[str]:
+    """`--key=value` (one token, so a value starting with '-' is never read as a flag); lists as separate values."""
     flags = []
     for key, value in mapping.items():
         if value is None:
             continue
         if isinstance(value, bool):
-            flags += [f"--{key}", str(value).lower()]
+            flags.append(f"--{key}={str(value).lower()}")
         elif isinstance(value, (list, tuple)):
             flags += [f"--{key}", *map(str, value)]
         elif isinstance(value, dict):
-            flags += [f"--{key}", json.dumps(value)]
+            flags.append(f"--{key}={json.dumps(value)}")
         else:
-            flags += [f"--{key}", str(value)]
+            flags.append(f"--{key}={value}")
     return flags
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """`--learning_rate -1e-3` -> `--learning_rate=-1e-3`: argparse reads only plain `-1` or `-.5` as values."""
+    joined: list[str] = []
+    for arg in argv:
+        previous = joined[-1] if joined else ""
+        if NEGATIVE_NUMBER.match(arg) and previous.startswith("--") and "=" not in previous:
+            joined[-1] = f"{previous}={arg}"
+        else:
+            joined.append(arg)
+    return joined
 
 
 def _closest(key: str, known: set[str], prefix: str = "") -> str:
@@ -255,18 +272,39 @@ TRAINING_DEFAULTS = {
 }
 
 
+class HelpRequested(Exception):
+    """`-h` / `--help` among the arguments: the command prints `str(self)` (every key it takes) and exits 0."""
+
+
 def parse_recipe(
     argv: list[str],
     types=PRETRAIN_ARGUMENTS,
     default_recipe: str | None = None,
     defaults: dict[str, Any] = TRAINING_DEFAULTS,
+    adjust: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Recipe:
-    """Parse `[RECIPE.yaml] [--key value ...]` into the dataclasses `types`; raises LmpipeError on any mistake."""
+    """Parse `[RECIPE.yaml] [--key value ...]` into the dataclasses `types`; raises LmpipeError on any mistake.
+
+    A recipe's `task` key, when present, must be the task of `types` (a pretraining recipe given to fine-tuning
+    is refused); commands that train nothing have no task and take no such key.
+    `adjust` rewrites the recipe file's keys before the flags apply (e.g. a finished run's recipe, loaded back).
+    """
+    if "-h" in argv or "--help" in argv:
+        from lmpipe.recipe_help import recipe_help
+
+        raise HelpRequested(recipe_help(types, defaults))
     parser = _RecipeParser(types)
     known = {action.dest for action in parser._actions} - {"help"}
     source = argv[0] if argv and not argv[0].startswith("-") else default_recipe
-    cli = argv[1:] if argv and not argv[0].startswith("-") else list(argv)
+    cli = _join_negative_values(argv[1:] if argv and not argv[0].startswith("-") else list(argv))
     recipe = _read_yaml(source) if source else {}
+    task = task_of(types)
+    if task is not None and TASK_KEY in recipe:
+        if recipe[TASK_KEY] != task:
+            raise LmpipeError(f"{source}: a '{recipe.pop(TASK_KEY)}' recipe, not '{task}'; pretraining recipes run with `lmpipe pretrain`, qa ones with `lmpipe finetune-qa`")
+        del recipe[TASK_KEY]
+    if adjust is not None:
+        recipe = adjust(recipe)
     for key in recipe:
         if key in FORBIDDEN_KEYS:
             raise LmpipeError(f"{source}: '{key}' may not be set in a recipe; use HF_TOKEN or `hf auth login`")
@@ -288,15 +326,20 @@ def parse_recipe(
                 raise LmpipeError(f"{source}: {error}") from None
         raise
     explicit = dict.fromkeys([*recipe, *(k[3:] if k.startswith("no_") else k for k in _flag_keys(cli))])
-    return Recipe(arguments=arguments, explicit=explicit, source=source)
+    return Recipe(arguments=arguments, explicit=explicit, source=source, task=task)
 
 
-def is_qa_recipe(argv: list[str]) -> bool:
-    """Whether `[RECIPE.yaml] [--key value ...]` sets a key only QA fine-tuning knows (for commands taking either)."""
-    keys = set(_flag_keys(argv))
-    if argv and not argv[0].startswith("-"):
-        keys |= set(_read_yaml(argv[0]))
-    return bool(keys & QA_ONLY_KEYS)
+def task_of(types: tuple[type, ...]) -> str | None:
+    """The training task whose dataclasses `types` holds (the loss check adds its own), else None."""
+    return next((task for task, groups in TASKS.items() if set(groups) <= set(types)), None)
+
+
+def recipe_task(path: str) -> str | None:
+    """The `task` a recipe file names (run directories' recipe.yaml always do), or None."""
+    task = _read_yaml(path).get(TASK_KEY)
+    if task is not None and task not in TASKS:
+        raise LmpipeError(f"{path}: {TASK_KEY} must be one of {', '.join(TASKS)}, got {task!r}")
+    return task
 
 
 def _parse(parser: _RecipeParser, flags: list[str]) -> tuple:
@@ -313,7 +356,5 @@ def write_resolved_recipe(recipe: Recipe, output_dir: str) -> Path:
     """Write `recipe.yaml` atomically so a later run can compare or rerun it."""
     path = Path(output_dir) / RESOLVED_RECIPE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, yaml.safe_dump(recipe.resolved(), sort_keys=False))
     return path

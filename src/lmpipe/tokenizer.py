@@ -10,7 +10,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
-from lmpipe.errors import LmpipeError
+from lmpipe.errors import LmpipeError, not_a_directory_hint, not_found
 from lmpipe.recipe import TokenizerArguments
 
 EOS_TOKEN = "<|endoftext|>"
@@ -22,7 +22,7 @@ def gpt2_tokenizer_from_files(vocab_file: str, merges_file: str) -> GPT2Tokenize
     """GPT-2's tokenizer from `vocab.json`+`merges.txt` (or OpenAI's identical `encoder.json`+`vocab.bpe`)."""
     for path in (vocab_file, merges_file):
         if not Path(path).is_file():
-            raise LmpipeError(f"{path}: tokenizer file not found")
+            raise not_found(path, "tokenizer file")
     try:
         vocab, merges = models.BPE.read_file(vocab_file, merges_file)
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
@@ -85,7 +85,8 @@ def load_tokenizer(
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
-            raise LmpipeError(f"{name}: cannot load a tokenizer ({str(e).strip().splitlines()[0]})") from None
+            first_line = str(e).strip().splitlines()[0]
+            raise LmpipeError(f"{name}: cannot load a tokenizer ({first_line}){not_a_directory_hint(name)}") from None
     else:
         raise LmpipeError(
             "no tokenizer: set tokenizer_name_or_path, vocab_file + merges_file, or train_tokenizer: true"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,7 @@ from lmpipe.checkpoints import TRAINER_STATE, resume_checkpoint
 from lmpipe.errors import LmpipeError
 from lmpipe.metrics import NllStatistics, compute_exact_metrics
 from lmpipe.recipe import Recipe, write_resolved_recipe
-
-METRICS_NAME = "metrics.json"
-PLOT_NAME = "loss.png"
+from lmpipe.run_files import METRICS_NAME, PLOT_NAME, write_text_atomically
 
 
 class ExactEvalTrainer(Trainer):
@@ -62,13 +59,6 @@ def check_training_arguments(args: TrainingArguments) -> None:
             raise LmpipeError(f"{name} must be >= 1, got {getattr(args, name)}")
     if args.max_steps == 0 or (args.max_steps < 0 and not args.num_train_epochs > 0):
         raise LmpipeError(f"nothing to train: max_steps={args.max_steps}, num_train_epochs={args.num_train_epochs}")
-
-
-def write_json_atomically(payload: dict[str, Any], path: Path) -> None:
-    """Write then rename, so a reader never sees half a file (metrics.json marks a finished run)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def plot_history(log_history: list[dict[str, Any]], path: Path) -> None:
@@ -183,4 +173,4 @@ def write_run_outputs(trainer: ExactEvalTrainer, metrics: dict[str, Any]) -> Non
     output_dir = Path(trainer.args.output_dir)
     plot_history(trainer.state.log_history, output_dir / PLOT_NAME)
     write_model_card(output_dir, metrics)
-    write_json_atomically(metrics, output_dir / METRICS_NAME)
+    write_text_atomically(output_dir / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")

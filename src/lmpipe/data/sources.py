@@ -7,7 +7,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
 
-from lmpipe.errors import LmpipeError
+from lmpipe.errors import LmpipeError, not_found
 
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 PYDOC = "builtin:pydoc"
@@ -26,7 +26,7 @@ def load_local_file(path: str, sample_by: str = "paragraph", streaming: bool = F
     """One local file as a Dataset (or a lazy IterableDataset); `.txt` splits by line, paragraph or whole file."""
     file = Path(path)
     if not file.is_file():
-        raise LmpipeError(f"{path}: data file not found")
+        raise not_found(path, "data file")
     if file.stat().st_size == 0:
         raise LmpipeError(f"{path}: data file is empty")
     builder = BUILDERS.get(file.suffix.lower())
