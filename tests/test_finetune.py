@@ -278,7 +278,7 @@ def test_loss_check_on_a_qa_recipe_scores_exactly_every_answer_token_and_eos(pre
     rows = [json.loads(line) for line in (pretrained / "nq_open_300.jsonl").read_text().splitlines()]
     train = rows[: EXAMPLES - HELD_OUT]  # the last 10% are held out
     answer_tokens = sum(len(tokenizer(" " + row["answer"][0])["input_ids"]) + 1 for row in train)
-    assert main(["check-loss", "--model_name_or_path", str(pretrained / "pretrained"), "--train_file",
+    assert main(["check-loss", "--task", "qa", "--model_name_or_path", str(pretrained / "pretrained"), "--train_file",
                  str(pretrained / "nq_open_300.jsonl"), "--max_length", "96", "--batches", "1000",
                  "--report_to", "none"]) == 0
     total = next(line for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["all"])

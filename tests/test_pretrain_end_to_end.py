@@ -62,6 +62,17 @@ def test_reported_perplexity_equals_a_hand_loop_over_the_saved_model(finished_ru
     assert metrics["eval_loss"] == pytest.approx(total_nll / total_tokens, rel=1e-5)
 
 
+def test_check_loss_on_a_run_directory_checks_its_saved_model_on_its_recipe(finished_run, capsys):
+    """`lmpipe check-loss RUN_DIR`: the run's recipe.yaml (task recorded) with the saved model and tokenizer."""
+    assert (finished_run / "recipe.yaml").read_text().startswith("task: pretrain\n")
+    assert main(["check-loss", str(finished_run), "--batches", "2"]) == 0
+    out = capsys.readouterr().out
+    total = next(line.split() for line in out.splitlines() if line.split()[:1] == ["all"])
+    assert int(total[1].replace(",", "")) == 2 * 8 * 63  # two batches of 8 blocks, 63 scored tokens each
+    tokenizer = AutoTokenizer.from_pretrained(finished_run)
+    assert float(total[2]) < math.log(len(tokenizer)) - 1  # the trained model, not a fresh one (~log V)
+
+
 def test_rerun_resumes_from_the_last_checkpoint(finished_run, capsys):
     corpus = finished_run.parent / "corpus.txt"
     args = ["pretrain", "--train_file", str(corpus), "--output_dir", str(finished_run), *TINY_RUN]

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+import lmpipe
+
 from lmpipe.errors import LmpipeError
 from lmpipe.qa_metrics import QA_METRIC_PATH, score_predictions
 
@@ -68,8 +70,10 @@ def test_bad_inputs_are_named(predictions, references, message):
 
 
 def test_metric_script_ships_as_package_data():
-    """A wheel includes the metric only if pyproject's package-data globs match it (it is not a Python package)."""
+    """A wheel includes the metric only if pyproject's package-data globs match it (it is not a Python package);
+    CI's second step runs this on a non-editable install, where the installed copy must exist."""
     patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["lmpipe"]
-    package = REPO / "src" / "lmpipe"
-    shipped = {path for pattern in patterns for path in package.glob(pattern)}
-    assert QA_METRIC_PATH / "qa_exact_match_f1.py" in shipped
+    source = REPO / "src" / "lmpipe"
+    shipped = {path.relative_to(source) for pattern in patterns for path in source.glob(pattern)}
+    script = QA_METRIC_PATH / "qa_exact_match_f1.py"
+    assert script.relative_to(Path(lmpipe.__file__).parent) in shipped and script.is_file()
