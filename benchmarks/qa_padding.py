@@ -86,7 +86,9 @@ def timed_epoch_part(model_dir: Path, train_file: str, mode: str, steps: int, wa
         model, training, data.train.select_columns(TRAINING_COLUMNS), data.validation.select_columns(TRAINING_COLUMNS),
         collator, tokenizer, token_byte_lengths(tokenizer, model.config.vocab_size),
     ))
-    fraction = real_token_fraction(trainer.get_train_dataloader())  # one epoch, as the Trainer batches it
+    fraction = real_token_fraction(  # one epoch of row indices, as the Trainer's sampler batches them
+        [len(ids) for ids in data.train["input_ids"]], trainer.get_train_dataloader().batch_sampler, qa.batching
+    )
     collator.answer_tokens.clear()
     clock = StepClock()
     trainer.add_callback(clock)

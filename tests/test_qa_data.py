@@ -64,7 +64,17 @@ def test_padded_batch_masks_padding_by_position_not_by_id(two_rows, tiny_tokeniz
     assert batch["attention_mask"].tolist() == [[1] * 11 + [0], [1] * 12]
     assert batch["labels"].tolist() == [[X] * 7 + [SPACE, Y, O, EOS, X], [X] * 8 + [SPACE, N, O, EOS]]
     assert tiny_tokenizer.pad_token is None  # the collator pads with a private copy
-    assert real_token_fraction([batch]) == 23 / 24
+    mask = batch["attention_mask"]
+    assert real_token_fraction([11, 12], [[0, 1]], "padded") == mask.sum().item() / mask.numel() == 23 / 24
+
+
+def test_real_token_fraction_from_lengths_equals_the_collated_batches(tiny_tokenizer):
+    lengths, batches = [3, 7, 5, 2, 9], [[0, 1], [2, 3], [4]]
+    collate = padded_collator(tiny_tokenizer)
+    collated = [collate([{"input_ids": [1] * lengths[i], "labels": [1] * lengths[i]} for i in b]) for b in batches]
+    real = sum(batch["attention_mask"].sum().item() for batch in collated)
+    computed = sum(batch["input_ids"].numel() for batch in collated)
+    assert real_token_fraction(lengths, batches, "padded") == real / computed == 26 / 33
 
 
 def test_packed_batch_restarts_positions_and_has_no_padding(two_rows):
@@ -73,7 +83,7 @@ def test_packed_batch_restarts_positions_and_has_no_padding(two_rows):
     assert batch["labels"].tolist() == [[X] * 7 + ANSWER_1 + [X] * 8 + ANSWER_2]
     assert batch["position_ids"].tolist() == [list(range(11)) + list(range(12))]
     assert "attention_mask" not in batch
-    assert real_token_fraction([batch]) == 1.0
+    assert real_token_fraction([11, 12], [[0, 1]], "packed") == 1.0
 
 
 def test_long_prompt_is_cut_from_the_left_and_the_answer_kept(tiny_tokenizer):

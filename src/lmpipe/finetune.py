@@ -173,7 +173,9 @@ def finetune_qa(recipe: Recipe) -> dict[str, Any]:
     metrics.update(
         initial_evaluation(trainer.state.log_history),
         batching=qa.batching,
-        real_token_fraction=real_token_fraction(trainer.get_train_dataloader()),  # one epoch, as the Trainer batches it
+        real_token_fraction=real_token_fraction(  # one epoch of row indices, as the Trainer's sampler batches them
+            [len(ids) for ids in data.train["input_ids"]], trainer.get_train_dataloader().batch_sampler, qa.batching
+        ),
         examples={name: dataclasses.asdict(counts) for name, counts in data.counts.items()},
         train_examples=len(data.train),
         validation_examples=len(data.validation),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -48,10 +48,15 @@ def qa_collator(tokenizer: PreTrainedTokenizerBase, batching: str):
     return padding_free_collator() if batching == "packed" else padded_collator(tokenizer)
 
 
-def real_token_fraction(batches: Iterable[dict[str, torch.Tensor]]) -> float:
-    """Share of the token positions the model computes that hold real tokens (the rest is padding)."""
+def real_token_fraction(row_lengths: Sequence[int], batches: Iterable[Sequence[int]], batching: str) -> float:
+    """Share of the token positions the model computes that hold real tokens, from the rows' lengths and each
+    batch's row indices, without collating: a padded batch computes its longest row for every row; a packed one
+    (padding-free) only its own tokens."""
+    if batching == "packed":
+        return 1.0
     real = computed = 0
     for batch in batches:
-        computed += batch["input_ids"].numel()
-        real += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        lengths = [row_lengths[index] for index in batch]
+        real += sum(lengths)
+        computed += max(lengths) * len(lengths)
     return real / computed if computed else float("nan")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
-from datasets import Dataset, DatasetDict, Value
+from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
 from lmpipe.data.sources import check_text_column
@@ -39,21 +39,11 @@ def prompt_template(qa: QAArguments) -> str:
     return template
 
 
-def _is_text(feature) -> bool:
-    return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
-
-
 def check_qa_columns(corpus: DatasetDict, qa: QAArguments, source: str) -> None:
     """Question (and context) columns hold text; the answer column holds text or lists of text."""
     for column in filter(None, (qa.question_column, qa.context_column)):
         check_text_column(corpus, column, source)
-    column = qa.answer_column
-    for name, split in corpus.items():
-        if column not in split.column_names:
-            raise LmpipeError(f"{source} ({name}): no column '{column}'; columns are {', '.join(split.column_names)}")
-        feature = split.features[column]
-        if not (_is_text(feature) or _is_text(getattr(feature, "feature", None))):
-            raise LmpipeError(f"{source} ({name}): column '{column}' holds {feature} values, not text or lists of text")
+    check_text_column(corpus, qa.answer_column, source, lists_too=True)
 
 
 def accepted_answers(value, row: str) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, Value, load_dataset
 
 from lmpipe.errors import LmpipeError, not_found
 
@@ -88,24 +88,27 @@ def load_corpus(
     train_file: str | None = None,
     validation_file: str | None = None,
     sample_by: str = "paragraph",
-) -> DatasetDict:
-    """The raw corpus as a DatasetDict with `train` and, when the source has one, `validation`."""
+    streaming: bool = False,
+) -> DatasetDict | IterableDatasetDict:
+    """The raw corpus with `train` and, when the source has one, `validation`; lazy splits when `streaming`."""
     if train_file:
-        splits = {"train": load_local_file(train_file, sample_by)}
+        splits = {"train": load_local_file(train_file, sample_by, streaming)}
         if validation_file:
-            splits["validation"] = load_local_file(validation_file, sample_by)
-        return DatasetDict(splits)
-    if validation_file:
+            splits["validation"] = load_local_file(validation_file, sample_by, streaming)
+    elif validation_file:
         raise LmpipeError("validation_file needs a train_file")
-    if dataset_name == PYDOC:
-        return DatasetDict({"train": Dataset.from_dict({"text": pydoc_documents()})})
-    if not dataset_name:
+    elif dataset_name == PYDOC:
+        documents = Dataset.from_dict({"text": pydoc_documents()})
+        splits = {"train": documents.to_iterable_dataset() if streaming else documents}
+    elif not dataset_name:
         raise LmpipeError("no data: set train_file or dataset_name")
-    try:
-        loaded = load_dataset(dataset_name, dataset_config_name)
-    except Exception as e:  # offline, unknown id, bad config: all surface as different exception types
-        raise LmpipeError(f"dataset {dataset_name}: cannot load ({first_line(e)})") from None
-    return DatasetDict({name: split for name, split in loaded.items() if name in ("train", "validation")})
+    else:
+        try:
+            loaded = load_dataset(dataset_name, dataset_config_name, streaming=streaming)
+        except Exception as e:  # offline, unknown id, bad config: all surface as different exception types
+            raise LmpipeError(f"dataset {dataset_name}: cannot load ({first_line(e)})") from None
+        splits = {name: split for name, split in loaded.items() if name in ("train", "validation")}
+    return IterableDatasetDict(splits) if streaming else DatasetDict(splits)
 
 
 def split_validation(corpus: DatasetDict, percentage: float, source: str) -> DatasetDict:
@@ -124,13 +127,20 @@ def split_validation(corpus: DatasetDict, percentage: float, source: str) -> Dat
     return DatasetDict({"train": train.select(range(cut)), "validation": train.select(range(cut, len(train)))})
 
 
-def check_text_column(corpus: DatasetDict, column: str, source: str) -> None:
-    """The text column exists in every split and holds strings."""
+def _is_text(feature) -> bool:
+    return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+
+
+def check_text_column(corpus: DatasetDict, column: str, source: str, lists_too: bool = False) -> None:
+    """The column exists in every split and holds text (or, with `lists_too`, lists of text)."""
     for name, split in corpus.items():
         if column not in split.column_names:
             raise LmpipeError(
                 f"{source} ({name}): no column '{column}'; columns are {', '.join(split.column_names)}"
             )
-        dtype = getattr(split.features[column], "dtype", None)
-        if dtype not in ("string", "large_string"):
-            raise LmpipeError(f"{source} ({name}): column '{column}' holds {dtype or 'non-text'} values, not text")
+        feature = split.features[column]
+        if _is_text(feature) or (lists_too and _is_text(getattr(feature, "feature", None))):
+            continue
+        kind = getattr(feature, "dtype", None) or feature
+        expected = "text or lists of text" if lists_too else "text"
+        raise LmpipeError(f"{source} ({name}): column '{column}' holds {kind} values, not {expected}")

@@ -15,14 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
+from datasets import Dataset, DatasetDict, IterableDataset
 from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase, TrainingArguments
 
 from lmpipe.data.packing import tokenize_documents
-from lmpipe.data.sources import (
-    PYDOC, check_text_column, first_bad_json_line, first_line, load_local_file, pydoc_documents,
-)
+from lmpipe.data.sources import check_text_column, first_bad_json_line, first_line, load_corpus
 from lmpipe.errors import LmpipeError
 from lmpipe.recipe import DataArguments
 
@@ -67,30 +65,19 @@ def stream_documents(data: DataArguments, source: str) -> tuple[IterableDataset,
     `streaming_validation_documents` documents of the stream (the head, since a stream's tail is unknown
     until read), which training then skips.
     """
-    validation = None
-    if data.train_file:
-        train = load_local_file(data.train_file, data.sample_by, streaming=True)
-        if data.validation_file:
-            validation = load_local_file(data.validation_file, data.sample_by)
-    elif data.validation_file:
-        raise LmpipeError("validation_file needs a train_file")
-    elif data.dataset_name == PYDOC:
-        train = Dataset.from_dict({"text": pydoc_documents()}).to_iterable_dataset()
-    elif data.dataset_name:
-        try:
-            splits = load_dataset(data.dataset_name, data.dataset_config_name, streaming=True)
-        except Exception as e:  # offline, unknown id, bad config: all surface as different exception types
-            raise LmpipeError(f"dataset {data.dataset_name}: cannot load ({first_line(e)})") from None
-        if "train" not in splits:
-            raise LmpipeError(f"{source}: has no train split")
-        train = splits["train"]
-        if "validation" in splits:
-            validation = Dataset.from_list(list(splits["validation"]))
+    corpus = load_corpus(
+        data.dataset_name, data.dataset_config_name, data.train_file, data.validation_file, data.sample_by,
+        streaming=True,
+    )
+    if "train" not in corpus:
+        raise LmpipeError(f"{source}: has no train split")
+    train = corpus["train"].take(data.max_train_documents) if data.max_train_documents else corpus["train"]
+    if "validation" in corpus:
+        with named_read_errors(data.validation_file or source, data.text_column):
+            validation = Dataset.from_list(list(corpus["validation"]))
+        if len(validation) == 0:
+            raise LmpipeError(f"{data.validation_file or source}: the validation split has no rows")
     else:
-        raise LmpipeError("no data: set train_file or dataset_name")
-    if data.max_train_documents:
-        train = train.take(data.max_train_documents)
-    if validation is None:
         held_out = data.streaming_validation_documents
         if held_out < 1:
             raise LmpipeError(f"streaming_validation_documents must be >= 1, got {held_out}")
