@@ -61,12 +61,16 @@ def check_training_arguments(args: TrainingArguments) -> None:
         raise LmpipeError(f"nothing to train: max_steps={args.max_steps}, num_train_epochs={args.num_train_epochs}")
 
 
-def plot_history(log_history: list[dict[str, Any]], path: Path) -> None:
-    """Train/eval loss and eval perplexity against tokens seen (steps when tokens were not tracked)."""
+def plot_history(
+    log_history: list[dict[str, Any]], path: Path, title: str, baseline_loss: float | None = None
+) -> None:
+    """Train/eval loss and eval perplexity against tokens seen (steps when tokens were not tracked), with the
+    unigram baseline's loss dashed when there is one: the model must be far below it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     def series(key):
         rows = [row for row in log_history if key in row and math.isfinite(row[key])]
@@ -77,11 +81,16 @@ def plot_history(log_history: list[dict[str, Any]], path: Path) -> None:
     for key, label in (("loss", "train loss"), ("eval_loss", "eval loss (exact)")):
         x, y = series(key)
         loss_axis.plot(x, y, marker="." if key == "eval_loss" else None, label=label)
+    if baseline_loss is not None:
+        loss_axis.axhline(baseline_loss, linestyle="--", color="gray", label="unigram baseline")
     x, y = series("eval_perplexity")
     ppl_axis.plot(x, y, marker=".", color="tab:orange")
     loss_axis.set(xlabel=x_label, ylabel="nats / token", title="loss")
     ppl_axis.set(xlabel=x_label, ylabel="perplexity", title="eval perplexity", yscale="log")
+    for axis in (loss_axis, ppl_axis):
+        axis.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, 1.5M: plain integers run into each other
     loss_axis.legend()
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -171,6 +180,9 @@ def write_run_outputs(trainer: ExactEvalTrainer, metrics: dict[str, Any]) -> Non
     if not trainer.is_world_process_zero():
         return
     output_dir = Path(trainer.args.output_dir)
-    plot_history(trainer.state.log_history, output_dir / PLOT_NAME)
+    parameters = sum(p.numel() for p in trainer.model.parameters())
+    baseline = math.log(metrics["unigram_perplexity"]) if "unigram_perplexity" in metrics else None
+    title = f"{output_dir.absolute().name}: {parameters / 1e6:.2f}M parameters"
+    plot_history(trainer.state.log_history, output_dir / PLOT_NAME, title, baseline)
     write_model_card(output_dir, metrics)
     write_text_atomically(output_dir / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
