@@ -22,7 +22,7 @@ from safetensors import safe_open
 from transformers import TrainingArguments
 from transformers.trainer_utils import sort_checkpoints
 
-from lmpipe.errors import LmpipeError
+from lmpipe.errors import LmpipeError, where_relative
 from lmpipe.recipe import TASK_KEY, Recipe
 from lmpipe.run_files import RESOLVED_RECIPE_NAME
 
@@ -53,7 +53,7 @@ def checkpoint_problem(checkpoint: str | Path, save_only_model: bool = False) ->
     """
     path = Path(checkpoint)
     if not path.is_dir():
-        return f"{path}: not a checkpoint directory"
+        return f"{path}: not a checkpoint directory{where_relative(str(checkpoint)) if not path.exists() else ''}"
     names = {p.name for p in path.iterdir()}
     state = path / TRAINER_STATE
     if TRAINER_STATE not in names:
