@@ -25,6 +25,7 @@ from lmpipe.metrics import token_byte_lengths
 from lmpipe.model import build_model, check_sequence_length, model_positions
 from lmpipe.qa_metrics import score_predictions
 from lmpipe.recipe import LoraArguments, ModelArguments, QAArguments, Recipe
+from lmpipe.run_lock import exclusive_output_dir
 from lmpipe.tokenizer import load_tokenizer
 from lmpipe.train import ExactEvalTrainer, build_trainer, check_training_arguments, train_and_evaluate, write_run_outputs
 
@@ -159,11 +160,18 @@ def finetune_qa(recipe: Recipe) -> dict[str, Any]:
     (EM / F1 on the main process only)."""
     model_args, _, qa, lora, training = recipe.arguments
     check_training_arguments(training)
-    check_output_dir(recipe, training)
     check_launch(training)
     restore_cpu_threads(training)
     template = check_finetune_arguments(model_args, qa, lora)
     hub = check_hub_push(training)  # before any data is loaded; None unless this process pushes
+    with exclusive_output_dir(training):
+        check_output_dir(recipe, training)
+        return _finetune_qa(recipe, template, hub)
+
+
+def _finetune_qa(recipe: Recipe, template: str, hub) -> dict[str, Any]:
+    """The run itself, with output_dir held and checked."""
+    _, _, qa, lora, training = recipe.arguments
     set_seed(training.seed)
     trainer, tokenizer, data = build_qa_trainer(recipe, training, template)
     model = trainer.model

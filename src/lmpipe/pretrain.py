@@ -22,6 +22,7 @@ from lmpipe.hub import CheckpointPusher, check_hub_push, push_run
 from lmpipe.metrics import token_byte_lengths, unigram_perplexity
 from lmpipe.model import build_model, check_sequence_length, model_positions
 from lmpipe.recipe import DataArguments, ModelArguments, Recipe, TokenizerArguments
+from lmpipe.run_lock import exclusive_output_dir
 from lmpipe.tokenizer import check_tokenizer_arguments, load_tokenizer
 from lmpipe.train import ExactEvalTrainer, build_trainer, check_training_arguments, train_and_evaluate, write_run_outputs
 
@@ -105,11 +106,18 @@ def pretrain(recipe: Recipe) -> dict[str, Any]:
     """Run the recipe, then push when it says `push_to_hub`; returns the metrics written to `metrics.json`."""
     model_args, _, data_args, training = recipe.arguments
     check_training_arguments(training)
-    check_output_dir(recipe, training)
     check_launch(training)
     restore_cpu_threads(training)
     check_sequence_length(model_positions(model_args), data_args.block_size, "block_size")
     hub = check_hub_push(training)  # before any data is loaded; None unless this process pushes
+    with exclusive_output_dir(training):
+        check_output_dir(recipe, training)
+        return _pretrain(recipe, hub)
+
+
+def _pretrain(recipe: Recipe, hub) -> dict[str, Any]:
+    """The run itself, with output_dir held and checked."""
+    training = recipe.arguments[-1]
     set_seed(training.seed)
     trainer, corpus = build_pretrain_trainer(recipe, training)
     if hub:
