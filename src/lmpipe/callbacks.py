@@ -1,4 +1,4 @@
-"""Trainer callbacks that let a run die and come back: save on SIGTERM/Ctrl-C, stop on a non-finite loss,
+"""Trainer callbacks that let a run die and come back: save on SIGTERM/Ctrl-C, stop on a non-finite loss or weight,
 and log at every checkpoint so a resumed run reports the same train loss as an uninterrupted one."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from transformers import TrainerCallback, TrainerControl, TrainingArguments
 
 from lmpipe.checkpoints import newest_complete_checkpoint
 from lmpipe.errors import LmpipeError
+from lmpipe.finite import live_non_finite
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -90,16 +91,19 @@ class SaveOnSignal(TrainerCallback):
             )
 
 
-class StopOnNonFiniteLoss(TrainerCallback):
-    """A NaN or infinite training loss stops the run before anything is saved, naming the step.
+class StopOnNonFinite(TrainerCallback):
+    """A NaN or infinite training loss, weight or optimizer state stops the run before anything is saved.
 
-    The Trainer's `logging_nan_inf_filter` hides such a loss and trains on. We watch the loss the model returns
-    (a forward hook: callbacks are not given the loss) without a device sync, and check once per optimizer step.
+    The Trainer's `logging_nan_inf_filter` hides such a loss and trains on, and a diverging update can leave
+    non-finite weights after a finite loss (the loss comes before the update). We watch the loss the model returns
+    (a forward hook: callbacks are not given the loss) without a device sync, check it once per optimizer step,
+    and check every weight and optimizer tensor whenever a checkpoint or the final model is about to be saved, so
+    that no saved checkpoint is poisoned. The stop message names the newest checkpoint that is really finite.
     """
 
     def __init__(self):
         self.finite: torch.Tensor | None = None
-        self.bad_step: int | None = None
+        self.problem: str | None = None
         self.hook = None
 
     def _watch(self, module, inputs, output):
@@ -109,7 +113,7 @@ class StopOnNonFiniteLoss(TrainerCallback):
             self.finite = finite if self.finite is None else self.finite & finite
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.bad_step, self.finite = None, None
+        self.problem, self.finite = None, None
         self.hook = model.register_forward_hook(self._watch)
 
     def _veto(self, control: TrainerControl) -> TrainerControl:
@@ -117,24 +121,35 @@ class StopOnNonFiniteLoss(TrainerCallback):
         control.should_training_stop = True
         return control
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if on_any_rank(int(self.finite is not None and not bool(self.finite)), args):
-            self.bad_step = state.global_step
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        bad_loss = self.finite is not None and not bool(self.finite)
         self.finite = None
-        return self._veto(control) if self.bad_step is not None else control
+        bad_state = None
+        if not bad_loss and (control.should_save or control.should_training_stop):
+            bad_state = live_non_finite(model, optimizer)
+        if on_any_rank(int(bad_loss or bad_state is not None), args):
+            if bad_loss:
+                what = "the training loss is not finite (NaN or inf)"
+            elif bad_state:
+                what = f"the {bad_state} is not finite (NaN or inf) after this step"
+            else:
+                what = "another rank's loss, weights or optimizer state are not finite (NaN or inf)"
+            self.problem = f"step {state.global_step}: {what}"
+        return self._veto(control) if self.problem else control
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        return self._veto(control) if self.bad_step is not None else control
+        return self._veto(control) if self.problem else control
 
     def on_train_end(self, args, state, control, **kwargs):
         self.hook.remove()
-        if self.bad_step is not None:
+        if self.problem:
             good = newest_complete_checkpoint(args.output_dir, args.save_only_model)
-            raise LmpipeError(
-                f"step {self.bad_step}: the training loss is not finite (NaN or inf); stopped without saving it."
-                f" Last good checkpoint: {good or 'none'}. Lower learning_rate or check the data,"
-                " then rerun to resume from it"
+            resume = (
+                f"Last good checkpoint: {good}. Lower learning_rate or check the data, then rerun to resume from it"
+                if good else
+                "No finite checkpoint to resume from: lower learning_rate or check the data, then rerun to start over"
             )
+            raise LmpipeError(f"{self.problem}; stopped without saving it. {resume}")
 
 
 class LogAtCheckpoints(TrainerCallback):
@@ -155,7 +170,7 @@ class LogAtCheckpoints(TrainerCallback):
 
 def reliability_callbacks() -> list[TrainerCallback]:
     """In this order: a signal asks to save, the save is logged, a non-finite loss vetoes both."""
-    return [SaveOnSignal(), LogAtCheckpoints(), StopOnNonFiniteLoss()]
+    return [SaveOnSignal(), LogAtCheckpoints(), StopOnNonFinite()]
 
 
 def mean_train_loss(log_history: list[dict[str, Any]]) -> float | None:

@@ -23,6 +23,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import sort_checkpoints
 
 from lmpipe.errors import LmpipeError, where_relative
+from lmpipe.finite import file_non_finite
 from lmpipe.recipe import TASK_KEY, Recipe
 from lmpipe.run_files import RESOLVED_RECIPE_NAME
 
@@ -46,10 +47,11 @@ NEEDS_TRAINING_STATE = [
 
 
 def checkpoint_problem(checkpoint: str | Path, save_only_model: bool = False) -> str | None:
-    """Why `checkpoint` cannot be resumed from exactly, naming the file; None when it is complete.
+    """Why `checkpoint` cannot be resumed from exactly, naming the file; None when it is complete and finite.
 
-    Reads headers and checksums only: safetensors headers, the CRC-32 of every record of torch's zip files
-    (never unpickled), and the JSON files.
+    First headers and checksums: safetensors headers, the CRC-32 of every record of torch's zip files (never
+    unpickled), and the JSON files. Then the values: weights and optimizer state (loaded with `weights_only`)
+    must hold no NaN or inf, or resuming would only repeat the divergence.
     """
     path = Path(checkpoint)
     if not path.is_dir():
@@ -70,6 +72,10 @@ def checkpoint_problem(checkpoint: str | Path, save_only_model: bool = False) ->
     recorded = recorded.get("global_step") if isinstance(recorded, dict) else recorded
     if step and int(step.group(1)) != recorded:
         return f"{state}: records step {recorded}, not {step.group(1)}"
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        poisoned = file_non_finite(file)
+        if poisoned:
+            return f"{file}: {poisoned} (a diverged run's checkpoint)"
     return None
 
 
@@ -93,14 +99,14 @@ def _file_problem(file: Path) -> str | None:
 
 
 def newest_complete_checkpoint(output_dir: str, save_only_model: bool = False) -> str | None:
-    """The newest complete `checkpoint-N`; each newer incomplete one is skipped with a warning."""
+    """The newest complete and finite `checkpoint-N`; each newer one that is not is skipped with a warning."""
     if not Path(output_dir).is_dir():
         return None
     for checkpoint in reversed(sort_checkpoints(output_dir)):
         problem = checkpoint_problem(checkpoint, save_only_model)
         if problem is None:
             return checkpoint
-        logger.warning("ignoring incomplete checkpoint %s: %s", checkpoint, problem)
+        logger.warning("ignoring checkpoint %s: %s", checkpoint, problem)
     return None
 
 

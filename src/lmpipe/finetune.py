@@ -27,7 +27,9 @@ from lmpipe.qa_metrics import score_predictions
 from lmpipe.recipe import LoraArguments, ModelArguments, QAArguments, Recipe
 from lmpipe.run_lock import exclusive_output_dir
 from lmpipe.tokenizer import load_tokenizer
-from lmpipe.train import ExactEvalTrainer, build_trainer, check_training_arguments, train_and_evaluate, write_run_outputs
+from lmpipe.train import (
+    ExactEvalTrainer, build_trainer, check_training_arguments, finished_run, train_and_evaluate, write_run_outputs,
+)
 
 PREDICTIONS_NAME = "predictions.jsonl"
 
@@ -166,7 +168,7 @@ def finetune_qa(recipe: Recipe) -> dict[str, Any]:
     hub = check_hub_push(training)  # before any data is loaded; None unless this process pushes
     with exclusive_output_dir(training):
         check_output_dir(recipe, training)
-        return _finetune_qa(recipe, template, hub)
+        return finished_run(recipe, training) or _finetune_qa(recipe, template, hub)
 
 
 def _finetune_qa(recipe: Recipe, template: str, hub) -> dict[str, Any]:

@@ -24,7 +24,9 @@ from lmpipe.model import build_model, check_sequence_length, model_positions
 from lmpipe.recipe import DataArguments, ModelArguments, Recipe, TokenizerArguments
 from lmpipe.run_lock import exclusive_output_dir
 from lmpipe.tokenizer import check_tokenizer_arguments, load_tokenizer
-from lmpipe.train import ExactEvalTrainer, build_trainer, check_training_arguments, train_and_evaluate, write_run_outputs
+from lmpipe.train import (
+    ExactEvalTrainer, build_trainer, check_training_arguments, finished_run, train_and_evaluate, write_run_outputs,
+)
 
 
 @dataclass
@@ -112,7 +114,7 @@ def pretrain(recipe: Recipe) -> dict[str, Any]:
     hub = check_hub_push(training)  # before any data is loaded; None unless this process pushes
     with exclusive_output_dir(training):
         check_output_dir(recipe, training)
-        return _pretrain(recipe, hub)
+        return finished_run(recipe, training) or _pretrain(recipe, hub)
 
 
 def _pretrain(recipe: Recipe, hub) -> dict[str, Any]:

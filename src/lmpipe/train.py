@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 
 from lmpipe.callbacks import mean_train_loss, reliability_callbacks
 from lmpipe.card import write_model_card
-from lmpipe.checkpoints import TRAINER_STATE, resume_checkpoint
+from lmpipe.checkpoints import TRAINER_STATE, identity_changes, resume_checkpoint
 from lmpipe.errors import LmpipeError
 from lmpipe.metrics import NllStatistics, compute_exact_metrics
 from lmpipe.recipe import Recipe, write_resolved_recipe
@@ -169,10 +170,40 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, A
         "train_loss": mean_train_loss(trainer.state.log_history) or train_output.training_loss,
         "train_tokens": trainer.state.num_input_tokens_seen,
         "train_steps": trainer.state.global_step,
+        "train_epochs": trainer.state.epoch,
         "train_runtime_s": runtime,
         "train_tokens_per_second": (trainer.state.num_input_tokens_seen - tokens_before) / runtime,
         "resumed_from": resume_from,
     }
+
+
+def finished_run(recipe: Recipe, args: TrainingArguments) -> dict[str, Any] | None:
+    """The metrics of the finished run in `output_dir` when this command asks it for no more training, else None.
+
+    Rerunning a finished run's command must not train: resuming from its last checkpoint, the Trainer would take
+    one more step than `max_steps` (it checks the count only after a step). A larger `max_steps` or
+    `num_train_epochs`, a named `resume_from_checkpoint` or another run's recipe is not finished here.
+    """
+    path = Path(args.output_dir) / METRICS_NAME
+    if args.resume_from_checkpoint or not path.is_file() or identity_changes(recipe, args.output_dir):
+        return None
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if args.max_steps > 0:
+        finished = metrics.get("train_steps", 0) >= args.max_steps
+    else:
+        finished = metrics.get("train_epochs", 0) >= args.num_train_epochs - 1e-6  # the Trainer's float epoch
+    if not finished:
+        return None
+    if args.process_index == 0:
+        print(
+            f"{args.output_dir} holds this run, finished after {metrics['train_steps']} steps: nothing to train."
+            f" Its results are in {path}; raise --max_steps to train longer",
+            file=sys.stderr,
+        )
+    return metrics
 
 
 def write_run_outputs(trainer: ExactEvalTrainer, metrics: dict[str, Any]) -> None:
