@@ -138,7 +138,8 @@ BAD_INPUTS = {
         "gpt2-torn: cannot load a safetensors model"),
     "model shipped only as a pickle": (
         [*SMALL, "--model_name_or_path", "{root}/gpt2-pickle", "--train_tokenizer", "false"],
-        "gpt2-pickle: cannot load a safetensors model"),
+        "gpt2-pickle: not a whole model directory, missing weights (*.safetensors; pytorch_model.bin is a pickle"
+        " and is never loaded)"),
     "checkpoint with a corrupted safetensors file": (
         [*PRETRAIN, "--resume_from_checkpoint", "{root}/run/checkpoint-3"],
         "resume_from_checkpoint: {root}/run/checkpoint-3/model.safetensors: damaged or incomplete"),

@@ -19,9 +19,11 @@ from transformers import PreTrainedModel
 from lmpipe.data.packing import flat_token_ids, tokenize_documents, whole_blocks
 from lmpipe.data.sources import check_text_column, load_local_file
 from lmpipe.errors import LmpipeError
+from lmpipe.finite import non_finite_metrics
 from lmpipe.losses import IGNORE_INDEX
 from lmpipe.metrics import NllStatistics, exact_metrics, token_byte_lengths
-from lmpipe.model import check_vocab, load_pretrained
+from lmpipe.model import load_pretrained
+from lmpipe.model_checks import check_model_files, check_vocab
 from lmpipe.recipe import TokenizerArguments
 from lmpipe.tokenizer import load_tokenizer
 
@@ -97,6 +99,7 @@ def evaluate_file(args: EvaluateArguments) -> dict[str, float | int]:
             raise LmpipeError(f"--{name} is required")
     if args.batch_size < 1:
         raise LmpipeError(f"batch_size must be >= 1, got {args.batch_size}")
+    check_model_files(args.model_name_or_path, ("config", "weights", "tokenizer"))
     documents = load_local_file(args.validation_file, args.sample_by)
     check_text_column(DatasetDict({"validation": documents}), args.text_column, args.validation_file)
     tokenizer = load_tokenizer(TokenizerArguments(), args.model_name_or_path)
@@ -109,7 +112,7 @@ def evaluate_file(args: EvaluateArguments) -> dict[str, float | int]:
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     model.to(PartialState().device)
     metrics = exact_metrics(score_windows(model, sliding_windows(ids, block_size, stride), byte_lengths, args.batch_size))
-    return {
+    result = {
         "eval_loss": metrics["exact_loss"],
         "perplexity": metrics["perplexity"],
         "eval_tokens": metrics["tokens"],
@@ -117,3 +120,9 @@ def evaluate_file(args: EvaluateArguments) -> dict[str, float | int]:
         "block_size": block_size,
         "stride": stride,
     }
+    not_finite = non_finite_metrics(result)
+    if not_finite:  # JSON has no number for NaN or inf: fail rather than print an invalid line
+        raise LmpipeError(
+            f"{args.model_name_or_path}: {', '.join(not_finite)} on {args.validation_file} is not finite (NaN or inf)"
+        )
+    return result

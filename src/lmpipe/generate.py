@@ -12,7 +12,8 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.errors import LmpipeError
-from lmpipe.model import check_vocab, load_pretrained
+from lmpipe.model import load_pretrained
+from lmpipe.model_checks import check_model_files, check_vocab
 from lmpipe.recipe import TokenizerArguments
 from lmpipe.tokenizer import load_tokenizer
 
@@ -171,6 +172,7 @@ def generate_from_pretrained(args: GenerateArguments, settings: GenerationSettin
         if getattr(args, name) is None:
             raise LmpipeError(f"--{name} is required")
     settings.check()
+    check_model_files(args.model_name_or_path, ("config", "weights", "tokenizer"))
     model = load_pretrained(args.model_name_or_path)
     tokenizer = load_tokenizer(TokenizerArguments(), args.model_name_or_path)
     check_vocab(model, tokenizer, allow_resize=False, name=args.model_name_or_path)

@@ -9,6 +9,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.errors import LmpipeError, not_a_directory_hint
+from lmpipe.model_checks import check_finite_weights, check_model_files, check_vocab
 from lmpipe.recipe import ModelArguments
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def model_positions(args: ModelArguments) -> int:
         if args.n_embd % args.n_head:
             raise LmpipeError(f"n_embd={args.n_embd} must be divisible by n_head={args.n_head}")
         return args.n_positions
+    check_model_files(args.model_name_or_path, ("config", "weights"))
     try:
         config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -72,11 +74,13 @@ def check_sequence_length(n_positions: int, length: int, key: str) -> None:
 
 
 def load_pretrained(name_or_path: str, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
-    """Weights from safetensors only: a repository that ships only pickles is refused, never unpickled."""
+    """Weights from safetensors only (a repository that ships only pickles is refused, never unpickled), whole and
+    finite."""
+    check_model_files(name_or_path, ("config", "weights"))
     if trust_remote_code:
         logger.warning("trust_remote_code is on: code shipped with %s will run on this machine", name_or_path)
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
@@ -87,16 +91,5 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, attn_imp
         raise LmpipeError(
             f"{name_or_path}: cannot load a safetensors model ({first_line}){not_a_directory_hint(name_or_path)}"
         ) from None
-
-
-def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, allow_resize: bool, name: str) -> None:
-    """A tokenizer larger than the embeddings would index past them: resize only when the recipe allows it."""
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) <= rows:
-        return
-    if not allow_resize:
-        raise LmpipeError(
-            f"{name}: tokenizer has {len(tokenizer)} tokens but the model has {rows} embedding rows; "
-            "use the model's tokenizer or set resize_embeddings: true"
-        )
-    model.resize_token_embeddings(len(tokenizer))
+    check_finite_weights(model, name_or_path)
+    return model

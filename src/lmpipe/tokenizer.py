@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 from lmpipe.errors import LmpipeError, not_a_directory_hint, not_found
+from lmpipe.model_checks import check_model_files, check_tokenizer_vocabulary
 from lmpipe.recipe import TokenizerArguments
 
 EOS_TOKEN = "<|endoftext|>"
@@ -49,7 +50,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> GPT2Tokenizer:
 
 
 def check_tokenizer_arguments(args: TokenizerArguments, model_name_or_path: str | None = None) -> None:
-    """A trained tokenizer excludes a named one and a pretrained model; checked before any data is read."""
+    """A trained tokenizer excludes a named one and a pretrained model, and a named directory must hold a
+    tokenizer; checked before any data is read."""
     named = [key for key in ("tokenizer_name_or_path", "vocab_file", "merges_file") if getattr(args, key)]
     if args.train_tokenizer and named:
         raise LmpipeError(
@@ -61,6 +63,9 @@ def check_tokenizer_arguments(args: TokenizerArguments, model_name_or_path: str 
             f"train_tokenizer: true makes a vocabulary that {model_name_or_path} was not trained with; "
             "add --train_tokenizer false (the model's own tokenizer is used)"
         )
+    named_directory = args.tokenizer_name_or_path or model_name_or_path
+    if not (args.train_tokenizer or args.vocab_file or args.merges_file) and named_directory:
+        check_model_files(named_directory, ("tokenizer",))
 
 
 def load_tokenizer(
@@ -82,11 +87,13 @@ def load_tokenizer(
         name = args.tokenizer_name_or_path or model_name_or_path
         if trust_remote_code:
             logger.warning("trust_remote_code is on: tokenizer code shipped with %s will run on this machine", name)
+        check_model_files(name, ("tokenizer",))
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             first_line = str(e).strip().splitlines()[0]
             raise LmpipeError(f"{name}: cannot load a tokenizer ({first_line}){not_a_directory_hint(name)}") from None
+        check_tokenizer_vocabulary(tokenizer, name)
     else:
         raise LmpipeError(
             "no tokenizer: set tokenizer_name_or_path, vocab_file + merges_file, or train_tokenizer: true"

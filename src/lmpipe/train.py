@@ -17,6 +17,7 @@ from lmpipe.callbacks import mean_train_loss, reliability_callbacks
 from lmpipe.card import write_model_card
 from lmpipe.checkpoints import TRAINER_STATE, identity_changes, resume_checkpoint
 from lmpipe.errors import LmpipeError
+from lmpipe.finite import non_finite_metrics
 from lmpipe.metrics import NllStatistics, compute_exact_metrics
 from lmpipe.recipe import Recipe, write_resolved_recipe
 from lmpipe.run_files import METRICS_NAME, PLOT_NAME, write_text_atomically
@@ -161,7 +162,7 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, A
     evaluation = final_evaluation(trainer)
     trainer.save_model(output_dir)
     runtime = train_output.metrics["train_runtime"]
-    return {
+    metrics = {
         "eval_loss": evaluation["eval_loss"],
         "perplexity": evaluation["eval_perplexity"],
         "eval_tokens": evaluation["eval_tokens"],
@@ -175,6 +176,10 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, A
         "train_tokens_per_second": (trainer.state.num_input_tokens_seen - tokens_before) / runtime,
         "resumed_from": resume_from,
     }
+    not_finite = non_finite_metrics(metrics)
+    if not_finite:  # metrics.json would hold NaN, which is not JSON: the run does not count as finished
+        raise LmpipeError(f"{output_dir}: the final {', '.join(not_finite)} is not finite (NaN or inf); no metrics.json")
+    return metrics
 
 
 def finished_run(recipe: Recipe, args: TrainingArguments) -> dict[str, Any] | None:
