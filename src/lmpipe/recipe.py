@@ -22,6 +22,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.activations import ACT2FN
 
 from lmpipe.errors import LmpipeError
+from lmpipe.recipe_checks import check_nulls, check_recipe_values
 from lmpipe.run_files import RESOLVED_RECIPE_NAME, write_text_atomically
 
 # Keys that must never come from a recipe: the token is read from the environment / login cache only.
@@ -239,6 +240,21 @@ def _closest(key: str, known: set[str], prefix: str = "") -> str:
     return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently; a recipe with both is ambiguous."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (first on line {seen[key] + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: str) -> dict[str, Any]:
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -247,7 +263,7 @@ def _read_yaml(path: str) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise LmpipeError(f"{path}: cannot read recipe ({e})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -325,7 +341,10 @@ def parse_recipe(
             if str(recipe_error) == str(error):
                 raise LmpipeError(f"{source}: {error}") from None
         raise
-    explicit = dict.fromkeys([*recipe, *(k[3:] if k.startswith("no_") else k for k in _flag_keys(cli))])
+    flag_keys = [k[3:] if k.startswith("no_") else k for k in _flag_keys(cli)]
+    check_nulls(recipe, arguments, source)
+    check_recipe_values(arguments, set(recipe) - set(flag_keys), source)
+    explicit = dict.fromkeys([*recipe, *flag_keys])
     return Recipe(arguments=arguments, explicit=explicit, source=source, task=task)
 
 

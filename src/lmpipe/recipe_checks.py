@@ -1,0 +1,99 @@
+"""Every parsed recipe value checked against its range before any data is read, in one line naming the key.
+
+The parser checks types only; transformers and torch accept many values that cannot train (a 0-layer model, a
+negative dropout, an infinite learning rate), fail only after the corpus is tokenised, or ignore them (0 for
+`save_total_limit` or `max_train_documents`). The rules hold by key name, for whichever command's dataclasses
+have that key; a rule for an optional key applies only when it is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from lmpipe.errors import LmpipeError
+
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _at_least(low: float) -> Rule:
+    return (lambda v: v >= low), f">= {low:g}"
+
+
+POSITIVE: Rule = (lambda v: v > 0), "> 0"
+NON_NEGATIVE = _at_least(0)
+PROBABILITY: Rule = (lambda v: 0 <= v < 1), "in [0, 1)"
+SEED: Rule = (lambda v: 0 <= v < 2**32), "in [0, 2**32)"  # numpy's seeding range
+
+
+def _one_of(choices: Iterable[str]) -> Rule:
+    allowed = sorted(choices)
+    return (lambda v: v in allowed), f"one of {', '.join(allowed)}"
+
+
+RULES: dict[str, Rule] = {
+    **dict.fromkeys(
+        [
+            "n_layer", "n_embd", "n_head", "n_positions", "pad_vocab_to_multiple_of", "max_train_documents",
+            "preprocessing_num_workers", "streaming_validation_documents", "generation_max_new_tokens", "lora_r",
+            "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+            "eval_accumulation_steps", "save_total_limit", "batch_size", "max_new_tokens", "stride",
+            "dataloader_prefetch_factor", "torch_empty_cache_steps",
+        ],
+        _at_least(1),
+    ),
+    "block_size": _at_least(2),  # one input and one label
+    "max_length": _at_least(2),  # one prompt token and EOS
+    "tokenizer_vocab_size": (lambda v: v >= 257, ">= 257 (256 byte tokens and <|endoftext|>)"),
+    **dict.fromkeys(["learning_rate", "adam_epsilon", "logging_steps", "eval_steps", "save_steps", "lora_alpha"], POSITIVE),
+    **dict.fromkeys(
+        ["warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers", "top_k", "eval_delay",
+         "neftune_noise_alpha", "num_train_epochs"],
+        NON_NEGATIVE,
+    ),
+    **dict.fromkeys(["dropout", "lora_dropout", "adam_beta1", "adam_beta2", "label_smoothing_factor"], PROBABILITY),
+    "warmup_ratio": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "validation_split_percentage": ((lambda v: 0 <= v < 100), "in [0, 100)"),
+    "max_steps": ((lambda v: v >= -1), ">= -1 (-1: train num_train_epochs)"),  # 0: train.check_training_arguments
+    **dict.fromkeys(["seed", "data_seed"], SEED),
+    "attn_implementation": _one_of({"eager", *(key for key in ALL_ATTENTION_FUNCTIONS.valid_keys() if "|" not in key)}),
+}
+
+
+def _fields(arguments: Iterable[Any]) -> dict[str, tuple[Any, dataclasses.Field]]:
+    return {field.name: (group, field) for group in arguments for field in dataclasses.fields(group)}
+
+
+def check_nulls(mapping: dict[str, Any], arguments: Iterable[Any], source: str) -> None:
+    """`key: null` in a recipe means "no value", which only an optional key without a default can take."""
+    fields = _fields(arguments)
+    for key, value in mapping.items():
+        if value is None and key in fields:
+            field = fields[key][1]
+            default = None if field.default is dataclasses.MISSING else field.default
+            if default is not None or field.default_factory is not dataclasses.MISSING:
+                shown = field.default_factory() if field.default_factory is not dataclasses.MISSING else default
+                raise LmpipeError(f"{source}: '{key}' is null; give it a value or remove the line (default: {shown!r})")
+
+
+def check_recipe_values(arguments: Iterable[Any], from_file: set[str], source: str | None) -> None:
+    """Raise LmpipeError naming the first key whose value is out of range; keys set in the file name the file."""
+    for name, (group, _) in _fields(arguments).items():
+        value = getattr(group, name)
+        where = f"{source}: " if source and name in from_file else ""
+        if isinstance(value, float) and not math.isfinite(value):
+            raise LmpipeError(f"{where}{name} must be a finite number, got {value}")
+        rule = RULES.get(name)
+        if rule is None or value is None or isinstance(value, bool):
+            continue
+        test, description = rule
+        if not test(value):
+            raise LmpipeError(f"{where}{name} must be {description}, got {value}")
+    output_dir = next((getattr(g, "output_dir") for g in arguments if hasattr(g, "output_dir")), None)
+    if output_dir and Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise LmpipeError(f"output_dir {output_dir}: is a file, not a directory")
