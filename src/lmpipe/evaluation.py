@@ -16,6 +16,7 @@ from accelerate import PartialState
 from datasets import DatasetDict
 from transformers import PreTrainedModel
 
+from lmpipe.data.null_rows import check_no_null_text
 from lmpipe.data.packing import flat_token_ids, tokenize_documents, whole_blocks
 from lmpipe.data.sources import check_text_column, load_local_file
 from lmpipe.errors import LmpipeError
@@ -102,6 +103,7 @@ def evaluate_file(args: EvaluateArguments) -> dict[str, float | int]:
     check_model_files(args.model_name_or_path, ("config", "weights", "tokenizer"))
     documents = load_local_file(args.validation_file, args.sample_by)
     check_text_column(DatasetDict({"validation": documents}), args.text_column, args.validation_file)
+    check_no_null_text(DatasetDict({"validation": documents}), args.text_column, {"validation": args.validation_file})
     tokenizer = load_tokenizer(TokenizerArguments(), args.model_name_or_path)
     model = load_pretrained(args.model_name_or_path).eval()
     check_vocab(model, tokenizer, allow_resize=False, name=args.model_name_or_path)

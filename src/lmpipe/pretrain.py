@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 
 from lmpipe.checkpoints import check_output_dir
 from lmpipe.data.collate import collate_blocks
+from lmpipe.data.null_rows import check_no_null_text
 from lmpipe.data.packing import (
     blocks_as_array, blocks_dataset, flat_token_ids, pack_blocks, tokenize_documents, whole_blocks,
 )
@@ -50,6 +51,7 @@ def prepare_corpus(
     corpus = load_corpus(data.dataset_name, data.dataset_config_name, data.train_file, data.validation_file, data.sample_by)
     if data.max_train_documents:
         corpus["train"] = corpus["train"].select(range(min(data.max_train_documents, len(corpus["train"]))))
+    check_no_null_text(corpus, data.text_column, {"train": source, "validation": data.validation_file or source})
     corpus = split_validation(corpus, data.validation_split_percentage, source)
     check_text_column(corpus, data.text_column, source)
     texts = corpus["train"][data.text_column] if tokenizer_args.train_tokenizer else None

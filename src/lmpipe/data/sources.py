@@ -25,8 +25,15 @@ def pydoc_documents() -> list[str]:
 def load_local_file(path: str, sample_by: str = "paragraph", streaming: bool = False) -> Dataset | IterableDataset:
     """One local file as a Dataset (or a lazy IterableDataset); `.txt` splits by line, paragraph or whole file."""
     file = Path(path)
+    if file.is_dir():
+        raise LmpipeError(f"{path}: a directory, not a data file")
     if not file.is_file():
         raise not_found(path, "data file")
+    try:
+        with file.open("rb") as handle:
+            handle.read(1)
+    except OSError as e:
+        raise LmpipeError(f"{path}: cannot read the data file ({e.strerror or e})") from None
     if file.stat().st_size == 0:
         raise LmpipeError(f"{path}: data file is empty")
     builder = BUILDERS.get(file.suffix.lower())
