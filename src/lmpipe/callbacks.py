@@ -7,6 +7,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,9 @@ from lmpipe.errors import LmpipeError
 from lmpipe.finite import live_non_finite
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A Ctrl-C reaches every process of the terminal's group, and SLURM signals every process of a job step, while the
+# launcher forwards the same signal: signals this close together are one request to stop, not "stop now".
+SAME_STOP_WITHIN_S = 2.0
 
 
 def on_any_rank(flag: int, args: TrainingArguments) -> int:
@@ -40,20 +44,23 @@ class TrainingInterrupted(LmpipeError):
 class SaveOnSignal(TrainerCallback):
     """SIGTERM (preemption, `kill`) or Ctrl-C: finish the current optimizer step, save a checkpoint, exit.
 
-    The Trainer has no signal handling; a second signal stops at once without saving. Ranks agree on the
-    step to stop at, so every rank saves the same checkpoint.
+    The Trainer has no signal handling; a second signal (more than SAME_STOP_WITHIN_S after the first) stops at
+    once without saving. Ranks agree on the step to stop at, so every rank saves the same checkpoint.
     """
 
     def __init__(self):
         self.signal_number = 0
+        self.signalled_at = 0.0
         self.previous_handlers: dict[int, Any] = {}
 
     def _handle(self, signal_number, frame):
-        if self.signal_number:  # second signal: the user insists
-            self._restore_handlers()
+        if self.signal_number:
+            if time.monotonic() - self.signalled_at < SAME_STOP_WITHIN_S:
+                return  # the same stop delivered twice: by a terminal or scheduler and by the launcher forwarding it
+            self._restore_handlers()  # a later second signal: the user insists
             signal.raise_signal(signal_number)
             return
-        self.signal_number = signal_number
+        self.signal_number, self.signalled_at = signal_number, time.monotonic()
         print(
             f"\n{signal.Signals(signal_number).name}: saving a checkpoint after this step (send it again to stop now)",
             file=sys.stderr,

@@ -148,6 +148,13 @@ def push_command(argv: list[str]) -> None:
     push_output_dir(argv[0], args)
 
 
+def launch_command(argv: list[str]) -> int:
+    """`accelerate launch` that forwards SIGTERM/Ctrl-C to the training processes and returns their exit code."""
+    from lmpipe.launch import launch_command as launch
+
+    return launch(argv)
+
+
 @dataclass(frozen=True)
 class Command:
     """A command's function (returns its exit code, or None for 0) and its arguments as `usage:` shows them."""
@@ -157,6 +164,7 @@ class Command:
 
 
 COMMANDS = {
+    "launch": Command(launch_command, "[accelerate launch options] SCRIPT [script arguments ...]"),
     "pretrain": Command(pretrain_command, "[RECIPE.yaml] [--key value ...]"),
     "finetune-qa": Command(finetune_qa_command, "RECIPE.yaml [--key value ...]"),
     "check-loss": Command(
@@ -175,6 +183,9 @@ def _summary(command: Command) -> str:
 def run(name: str, argv: list[str], prog: str | None = None) -> int:
     """Run a command; its own code (e.g. 1: a check failed), 0 after `--help`, or `error: ...` on stderr with the
     error's code (2 for a user mistake) — never a traceback for a mistake."""
+    from lmpipe.launch import stop_with_launcher
+
+    stop_with_launcher()
     command = COMMANDS[name]
     try:
         return command.function(argv) or 0

@@ -1,0 +1,123 @@
+"""`lmpipe launch`: `accelerate launch` with its options and config files, but signals reach the training
+processes and their exit codes come back.
+
+Accelerate 1.x does not do this itself. Its one-process launcher neither forwards signals nor waits on a signal
+(SIGTERM kills the launcher and leaves the trainer running; Ctrl-C returns the shell while the trainer still saves)
+and turns every non-zero exit into a `CalledProcessError` traceback and exit code 1. Its several-process launcher
+(torchrun's elastic agent) does forward SIGTERM/SIGINT and waits, but 30 s before it SIGKILLs the workers, and it
+ends in a `SignalException` or `ChildFailedError` traceback and exit code 1.
+
+Here the same preparation functions of Accelerate build the command and environment; then one process is started
+in its own session and sent each signal once, and several go through torchrun's agent (given
+`TORCH_ELASTIC_SHUTDOWN_TIMEOUT`, default here 600 s, to save), whose exceptions are turned back into the exit
+code of the first failed rank, or 128 + the signal. The launcher returns only once every process it started is gone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+
+from lmpipe.errors import LmpipeError
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+SHUTDOWN_TIMEOUT_S = "600"  # how long a signalled multi-process run may take to save before torchrun SIGKILLs it
+PR_SET_PDEATHSIG = 1
+
+
+def exit_code(returncode: int) -> int:
+    """A shell's exit code for a child's return code: 128 + N for a child killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def launch_command(argv: list[str]) -> int:
+    """Parse `accelerate launch` options, start the training processes, forward signals, return their exit code."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    if not argv or argv[0] in ("-h", "--help"):
+        launch_command_parser().print_help()
+        return 0 if argv else 2
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    sagemaker = defaults is not None and defaults.compute_environment == "AMAZON_SAGEMAKER"
+    if not args.cpu and (args.use_deepspeed or args.tpu or sagemaker):
+        raise LmpipeError("lmpipe launch runs one or several local processes (DDP, FSDP); use accelerate launch for "
+                          "DeepSpeed, TPU or SageMaker")
+    if not args.cpu and (args.multi_gpu or args.use_fsdp or args.use_megatron_lm):
+        return launch_several(args)
+    return launch_one(args)
+
+
+def launch_one(args) -> int:
+    """One process in its own session, so a terminal's Ctrl-C reaches it only through us, once."""
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    command, environment = prepare_simple_launcher_cmd_env(args)
+    child = subprocess.Popen(command, env=environment, start_new_session=True)
+
+    def forward(signal_number, frame):
+        try:
+            os.kill(child.pid, signal_number)  # the trainer only: it stops its own data-loader workers
+        except ProcessLookupError:
+            pass
+
+    previous = {number: signal.signal(number, forward) for number in FORWARDED_SIGNALS}
+    try:
+        return exit_code(child.wait())
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def launch_several(args) -> int:
+    """torchrun's agent in this process: it forwards signals to every worker and waits; we keep their codes."""
+    import torch.distributed.run as torchrun
+    from accelerate.utils import patch_environment
+    from accelerate.utils.launch import _filter_args, prepare_multi_gpu_env
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    environment = prepare_multi_gpu_env(args)
+    environment.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S))
+    torchrun_args = _filter_args(
+        args,
+        torchrun.get_args_parser(),
+        ["--training_script", args.training_script, "--training_script_args", args.training_script_args],
+    )
+    try:
+        with patch_environment(**environment):
+            torchrun.run(torchrun_args)
+        return 0
+    except ChildFailedError as failed:
+        _, failure = failed.get_first_failure()
+        return exit_code(failure.exitcode)
+    except SignalException as stopped:
+        return 128 + int(stopped.sigval)
+    finally:
+        wait_for_children()
+
+
+def wait_for_children() -> None:
+    """Reap every child still running (a second signal can cut torchrun's own wait short)."""
+    for number in FORWARDED_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)  # the workers already have their signal; now only wait
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
+def stop_with_launcher() -> None:
+    """Under a launcher, have the kernel send this process SIGTERM when the launcher dies (Linux only).
+
+    A plain `accelerate launch` killed by SIGTERM would otherwise leave its trainer training to the end; with
+    this it saves a checkpoint and stops, as on a SIGTERM of its own.
+    """
+    if "LOCAL_RANK" not in os.environ and "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        return
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
