@@ -57,7 +57,7 @@ class SaveOnSignal(TrainerCallback):
         if self.signal_number:
             if time.monotonic() - self.signalled_at < SAME_STOP_WITHIN_S:
                 return  # the same stop delivered twice: by a terminal or scheduler and by the launcher forwarding it
-            self._restore_handlers()  # a later second signal: the user insists
+            self.restore_handlers()  # a later second signal: the user insists
             signal.raise_signal(signal_number)
             return
         self.signal_number, self.signalled_at = signal_number, time.monotonic()
@@ -66,7 +66,7 @@ class SaveOnSignal(TrainerCallback):
             file=sys.stderr,
         )
 
-    def _restore_handlers(self):
+    def restore_handlers(self):
         for number, handler in self.previous_handlers.items():
             signal.signal(number, handler)
         self.previous_handlers = {}
@@ -89,7 +89,7 @@ class SaveOnSignal(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._restore_handlers()
+        self.restore_handlers()
         if self.signal_number:
             raise TrainingInterrupted(
                 f"stopped by {signal.Signals(self.signal_number).name} after step {state.global_step}: saved"
@@ -173,6 +173,14 @@ class LogAtCheckpoints(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         return self._log_if_saving(args, control)
+
+
+def restore_signal_handlers(callbacks: list[TrainerCallback]) -> None:
+    """Put back the handlers SaveOnSignal replaced when training ended in an exception (no on_train_end then):
+    otherwise a later Ctrl-C in the same process would only set a flag on a finished run."""
+    for callback in callbacks:
+        if isinstance(callback, SaveOnSignal):
+            callback.restore_handlers()
 
 
 def reliability_callbacks() -> list[TrainerCallback]:

@@ -15,6 +15,7 @@ from lmpipe.checkpoints import check_output_dir
 from lmpipe.data.collate import padded_collator, qa_collator, real_token_fraction
 from lmpipe.data.qa import TRAINING_COLUMNS, QACounts, check_qa_columns, prompt_template, tokenize_qa
 from lmpipe.data.sources import load_corpus, split_validation
+from lmpipe.disk_full import full_disk_is_one_line
 from lmpipe.distributed import check_launch, restore_cpu_threads
 from lmpipe.errors import LmpipeError
 from lmpipe.generate import GenerationSettings, generate_from_ids
@@ -166,7 +167,7 @@ def finetune_qa(recipe: Recipe) -> dict[str, Any]:
     restore_cpu_threads(training)
     template = check_finetune_arguments(model_args, qa, lora)
     hub = check_hub_push(training)  # before any data is loaded; None unless this process pushes
-    with exclusive_output_dir(training):
+    with exclusive_output_dir(training), full_disk_is_one_line(training.output_dir, training.process_index == 0):
         check_output_dir(recipe, training)
         return finished_run(recipe, training) or _finetune_qa(recipe, template, hub)
 

@@ -17,6 +17,7 @@ from lmpipe.data.packing import (
 )
 from lmpipe.data.sources import check_text_column, load_corpus, split_validation
 from lmpipe.data.streaming import PackedStream, check_streaming_arguments, stream_documents, stream_texts
+from lmpipe.disk_full import full_disk_is_one_line
 from lmpipe.distributed import check_launch, on_main_process, restore_cpu_threads
 from lmpipe.errors import LmpipeError
 from lmpipe.hub import CheckpointPusher, check_hub_push, push_run
@@ -114,7 +115,7 @@ def pretrain(recipe: Recipe) -> dict[str, Any]:
     restore_cpu_threads(training)
     check_sequence_length(model_positions(model_args), data_args.block_size, "block_size")
     hub = check_hub_push(training)  # before any data is loaded; None unless this process pushes
-    with exclusive_output_dir(training):
+    with exclusive_output_dir(training), full_disk_is_one_line(training.output_dir, training.process_index == 0):
         check_output_dir(recipe, training)
         return finished_run(recipe, training) or _pretrain(recipe, hub)
 

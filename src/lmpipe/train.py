@@ -13,7 +13,7 @@ import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from lmpipe.callbacks import mean_train_loss, reliability_callbacks
+from lmpipe.callbacks import mean_train_loss, reliability_callbacks, restore_signal_handlers
 from lmpipe.card import write_model_card
 from lmpipe.checkpoints import TRAINER_STATE, identity_changes, resume_checkpoint
 from lmpipe.errors import LmpipeError
@@ -158,7 +158,10 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, A
         (Path(output_dir) / METRICS_NAME).unlink(missing_ok=True)  # not finished while it trains on
         write_resolved_recipe(recipe, output_dir)
     tokens_before = tokens_seen_at(resume_from)  # read now: save_total_limit may delete that checkpoint
-    train_output = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        train_output = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        restore_signal_handlers(trainer.callback_handler.callbacks)
     evaluation = final_evaluation(trainer)
     trainer.save_model(output_dir)
     runtime = train_output.metrics["train_runtime"]
