@@ -1,6 +1,7 @@
 """Reruns are idempotent and a diverged run leaves no poisoned checkpoint.
 
-- Rerunning a finished run's command trains nothing and touches no file; a larger `max_steps` continues from the
+- Rerunning a finished run's command trains nothing and touches no file (and a run killed after its last
+  checkpoint finishes without a step past `max_steps`); a larger `max_steps` continues from the
   last checkpoint and ends with the weights of a run that was given that `max_steps` from the start (constant
   learning rate, so both runs see the same schedule).
 - Non-finite weights or optimizer state after a step that is due to be saved stop the run without saving; the
@@ -66,6 +67,23 @@ def test_rerunning_a_finished_run_trains_nothing_and_says_where_it_is(corpus, fi
     )
     assert f"eval loss {metrics['eval_loss']:.4f} nats/token" in captured.out  # its own results, printed again
     assert snapshot(output) == before  # no step, no checkpoint rotated, no file rewritten
+
+
+def test_a_run_killed_after_its_last_checkpoint_finishes_without_another_step(corpus, finished, tmp_path):
+    """No metrics.json (killed during the final evaluation): the rerun resumes from checkpoint-4 = max_steps; the
+    Trainer alone would take a fifth step."""
+    output = shutil.copytree(finished, tmp_path / "run")
+    (output / "metrics.json").unlink()
+    (output / "model.safetensors").unlink()
+    assert main(command(corpus, output, 4)) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["train_steps"] == 4 and metrics["resumed_from"] == str(output / "checkpoint-4")
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    weights, last = load_file(output / "model.safetensors"), load_file(output / "checkpoint-4" / "model.safetensors")
+    assert all(torch.equal(weights[k], last[k]) for k in last)
+    before = json.loads((finished / "metrics.json").read_text())
+    assert metrics["eval_loss"] == pytest.approx(before["eval_loss"], rel=1e-6)
+    assert metrics["train_loss"] == pytest.approx(before["train_loss"])
 
 
 def test_a_larger_max_steps_continues_to_the_weights_of_a_longer_run(corpus, finished, tmp_path):

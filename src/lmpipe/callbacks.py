@@ -159,6 +159,20 @@ class StopOnNonFinite(TrainerCallback):
             raise LmpipeError(f"{self.problem}; stopped without saving it. {resume}")
 
 
+class TrainingAlreadyDone(Exception):
+    """Raised before the first step when the resumed checkpoint already has every step: there is nothing to train."""
+
+
+class NoStepPastMaxSteps(TrainerCallback):
+    """Resumed from a checkpoint at `max_steps` (a run killed after its last save, before it finished), the Trainer
+    would take one more step: it compares the step count only after a step. Stop before the first step instead;
+    the model then holds the checkpoint's weights, ready for the final evaluation."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise TrainingAlreadyDone(state.global_step)
+
+
 class LogAtCheckpoints(TrainerCallback):
     """Log the train loss at every save and at the last step, so a checkpoint's log history covers every step
     before it and `mean_train_loss` is the same whether the run was resumed or not."""
@@ -184,8 +198,9 @@ def restore_signal_handlers(callbacks: list[TrainerCallback]) -> None:
 
 
 def reliability_callbacks() -> list[TrainerCallback]:
-    """In this order: a signal asks to save, the save is logged, a non-finite loss vetoes both."""
-    return [SaveOnSignal(), LogAtCheckpoints(), StopOnNonFinite()]
+    """In this order: nothing to train stops first, a signal asks to save, the save is logged, a non-finite loss
+    vetoes both."""
+    return [NoStepPastMaxSteps(), SaveOnSignal(), LogAtCheckpoints(), StopOnNonFinite()]
 
 
 def mean_train_loss(log_history: list[dict[str, Any]]) -> float | None:

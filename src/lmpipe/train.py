@@ -13,7 +13,7 @@ import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from lmpipe.callbacks import mean_train_loss, reliability_callbacks, restore_signal_handlers
+from lmpipe.callbacks import TrainingAlreadyDone, mean_train_loss, reliability_callbacks, restore_signal_handlers
 from lmpipe.card import write_model_card
 from lmpipe.checkpoints import TRAINER_STATE, identity_changes, resume_checkpoint
 from lmpipe.errors import LmpipeError
@@ -160,23 +160,25 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, A
     tokens_before = tokens_seen_at(resume_from)  # read now: save_total_limit may delete that checkpoint
     try:
         train_output = trainer.train(resume_from_checkpoint=resume_from)
+        runtime, session_loss = train_output.metrics["train_runtime"], train_output.training_loss
+    except TrainingAlreadyDone:  # resumed from the last step: evaluate and save what it holds
+        runtime, session_loss = 0.0, None
     finally:
         restore_signal_handlers(trainer.callback_handler.callbacks)
     evaluation = final_evaluation(trainer)
     trainer.save_model(output_dir)
-    runtime = train_output.metrics["train_runtime"]
     metrics = {
         "eval_loss": evaluation["eval_loss"],
         "perplexity": evaluation["eval_perplexity"],
         "eval_tokens": evaluation["eval_tokens"],
         "bits_per_byte": evaluation["eval_bits_per_byte"],
         "trainer_batch_mean_eval_loss": evaluation["eval_batch_mean_loss"],
-        "train_loss": mean_train_loss(trainer.state.log_history) or train_output.training_loss,
+        "train_loss": mean_train_loss(trainer.state.log_history) or session_loss,
         "train_tokens": trainer.state.num_input_tokens_seen,
         "train_steps": trainer.state.global_step,
         "train_epochs": trainer.state.epoch,
         "train_runtime_s": runtime,
-        "train_tokens_per_second": (trainer.state.num_input_tokens_seen - tokens_before) / runtime,
+        "train_tokens_per_second": (trainer.state.num_input_tokens_seen - tokens_before) / runtime if runtime else 0.0,
         "resumed_from": resume_from,
     }
     not_finite = non_finite_metrics(metrics)
