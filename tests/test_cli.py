@@ -65,8 +65,9 @@ def test_the_help_shows_every_training_key_the_shipped_recipes_use():
 
 
 def test_a_negative_number_is_a_value_and_a_negative_learning_rate_one_line(tmp_path, capsys):
-    training = parse_recipe(["--learning_rate", "-1e-3", "--weight_decay", "-.5"]).arguments[-1]
-    assert (training.learning_rate, training.weight_decay) == (-1e-3, -0.5)
+    assert parse_recipe(["--max_steps", "-1"]).arguments[-1].max_steps == -1
+    with pytest.raises(LmpipeError, match=r"^weight_decay must be >= 0, got -0.5$"):  # parsed, then range-checked
+        parse_recipe(["--weight_decay", "-.5"])
     code = main(["pretrain", "--learning_rate", "-1e-3", "--output_dir", str(tmp_path / "run")])
     assert code == 2 and capsys.readouterr().err == "error: learning_rate must be > 0, got -0.001\n"
     assert not (tmp_path / "run").exists()

@@ -22,6 +22,7 @@ import subprocess
 import sys
 
 from lmpipe.errors import LmpipeError
+from lmpipe.recipe import HelpRequested
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 SHUTDOWN_TIMEOUT_S = "600"  # how long a signalled multi-process run may take to save before torchrun SIGKILLs it
@@ -37,9 +38,10 @@ def launch_command(argv: list[str]) -> int:
     """Parse `accelerate launch` options, start the training processes, forward signals, return their exit code."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
-    if not argv or argv[0] in ("-h", "--help"):
-        launch_command_parser().print_help()
-        return 0 if argv else 2
+    if not argv:
+        raise LmpipeError("usage: lmpipe launch [accelerate launch options] SCRIPT [script arguments ...]")
+    if argv[0] in ("-h", "--help"):  # after the script, --help is the script's
+        raise HelpRequested("accelerate launch options:\n" + launch_command_parser().format_help())
     args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
     sagemaker = defaults is not None and defaults.compute_environment == "AMAZON_SAGEMAKER"
     if not args.cpu and (args.use_deepspeed or args.tpu or sagemaker):
