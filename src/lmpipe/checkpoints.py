@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import pickle
 import re
 import shutil
 import zipfile
@@ -49,9 +50,10 @@ NEEDS_TRAINING_STATE = [
 def checkpoint_problem(checkpoint: str | Path, save_only_model: bool = False) -> str | None:
     """Why `checkpoint` cannot be resumed from exactly, naming the file; None when it is complete and finite.
 
-    First headers and checksums: safetensors headers, the CRC-32 of every record of torch's zip files (never
-    unpickled), and the JSON files. Then the values: weights and optimizer state (loaded with `weights_only`)
-    must hold no NaN or inf, or resuming would only repeat the divergence.
+    First headers and checksums: safetensors headers, the CRC-32 of every record of torch's zip files, and the
+    JSON files. Then the values: weights and optimizer state, read with torch's weights-only loader (tensors and
+    plain containers only: a pickle that would call anything else is refused, never run), must hold no NaN or
+    inf, or resuming would only repeat the divergence.
     """
     path = Path(checkpoint)
     if not path.is_dir():
@@ -73,10 +75,19 @@ def checkpoint_problem(checkpoint: str | Path, save_only_model: bool = False) ->
     if step and int(step.group(1)) != recorded:
         return f"{state}: records step {recorded}, not {step.group(1)}"
     for file in sorted(p for p in path.iterdir() if p.is_file()):
-        poisoned = file_non_finite(file)
+        try:
+            poisoned = file_non_finite(file)
+        except pickle.UnpicklingError as e:  # torch's weights-only loader refuses, and runs, nothing else
+            return f"{file}: not loadable with weights_only ({_unpickler_reason(e)})"
         if poisoned:
             return f"{file}: {poisoned} (a diverged run's checkpoint)"
     return None
+
+
+def _unpickler_reason(error: pickle.UnpicklingError) -> str:
+    """The one sentence of torch's long weights-only refusal that says what it found."""
+    reason = next((line for line in str(error).splitlines() if "WeightsUnpickler error:" in line), str(error))
+    return reason.split("WeightsUnpickler error:")[-1].strip().split(". ")[0]
 
 
 def _file_problem(file: Path) -> str | None:
