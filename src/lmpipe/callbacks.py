@@ -24,13 +24,33 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SAME_STOP_WITHIN_S = 2.0
 
 
-def on_any_rank(flag: int, args: TrainingArguments) -> int:
-    """The largest `flag` over all ranks, so that every rank stops at the same step (one tiny all-reduce)."""
+def on_any_rank(flags: list[int], args: TrainingArguments) -> list[int]:
+    """The largest of each flag over all ranks, so that every rank stops at the same step (one tiny all-reduce)."""
     if args.world_size > 1 and torch.distributed.is_initialized():
-        tensor = torch.tensor(flag, device=args.device)
+        tensor = torch.tensor(flags, device=args.device)
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-        return int(tensor.item())
-    return flag
+        return [int(flag) for flag in tensor.tolist()]
+    return list(flags)
+
+
+class StepVote:
+    """What every rank must agree on after each optimizer step: a stop signal and a non-finite training loss on
+    any rank. SaveOnSignal and StopOnNonFinite share one vote, so a step costs one all-reduce for both, whichever
+    of them asks first."""
+
+    def __init__(self):
+        self.signal_number = 0  # this rank's, set by the signal handler
+        self.loss_finite: torch.Tensor | None = None  # this rank's, accumulated by the loss hook without a sync
+        self.step = -1
+        self.agreed = (0, False)
+
+    def agree(self, args: TrainingArguments, step: int) -> tuple[int, bool]:
+        """(signal number, loss not finite) over all ranks at `step`; reduced once per step."""
+        if step != self.step:
+            bad_loss = int(self.loss_finite is not None and not bool(self.loss_finite))
+            signal_number, bad_loss = on_any_rank([self.signal_number, bad_loss], args)
+            self.step, self.agreed, self.loss_finite = step, (signal_number, bool(bad_loss)), None
+        return self.agreed
 
 
 class TrainingInterrupted(LmpipeError):
@@ -48,7 +68,8 @@ class SaveOnSignal(TrainerCallback):
     once without saving. Ranks agree on the step to stop at, so every rank saves the same checkpoint.
     """
 
-    def __init__(self):
+    def __init__(self, vote: StepVote):
+        self.vote = vote
         self.signal_number = 0
         self.signalled_at = 0.0
         self.previous_handlers: dict[int, Any] = {}
@@ -61,6 +82,7 @@ class SaveOnSignal(TrainerCallback):
             signal.raise_signal(signal_number)
             return
         self.signal_number, self.signalled_at = signal_number, time.monotonic()
+        self.vote.signal_number = signal_number
         print(
             f"\n{signal.Signals(signal_number).name}: saving a checkpoint after this step (send it again to stop now)",
             file=sys.stderr,
@@ -72,12 +94,12 @@ class SaveOnSignal(TrainerCallback):
         self.previous_handlers = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.signal_number = 0
+        self.signal_number = self.vote.signal_number = 0
         if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
             self.previous_handlers = {number: signal.signal(number, self._handle) for number in STOP_SIGNALS}
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.signal_number = on_any_rank(self.signal_number, args)
+        self.signal_number = self.vote.agree(args, state.global_step)[0]
         if self.signal_number:
             control.should_save = True  # after this step's due evaluation, if any: it draws from the RNG we save
             control.should_training_stop = True
@@ -108,8 +130,8 @@ class StopOnNonFinite(TrainerCallback):
     that no saved checkpoint is poisoned. The stop message names the newest checkpoint that is really finite.
     """
 
-    def __init__(self):
-        self.finite: torch.Tensor | None = None
+    def __init__(self, vote: StepVote):
+        self.vote = vote
         self.problem: str | None = None
         self.hook = None
 
@@ -117,10 +139,10 @@ class StopOnNonFinite(TrainerCallback):
         loss = output.get("loss") if isinstance(output, Mapping) else None
         if module.training and loss is not None:
             finite = torch.isfinite(loss.detach()).all()
-            self.finite = finite if self.finite is None else self.finite & finite
+            self.vote.loss_finite = finite if self.vote.loss_finite is None else self.vote.loss_finite & finite
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.problem, self.finite = None, None
+        self.problem, self.vote.loss_finite = None, None
         self.hook = model.register_forward_hook(self._watch)
 
     def _veto(self, control: TrainerControl) -> TrainerControl:
@@ -129,19 +151,13 @@ class StopOnNonFinite(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        bad_loss = self.finite is not None and not bool(self.finite)
-        self.finite = None
-        bad_state = None
-        if not bad_loss and (control.should_save or control.should_training_stop):
+        if self.vote.agree(args, state.global_step)[1]:
+            self.problem = f"step {state.global_step}: the training loss is not finite (NaN or inf)"
+        elif control.should_save or control.should_training_stop:  # a second all-reduce only when saving
             bad_state = live_non_finite(model, optimizer)
-        if on_any_rank(int(bad_loss or bad_state is not None), args):
-            if bad_loss:
-                what = "the training loss is not finite (NaN or inf)"
-            elif bad_state:
-                what = f"the {bad_state} is not finite (NaN or inf) after this step"
-            else:
-                what = "another rank's loss, weights or optimizer state are not finite (NaN or inf)"
-            self.problem = f"step {state.global_step}: {what}"
+            if on_any_rank([int(bad_state is not None)], args)[0]:
+                where = f"the {bad_state}" if bad_state else "another rank's weights or optimizer state"
+                self.problem = f"step {state.global_step}: {where} is not finite (NaN or inf) after this step"
         return self._veto(control) if self.problem else control
 
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -200,7 +216,8 @@ def restore_signal_handlers(callbacks: list[TrainerCallback]) -> None:
 def reliability_callbacks() -> list[TrainerCallback]:
     """In this order: nothing to train stops first, a signal asks to save, the save is logged, a non-finite loss
     vetoes both."""
-    return [NoStepPastMaxSteps(), SaveOnSignal(), LogAtCheckpoints(), StopOnNonFinite()]
+    vote = StepVote()
+    return [NoStepPastMaxSteps(), SaveOnSignal(vote), LogAtCheckpoints(), StopOnNonFinite(vote)]
 
 
 def mean_train_loss(log_history: list[dict[str, Any]]) -> float | None:
