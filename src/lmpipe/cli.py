@@ -119,10 +119,10 @@ def finetune_qa_command(argv: list[str]) -> None:
     if training.process_index == 0:
         before = f", {metrics['initial_perplexity']:.2f} before" if "initial_perplexity" in metrics else ""
         rows = " | ".join(f"{name}: " + ", ".join(f"{v:,} {k}" for k, v in c.items()) for name, c in metrics["examples"].items())
+        scores = f" | exact match {metrics['exact_match']:.2f} | F1 {metrics['f1']:.2f}" if "f1" in metrics else ""
         print(
             f"\nanswer-only eval loss {metrics['eval_loss']:.4f} nats/token over {metrics['eval_tokens']:,} tokens"
-            f" | perplexity {metrics['perplexity']:.2f}{before}"
-            f" | exact match {metrics['exact_match']:.2f} | F1 {metrics['f1']:.2f}"
+            f" | perplexity {metrics['perplexity']:.2f}{before}{scores}"
             f"\n{metrics['real_token_fraction']:.1%} of computed tokens are real ({metrics['batching']}) | {rows}"
             f"\nmodel saved to {metrics.get('merged_model_dir', training.output_dir)}"
         )

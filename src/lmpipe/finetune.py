@@ -13,6 +13,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArgum
 
 from lmpipe.checkpoints import check_output_dir
 from lmpipe.data.collate import padded_collator, qa_collator, real_token_fraction
+from lmpipe.data.chat import (
+    ChatFormat, chat_format, check_messages_column, resolve_chat_template, tokenize_conversations,
+)
 from lmpipe.data.qa import TRAINING_COLUMNS, QACounts, check_qa_columns, prompt_template, tokenize_qa
 from lmpipe.data.sources import load_corpus, split_validation
 from lmpipe.disk_full import full_disk_is_one_line
@@ -55,31 +58,42 @@ def check_lengths_fit(model: ModelArguments, qa: QAArguments) -> None:
         )
 
 
-def check_finetune_arguments(model: ModelArguments, qa: QAArguments, lora: LoraArguments) -> str:
-    """Everything checkable from the recipe and the model's config, before any data; returns the prompt template."""
+def check_finetune_arguments(model: ModelArguments, qa: QAArguments, lora: LoraArguments) -> str | None:
+    """Everything checkable from the recipe and the model's config, before any data; returns the prompt template
+    (None for conversations: their chat template needs the tokenizer)."""
     if not model.model_name_or_path:
         raise LmpipeError("model_name_or_path is required: a pretrained model directory or Hub id")
     if qa.max_length < 2:
         raise LmpipeError(f"max_length must be >= 2 (one prompt token and EOS), got {qa.max_length}")
     if qa.generation_max_new_tokens < 1:
         raise LmpipeError(f"generation_max_new_tokens must be >= 1, got {qa.generation_max_new_tokens}")
+    if not 0 <= qa.max_dropped_share <= 1:
+        raise LmpipeError(f"max_dropped_share must be in [0, 1], got {qa.max_dropped_share}")
     check_lora_arguments(lora)
     check_lengths_fit(model, qa)
-    return prompt_template(qa)
+    return None if qa.messages_column else prompt_template(qa)
 
 
 def prepare_qa_data(
-    qa: QAArguments, tokenizer: PreTrainedTokenizerBase, training: TrainingArguments, template: str
+    qa: QAArguments, tokenizer: PreTrainedTokenizerBase, training: TrainingArguments, template: str | ChatFormat
 ) -> QAData:
-    """Load, check, tokenise each file (so errors name its rows), then hold out validation if there is none."""
+    """Load, check, tokenise each file (so errors name its rows), then hold out validation if there is none.
+
+    `template` is the prompt template of QA pairs, or the ChatFormat of conversations (`messages_column`)."""
     source = qa.train_file or qa.dataset_name or "data"
-    corpus = load_corpus(qa.dataset_name, qa.dataset_config_name, qa.train_file, qa.validation_file).flatten()
-    check_qa_columns(corpus, qa, source)
+    corpus = load_corpus(qa.dataset_name, qa.dataset_config_name, qa.train_file, qa.validation_file)
+    if qa.messages_column:
+        check_messages_column(corpus, qa.messages_column, source)
+        tokenize = tokenize_conversations
+    else:
+        corpus = corpus.flatten()
+        check_qa_columns(corpus, qa, source)
+        tokenize = tokenize_qa
     encoded, counts = {}, {}
-    with training.main_process_first(desc="tokenising QA pairs"):
+    with training.main_process_first(desc="tokenising examples"):
         for name, split in corpus.items():
             split_source = qa.validation_file if name == "validation" and qa.validation_file else source
-            encoded[name], counts[name] = tokenize_qa(split, tokenizer, qa, template, split_source)
+            encoded[name], counts[name] = tokenize(split, tokenizer, qa, template, split_source)
     splits = split_validation(DatasetDict(encoded), qa.validation_split_percentage, source)
     return QAData(splits["train"], splits["validation"], counts)
 
@@ -140,6 +154,9 @@ def build_qa_trainer(
     loss check train on exactly this."""
     model_args, tokenizer_args, qa, lora = recipe.arguments[:4]
     tokenizer = load_tokenizer(tokenizer_args, model_args.model_name_or_path, None, model_args.trust_remote_code)
+    if qa.messages_column:  # saved with the run's tokenizer, so generate --chat and a later fine-tune use it
+        tokenizer.chat_template = resolve_chat_template(qa.chat_template, tokenizer)
+        template = chat_format(tokenizer, tokenizer.chat_template)
     data = prepare_qa_data(qa, tokenizer, training, template)
     model = build_model(model_args, tokenizer, qa.max_length)
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
@@ -198,6 +215,7 @@ def _finetune_qa(recipe: Recipe, template: str, hub) -> dict[str, Any]:
         if lora.merge_lora:
             model = save_merged(trainer.model, tokenizer, training.output_dir)
             metrics["merged_model_dir"] = str(output_dir / MERGED_DIR)
+    if trainer.is_world_process_zero() and not qa.messages_column:  # conversations: answer-only perplexity only
         qa_scores, predictions = evaluate_qa(
             model, tokenizer, data.validation, qa.generation_max_new_tokens, training.per_device_eval_batch_size,
             training.seed,

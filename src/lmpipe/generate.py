@@ -15,7 +15,7 @@ from lmpipe.errors import LmpipeError
 from lmpipe.model import load_pretrained
 from lmpipe.model_checks import check_model_files, check_vocab
 from lmpipe.recipe import TokenizerArguments
-from lmpipe.tokenizer import load_tokenizer
+from lmpipe.tokenizer import load_tokenizer, plain_text_ids
 
 
 # The sampling knobs and the values that switch them off.
@@ -121,7 +121,7 @@ def generate_completions(
     batch_size: int = 16,
 ) -> list[str]:
     """The continuation of each prompt text (without the prompt), in the order given."""
-    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    encoded = plain_text_ids(tokenizer, list(prompts))  # a prompt quoting <|endoftext|> is text
     return generate_from_ids(model, tokenizer, encoded, settings, batch_size)
 
 

@@ -145,6 +145,22 @@ class QAArguments:
     )
     generation_max_new_tokens: int = field(default=16, metadata={"help": "Greedy answer length for exact match / F1."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for map()."})
+    messages_column: str | None = field(
+        default=None,
+        metadata={"help": "Column of conversations ([{role, content}, ...]) to learn instead of question/answer."},
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Jinja chat template (text or a .jinja file); default: the tokenizer's, else lmpipe's plain one."},
+    )
+    learn_assistant_turns: str = field(
+        default="all",
+        metadata={"help": "Assistant turns whose content + end marker are learned.", "choices": ["all", "last"]},
+    )
+    max_dropped_share: float = field(
+        default=0.1,
+        metadata={"help": "Stop when more than this share of a file's conversations has no learned token left."},
+    )
 
 
 @dataclass
