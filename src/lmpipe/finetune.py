@@ -34,6 +34,7 @@ from lmpipe.tokenizer import load_tokenizer
 from lmpipe.train import (
     ExactEvalTrainer, build_trainer, check_training_arguments, finished_run, train_and_evaluate, write_run_outputs,
 )
+from lmpipe.train_loss import TokenWeightedLossTrainer
 
 PREDICTIONS_NAME = "predictions.jsonl"
 
@@ -171,6 +172,7 @@ def build_qa_trainer(
         tokenizer,
         byte_lengths,
         eval_data_collator=padded_collator(tokenizer),
+        trainer_class=TokenWeightedLossTrainer,
     )
     return trainer, tokenizer, data
 
