@@ -91,3 +91,63 @@ def test_train_loss_weights_steps_by_their_learned_tokens(root):
     assert metrics["train_loss"] == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
     per_step_mean = sum(s / c for s, c in zip(sums, counts)) / train
     assert abs(per_step_mean - metrics["train_loss"]) > 1e-3  # the two differ: the test can tell them apart
+
+
+# --- show-data: what it prints and writes is what the Trainer's dataloader yields ------------------------------
+
+def dataloader_examples(trainer) -> list[tuple[list[int], list[int]]]:
+    """One epoch of the Trainer's own train dataloader, cut back into examples (padding or packing undone)."""
+    examples = []
+    for batch in trainer.get_train_dataloader():
+        ids, labels = batch["input_ids"], batch["labels"]
+        if "position_ids" in batch:  # padding-free: one row, an example starts where the positions restart at 0
+            starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [ids.shape[1]]
+            examples += [(ids[0, a:b].tolist(), labels[0, a:b].tolist()) for a, b in zip(starts, starts[1:])]
+        else:
+            lengths = batch["attention_mask"].sum(-1).tolist() if "attention_mask" in batch else [ids.shape[1]] * len(ids)
+            examples += [(ids[r, :n].tolist(), labels[r, :n].tolist()) for r, n in enumerate(lengths)]
+    return sorted(examples)
+
+
+def jsonl_examples(path) -> list[tuple[list[int], list[int]]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return sorted((row["input_ids"], row["labels"]) for row in rows)
+
+
+@pytest.mark.parametrize("batching", ["padded", "packed"])
+def test_show_data_jsonl_is_what_the_trainer_receives_for_conversations(batching, root, tmp_path, capsys):
+    from lmpipe.finetune import build_qa_trainer
+    from lmpipe.recipe import FINETUNE_QA_ARGUMENTS, parse_recipe
+
+    flags = ["--model_name_or_path", str(root / "base"), "--train_file", str(root / "chats.jsonl"),
+             "--messages_column", "messages", "--max_length", "320", "--batching", batching,
+             "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    path = tmp_path / "shown.jsonl"
+    assert main(["show-data", *flags, "--rows", "1000", "--jsonl", str(path), "--colour", "never"]) == 0
+    shown = jsonl_examples(path)
+    assert len(shown) == CONVERSATIONS - HELD_OUT
+    assert {json.loads(line)["source"] for line in path.read_text().splitlines()} == {str(root / "chats.jsonl")}
+    printed = capsys.readouterr().out
+    first = conversations(root)[0]  # the first example's answers and their EOS are bracketed, nothing else
+    assert [part.split("]")[0] for part in printed.split("--- example 2")[0].split("[")[1:]] == [
+        m["content"] + "<|endoftext|>" for m in first if m["role"] == "assistant"]
+    recipe = parse_recipe(flags, types=FINETUNE_QA_ARGUMENTS)
+    trainer = build_qa_trainer(recipe, recipe.arguments[-1], None)[0]
+    assert dataloader_examples(trainer) == shown
+
+
+def test_show_data_jsonl_is_what_the_trainer_receives_for_pretraining(tmp_path):
+    from lmpipe.pretrain import build_pretrain_trainer
+    from lmpipe.recipe import parse_recipe
+    from conftest import write_pydoc_corpus
+
+    corpus = write_pydoc_corpus(tmp_path / "corpus.txt", 8)
+    flags = ["--train_file", str(corpus), "--train_tokenizer", "true", "--tokenizer_vocab_size", "300",
+             "--block_size", "32", "--n_positions", "32", "--n_layer", "1", "--n_embd", "16", "--n_head", "2",
+             "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    path = tmp_path / "shown.jsonl"
+    assert main(["show-data", *flags, "--rows", "100000", "--jsonl", str(path)]) == 0
+    recipe = parse_recipe(flags)
+    trainer = build_pretrain_trainer(recipe, recipe.arguments[-1])[0]
+    examples = dataloader_examples(trainer)
+    assert examples == jsonl_examples(path) and all(ids == labels for ids, labels in examples)

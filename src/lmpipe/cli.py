@@ -136,6 +136,23 @@ def generate_command(argv: list[str]) -> None:
     print(args.prompt + generate_from_pretrained(args, settings))
 
 
+def show_data_command(argv: list[str]) -> None:
+    """Print a recipe's first processed training examples with the learned tokens marked, and with `--jsonl`
+    write their exact input_ids and labels (pretraining, QA or conversation recipes; no model is loaded).
+
+    The task is the recipe's `task` key or `--task`, as for check-loss; without either, pretraining."""
+    import dataclasses
+
+    from lmpipe.show_data import ShowDataArguments, show_data
+
+    task, argv = _pop_task(argv)
+    has_recipe = bool(argv) and not argv[0].startswith("-")
+    task = task or (recipe_task(argv[0]) if has_recipe and "--help" not in argv else None) or "pretrain"
+    default = DEFAULT_PRETRAIN_RECIPE if task == "pretrain" else None
+    recipe = parse_recipe(argv, types=(*TASKS[task], ShowDataArguments), default_recipe=default)
+    show_data(dataclasses.replace(recipe, arguments=recipe.arguments[:-1]), recipe.arguments[-1], task == "qa")
+
+
 def push_command(argv: list[str]) -> None:
     """Push a finished run folder to the Hub (model, tokenizer, card, recipe, metrics; checkpoints if asked)."""
     from lmpipe.hub import PushArguments, push_output_dir
@@ -173,6 +190,9 @@ COMMANDS = {
     "perplexity": Command(perplexity_command, "--model_name_or_path DIR --validation_file FILE [--key value ...]"),
     "push": Command(push_command, "OUTPUT_DIR [--hub_model_id ID] [--private] [--hub_strategy STRATEGY]"),
     "generate": Command(generate_command, "--model_name_or_path DIR --prompt TEXT [--key value ...]"),
+    "show-data": Command(
+        show_data_command, "[RECIPE.yaml] [--task pretrain|qa] [--rows N] [--jsonl PATH] [--key value ...]"
+    ),
 }
 
 

@@ -148,17 +148,26 @@ def initial_evaluation(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return {"initial_eval_loss": row["eval_loss"], "initial_perplexity": row["eval_perplexity"]} if row else {}
 
 
+def prepare_finetune_data(
+    recipe: Recipe, training: TrainingArguments, template: str | None
+) -> tuple[PreTrainedTokenizerBase, QAData]:
+    """The tokenizer and the tokenised rows a fine-tuning recipe trains on (no model): training, the loss check
+    and `show-data` all read their examples from here. Conversations get their chat template first."""
+    model_args, tokenizer_args, qa = recipe.arguments[:3]
+    tokenizer = load_tokenizer(tokenizer_args, model_args.model_name_or_path, None, model_args.trust_remote_code)
+    if qa.messages_column:  # saved with the run's tokenizer, so generate --chat and a later fine-tune use it
+        tokenizer.chat_template = resolve_chat_template(qa.chat_template, tokenizer)
+        template = chat_format(tokenizer, tokenizer.chat_template)
+    return tokenizer, prepare_qa_data(qa, tokenizer, training, template)
+
+
 def build_qa_trainer(
     recipe: Recipe, training: TrainingArguments, template: str
 ) -> tuple[ExactEvalTrainer, PreTrainedTokenizerBase, QAData]:
     """Tokenizer, QA rows, the pretrained model (LoRA-wrapped when asked) and its Trainer: fine-tuning and the
     loss check train on exactly this."""
-    model_args, tokenizer_args, qa, lora = recipe.arguments[:4]
-    tokenizer = load_tokenizer(tokenizer_args, model_args.model_name_or_path, None, model_args.trust_remote_code)
-    if qa.messages_column:  # saved with the run's tokenizer, so generate --chat and a later fine-tune use it
-        tokenizer.chat_template = resolve_chat_template(qa.chat_template, tokenizer)
-        template = chat_format(tokenizer, tokenizer.chat_template)
-    data = prepare_qa_data(qa, tokenizer, training, template)
+    model_args, _, qa, lora = recipe.arguments[:4]
+    tokenizer, data = prepare_finetune_data(recipe, training, template)
     model = build_model(model_args, tokenizer, qa.max_length)
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     if lora.use_lora:
