@@ -181,7 +181,9 @@ def test_packed_and_padded_batches_give_the_same_summed_loss(attention, gpt2_tok
     assert packed == pytest.approx(padded, rel=1e-5) and padded == pytest.approx(sum(l for l, _ in alone), rel=1e-5)
 
 
-def test_the_shipped_conversations_are_built_from_nq_open_rows():
+def test_the_shipped_conversations_are_built_from_real_rows():
+    builder = runpy.run_path(str(DATA / "build_shakespeare_dialogues.py"))
+    assert (DATA / "shakespeare_dialogues.jsonl").read_text(encoding="utf-8") == builder["render"]()
     builder = runpy.run_path(str(DATA / "build_nq_conversations.py"))
     shipped = (DATA / "nq_open_conversations.jsonl").read_text(encoding="utf-8")
     assert shipped == builder["render"]()

@@ -16,6 +16,7 @@ from lmpipe.data.collate import padded_collator, qa_collator, real_token_fractio
 from lmpipe.data.chat import (
     ChatFormat, chat_format, check_messages_column, resolve_chat_template, tokenize_conversations,
 )
+from lmpipe.data.mixture import format_shares, parse_sources, prepare_mixture
 from lmpipe.data.qa import TRAINING_COLUMNS, QACounts, check_qa_columns, prompt_template, tokenize_qa
 from lmpipe.data.sources import load_corpus, split_validation
 from lmpipe.disk_full import full_disk_is_one_line
@@ -46,6 +47,7 @@ class QAData:
     train: Dataset
     validation: Dataset
     counts: dict[str, QACounts]
+    mixture: dict[str, dict[str, float]] | None = None  # realised shares per source of a `datasets:` mixture
 
 
 def check_lengths_fit(model: ModelArguments, qa: QAArguments) -> None:
@@ -68,6 +70,11 @@ def check_finetune_arguments(model: ModelArguments, qa: QAArguments, lora: LoraA
         raise LmpipeError(f"max_length must be >= 2 (one prompt token and EOS), got {qa.max_length}")
     if qa.generation_max_new_tokens < 1:
         raise LmpipeError(f"generation_max_new_tokens must be >= 1, got {qa.generation_max_new_tokens}")
+    if qa.datasets:
+        parse_sources(qa.datasets)  # a malformed entry fails before the model is read
+        chosen = [key for key in ("train_file", "validation_file", "dataset_name") if getattr(qa, key)]
+        if chosen:
+            raise LmpipeError(f"datasets: lists the sources; remove {' / '.join(chosen)} (or the datasets list)")
     if not 0 <= qa.max_dropped_share <= 1:
         raise LmpipeError(f"max_dropped_share must be in [0, 1], got {qa.max_dropped_share}")
     check_lora_arguments(lora)
@@ -81,6 +88,11 @@ def prepare_qa_data(
     """Load, check, tokenise each file (so errors name its rows), then hold out validation if there is none.
 
     `template` is the prompt template of QA pairs, or the ChatFormat of conversations (`messages_column`)."""
+    if qa.datasets:
+        with training.main_process_first(desc="tokenising the mixture"):
+            chat = template if qa.messages_column else None
+            mixture = prepare_mixture(qa, tokenizer, chat, training.data_seed or training.seed)
+        return QAData(mixture.train, mixture.validation, mixture.counts, mixture.shares)
     source = qa.train_file or qa.dataset_name or "data"
     corpus = load_corpus(qa.dataset_name, qa.dataset_config_name, qa.train_file, qa.validation_file)
     if qa.messages_column:
@@ -205,10 +217,14 @@ def _finetune_qa(recipe: Recipe, template: str, hub) -> dict[str, Any]:
     _, _, qa, lora, training = recipe.arguments
     set_seed(training.seed)
     trainer, tokenizer, data = build_qa_trainer(recipe, training, template)
+    if data.mixture and trainer.is_world_process_zero():
+        print(format_shares(data.mixture), flush=True)
     model = trainer.model
     if hub:
         trainer.add_callback(CheckpointPusher(hub))
     metrics = train_and_evaluate(trainer, recipe)
+    if data.mixture:
+        metrics["mixture"] = data.mixture
     metrics.update(
         initial_evaluation(trainer.state.log_history),
         batching=qa.batching,

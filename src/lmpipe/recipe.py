@@ -161,6 +161,13 @@ class QAArguments:
         default=0.1,
         metadata={"help": "Stop when more than this share of a file's conversations has no learned token left."},
     )
+    datasets: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "A weighted mixture instead of train_file/dataset_name: a list of {path, weight, split, config, "
+            "and column keys} (JSON per source on the command line); weight > 1 repeats rows, < 1 subsamples them."
+        },
+    )
 
 
 @dataclass
@@ -230,8 +237,8 @@ def _to_flags(mapping: dict[str, Any]) -> list[str]:
             continue
         if isinstance(value, bool):
             flags.append(f"--{key}={str(value).lower()}")
-        elif isinstance(value, (list, tuple)):
-            flags += [f"--{key}", *map(str, value)]
+        elif isinstance(value, (list, tuple)):  # a mapping in a list (a `datasets:` source) travels as JSON
+            flags += [f"--{key}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)]
         elif isinstance(value, dict):
             flags.append(f"--{key}={json.dumps(value)}")
         else:
