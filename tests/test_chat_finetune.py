@@ -151,3 +151,29 @@ def test_show_data_jsonl_is_what_the_trainer_receives_for_pretraining(tmp_path):
     trainer = build_pretrain_trainer(recipe, recipe.arguments[-1])[0]
     examples = dataloader_examples(trainer)
     assert examples == jsonl_examples(path) and all(ids == labels for ids, labels in examples)
+
+
+def test_generate_chat_answers_each_message_with_the_template_turn_by_turn(root, capsys):
+    """Each reply equals a hand greedy decode of the conversation so far, written out turn by turn."""
+    tokenizer = AutoTokenizer.from_pretrained(root / "base")
+    model = AutoModelForCausalLM.from_pretrained(root / "base").eval()
+    questions = ["who wrote hamlet", "and macbeth"]
+    assert main(["generate", "--model_name_or_path", str(root / "base"), "--system", "Be brief.",
+                 "--chat", *questions, "--max_new_tokens", "6"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    ids = tokenizer(HEADERS["system"] + "Be brief." + "\n\n")["input_ids"]
+    expected = ["system: Be brief."]
+    for question in questions:
+        ids += tokenizer(HEADERS["user"])["input_ids"] + tokenizer(question)["input_ids"] + tokenizer("\n\n")["input_ids"]
+        ids += tokenizer(HEADERS["assistant"])["input_ids"]
+        new = []
+        with torch.no_grad():
+            while len(new) < 6:
+                token = int(model(torch.tensor([ids + new])).logits[0, -1, : len(tokenizer)].argmax())
+                if token == tokenizer.eos_token_id:
+                    break
+                new.append(token)
+        reply = tokenizer.decode(new)
+        ids += tokenizer(reply)["input_ids"] + [tokenizer.eos_token_id]
+        expected += [f"user: {question}", f"assistant: {reply}"]
+    assert "\n".join(printed) == "\n".join(expected)

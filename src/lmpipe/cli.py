@@ -129,10 +129,15 @@ def finetune_qa_command(argv: list[str]) -> None:
 
 
 def generate_command(argv: list[str]) -> None:
-    """Print a saved model's continuation of `--prompt` (greedy, or sampled with `--do_sample`)."""
-    from lmpipe.generate import GenerateArguments, GenerationSettings, generate_from_pretrained
+    """Print a saved model's continuation of `--prompt`, or its replies to `--chat` messages (greedy, or sampled
+    with `--do_sample`)."""
+    from lmpipe.generate import GenerateArguments, GenerationSettings, chat_from_pretrained, generate_from_pretrained
 
     args, settings = parse_recipe(argv, types=(GenerateArguments, GenerationSettings), defaults={}).arguments
+    if args.chat:
+        for message in chat_from_pretrained(args, settings):
+            print(f"{message['role']}: {message['content']}")
+        return
     print(args.prompt + generate_from_pretrained(args, settings))
 
 

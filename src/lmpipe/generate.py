@@ -29,6 +29,12 @@ class GenerateArguments:
     # Optional to the parser (a recipe is parsed alone first); generate_from_pretrained requires them.
     model_name_or_path: str | None = field(default=None, metadata={"help": "Saved model directory or Hub id."})
     prompt: str | None = field(default=None, metadata={"help": "Text to continue."})
+    chat: list[str] | None = field(
+        default=None,
+        metadata={"help": "User messages instead of --prompt: each is answered in turn, rendered with the model's saved "
+                  "chat template (lmpipe's plain one if it has none); a reply stops at the assistant turn's end."},
+    )
+    system: str | None = field(default=None, metadata={"help": "A system message before the --chat turns."})
 
 
 @dataclass
@@ -63,7 +69,7 @@ class GenerationSettings:
 
 
 def generation_config(
-    settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase, model_vocab: int
+    settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase, model_vocab: int, stop_ids: list[int] | None = None
 ) -> GenerationConfig:
     """The library's config: stop at EOS, pad with EOS (GPT-2 has no pad token), cache on (training turns it off).
 
@@ -74,7 +80,7 @@ def generation_config(
     return GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
         do_sample=settings.do_sample,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_ids or tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
         use_cache=True,
         suppress_tokens=unused_rows or None,
@@ -105,11 +111,11 @@ def left_padded(encoded: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return input_ids, mask
 
 
-def continuation_text(tokenizer: PreTrainedTokenizerBase, new_ids: torch.Tensor) -> str:
-    """The generated ids up to (not including) the first EOS; later positions are EOS padding."""
+def continuation_text(tokenizer: PreTrainedTokenizerBase, new_ids: torch.Tensor, stop_ids: list[int] | None = None) -> str:
+    """The generated ids up to (not including) the first EOS (or stop id); later positions are EOS padding."""
     ids = new_ids.tolist()
-    if tokenizer.eos_token_id in ids:
-        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    stops = set(stop_ids or [tokenizer.eos_token_id])
+    ids = ids[: next((i for i, token in enumerate(ids) if token in stops), len(ids))]
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
@@ -132,6 +138,7 @@ def generate_from_ids(
     encoded: list[list[int]],
     settings: GenerationSettings,
     batch_size: int = 16,
+    stop_ids: list[int] | None = None,
 ) -> list[str]:
     """The continuation of each prompt, given as token ids (e.g. exactly the ids a QA row was trained on).
 
@@ -143,7 +150,7 @@ def generate_from_ids(
     if batch_size < 1:
         raise LmpipeError(f"batch_size must be >= 1, got {batch_size}")
     check_prompt_ids(encoded, settings.max_new_tokens, getattr(model.config, "max_position_embeddings", None))
-    config = generation_config(settings, tokenizer, model.config.vocab_size)
+    config = generation_config(settings, tokenizer, model.config.vocab_size, stop_ids)
     order = sorted(range(len(encoded)), key=lambda row: len(encoded[row]))  # similar lengths share a batch
     completions: list[str] = [""] * len(encoded)
     was_training = model.training
@@ -160,7 +167,7 @@ def generate_from_ids(
                     generation_config=config,
                 )
                 for row, new_ids in zip(rows, output[:, input_ids.shape[1] :]):
-                    completions[row] = continuation_text(tokenizer, new_ids)
+                    completions[row] = continuation_text(tokenizer, new_ids, stop_ids)
     finally:
         model.train(was_training)
     return completions
@@ -172,8 +179,44 @@ def generate_from_pretrained(args: GenerateArguments, settings: GenerationSettin
         if getattr(args, name) is None:
             raise LmpipeError(f"--{name} is required")
     settings.check()
-    check_model_files(args.model_name_or_path, ("config", "weights", "tokenizer"))
-    model = load_pretrained(args.model_name_or_path)
-    tokenizer = load_tokenizer(TokenizerArguments(), args.model_name_or_path)
-    check_vocab(model, tokenizer, allow_resize=False, name=args.model_name_or_path)
+    model, tokenizer = load_for_generation(args.model_name_or_path)
     return generate_completions(model, tokenizer, [args.prompt], settings, batch_size=1)[0]
+
+
+def load_for_generation(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A saved model and its own tokenizer, its files checked first and its vocabulary against the embeddings."""
+    check_model_files(name, ("config", "weights", "tokenizer"))
+    model = load_pretrained(name)
+    tokenizer = load_tokenizer(TokenizerArguments(), name)
+    check_vocab(model, tokenizer, allow_resize=False, name=name)
+    return model, tokenizer
+
+
+def chat_stop_ids(tokenizer: PreTrainedTokenizerBase, end_ids: list[int]) -> list[int]:
+    """A reply ends at EOS or at the assistant end marker's first token when that is a special token (ChatML's
+    <|im_end|>); a plain-text end marker cannot stop generation by id, so EOS alone does then."""
+    stops = [tokenizer.eos_token_id]
+    if end_ids and end_ids[0] in set(tokenizer.all_special_ids) and end_ids[0] not in stops:
+        stops.append(end_ids[0])
+    return stops
+
+
+def chat_from_pretrained(args: GenerateArguments, settings: GenerationSettings) -> list[dict[str, str]]:
+    """Answer each `--chat` user message in turn; returns the conversation (system, user and assistant turns)."""
+    from lmpipe.data.chat import chat_format, resolve_chat_template
+
+    if args.model_name_or_path is None:
+        raise LmpipeError("--model_name_or_path is required")
+    if args.prompt is not None:
+        raise LmpipeError("--prompt and --chat exclude each other: continue a text or answer messages")
+    settings.check()
+    model, tokenizer = load_for_generation(args.model_name_or_path)
+    fmt = chat_format(tokenizer, resolve_chat_template(None, tokenizer))
+    stop_ids = chat_stop_ids(tokenizer, fmt.ends["assistant"])
+    messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+    for text in args.chat:
+        messages.append({"role": "user", "content": text})
+        prompt_ids = fmt.generation_prompt_ids(tokenizer, messages)
+        reply = generate_from_ids(model, tokenizer, [prompt_ids], settings, batch_size=1, stop_ids=stop_ids)[0]
+        messages.append({"role": "assistant", "content": reply})
+    return messages
