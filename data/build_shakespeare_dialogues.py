@@ -2,7 +2,7 @@
 
 Real multi-turn dialogue: the plays' consecutive speeches, taken four at a time without overlap, become a
 conversation of two exchanges (speech 1 and 3 as user turns, 2 and 4 as the assistant's replies) after one fixed
-system message; each content is "Speaker: lines". Windows holding a speech longer than 300 characters are skipped,
+system message; each content is "Speaker: lines". Windows holding a speech longer than 120 characters are skipped,
 and the first 600 conversations are kept. `tests/test_chat_data.py` checks that the shipped file is exactly what
 this script writes.
 """
@@ -14,7 +14,7 @@ DATA = Path(__file__).resolve().parent
 SOURCE = DATA / "tinyshakespeare.txt"
 TARGET = DATA / "shakespeare_dialogues.jsonl"
 SYSTEM = "Reply as the next speaker in a Shakespeare play."
-SPEECHES, MAX_CHARS, CONVERSATIONS = 4, 300, 600
+SPEECHES, MAX_CHARS, CONVERSATIONS = 4, 120, 600
 
 
 def speeches(text: str) -> list[str]:
