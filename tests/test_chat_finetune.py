@@ -177,3 +177,27 @@ def test_generate_chat_answers_each_message_with_the_template_turn_by_turn(root,
         ids += tokenizer(reply)["input_ids"] + [tokenizer.eos_token_id]
         expected += [f"user: {question}", f"assistant: {reply}"]
     assert "\n".join(printed) == "\n".join(expected)
+
+
+BAD_RUNS = {
+    "bad row": (["--train_file", "{root}/bad.jsonl"], "bad.jsonl row 2: turn 2 has role 'bot'; roles are system"),
+    "too many dropped": (["--max_length", "40"], "chats.jsonl: 40 of 40 conversations (100.0%) have no learned token"),
+    "mixture and train_file": (["--datasets", '{{"path": "{root}/chats.jsonl", "weight": 2}}'],
+                               "datasets: lists the sources; remove train_file"),
+    "bad share": (["--max_dropped_share", "1.5"], "max_dropped_share must be in [0, 1], got 1.5"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_RUNS)
+def test_a_bad_conversation_run_stops_with_one_line_and_no_finished_run(name, root, tmp_path, capsys):
+    (root / "bad.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}\n')
+    flags, message = BAD_RUNS[name]
+    args = ["finetune-qa", "--model_name_or_path", str(root / "base"), "--train_file", str(root / "chats.jsonl"),
+            "--messages_column", "messages", "--max_length", "320", "--output_dir", str(tmp_path / "out"),
+            "--report_to", "none", *[flag.format(root=root) for flag in flags]]
+    assert main(args) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and message in last_line
+    assert not (tmp_path / "out" / "metrics.json").exists()

@@ -174,7 +174,7 @@ def prepare_finetune_data(
 
 
 def build_qa_trainer(
-    recipe: Recipe, training: TrainingArguments, template: str
+    recipe: Recipe, training: TrainingArguments, template: str | None
 ) -> tuple[ExactEvalTrainer, PreTrainedTokenizerBase, QAData]:
     """Tokenizer, QA rows, the pretrained model (LoRA-wrapped when asked) and its Trainer: fine-tuning and the
     loss check train on exactly this."""
