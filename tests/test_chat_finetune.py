@@ -123,7 +123,7 @@ def test_show_data_jsonl_is_what_the_trainer_receives_for_conversations(batching
              "--messages_column", "messages", "--max_length", "320", "--batching", batching,
              "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
     path = tmp_path / "shown.jsonl"
-    assert main(["show-data", *flags, "--rows", "1000", "--jsonl", str(path), "--colour", "never"]) == 0
+    assert main(["show-data", "--task", "qa", *flags, "--rows", "1000", "--jsonl", str(path), "--colour", "never"]) == 0
     shown = jsonl_examples(path)
     assert len(shown) == CONVERSATIONS - HELD_OUT
     assert {json.loads(line)["source"] for line in path.read_text().splitlines()} == {str(root / "chats.jsonl")}

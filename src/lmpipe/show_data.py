@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from lmpipe.errors import LmpipeError
 from lmpipe.losses import IGNORE_INDEX
 from lmpipe.recipe import Recipe
+from lmpipe.run_files import write_text_atomically
 
 LEARNED_COLOUR, RESET = "\033[1;32m", "\033[0m"
 
@@ -85,12 +86,8 @@ def marked_text(tokenizer: PreTrainedTokenizerBase, example: Example, colour: bo
 
 def write_jsonl(examples: Iterable[Example], path: str) -> None:
     """One JSON object per example, written whole then renamed (never half a file)."""
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for example in examples:
-            handle.write(json.dumps({"input_ids": example.input_ids, "labels": example.labels, "source": example.source}) + "\n")
-    tmp.replace(target)
+    rows = ({"input_ids": e.input_ids, "labels": e.labels, "source": e.source} for e in examples)
+    write_text_atomically(Path(path), "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def show_data(recipe: Recipe, args: ShowDataArguments, finetuning: bool, out=None) -> list[Example]:
