@@ -194,7 +194,9 @@ COMMANDS = {
     ),
     "perplexity": Command(perplexity_command, "--model_name_or_path DIR --validation_file FILE [--key value ...]"),
     "push": Command(push_command, "OUTPUT_DIR [--hub_model_id ID] [--private] [--hub_strategy STRATEGY]"),
-    "generate": Command(generate_command, "--model_name_or_path DIR --prompt TEXT [--key value ...]"),
+    "generate": Command(
+        generate_command, "--model_name_or_path DIR (--prompt TEXT | --chat MESSAGE ... [--system TEXT]) [--key value ...]"
+    ),
     "show-data": Command(
         show_data_command, "[RECIPE.yaml] [--task pretrain|qa] [--rows N] [--jsonl PATH] [--key value ...]"
     ),
