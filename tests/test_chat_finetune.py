@@ -201,3 +201,26 @@ def test_a_bad_conversation_run_stops_with_one_line_and_no_finished_run(name, ro
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and message in last_line
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_a_two_source_mixture_run_reports_its_realised_shares(root, tmp_path, capsys):
+    """Real NQ conversations (36 train rows, weight 3) and real Shakespeare dialogue (36, weight 1): 75 % / 25 %."""
+    lines = (DATA / "shakespeare_dialogues.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (root / "plays.jsonl").write_text("".join(lines[:CONVERSATIONS]), encoding="utf-8")
+    sources = ['{"path": "%s", "weight": 3}' % (root / "chats.jsonl"), '{"path": "%s"}' % (root / "plays.jsonl")]
+    output = tmp_path / "mixture"
+    assert main(["finetune-qa", "--model_name_or_path", str(root / "base"), "--datasets", *sources,
+                 "--messages_column", "messages", "--max_length", "320", "--output_dir", str(output),
+                 "--max_steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no",
+                 "--report_to", "none", "--disable_tqdm", "true"]) == 0
+    shares = json.loads((output / "metrics.json").read_text())["mixture"]
+    chats, plays = shares[str(root / "chats.jsonl")], shares[str(root / "plays.jsonl")]
+    assert (chats["examples"], plays["examples"]) == (3 * 36, 36)
+    assert (chats["example_share"], plays["example_share"]) == (0.75, 0.25)
+    assert chats["learned_token_share"] + plays["learned_token_share"] == pytest.approx(1.0)
+    assert capsys.readouterr().out.count("mixture: ") == 1
+    path = tmp_path / "shown.jsonl"
+    assert main(["show-data", "--task", "qa", "--model_name_or_path", str(root / "base"), "--datasets", *sources,
+                 "--messages_column", "messages", "--max_length", "320", "--rows", "1000", "--jsonl", str(path)]) == 0
+    shown = [json.loads(line)["source"] for line in path.read_text().splitlines()]
+    assert (shown.count(str(root / "chats.jsonl")), shown.count(str(root / "plays.jsonl"))) == (108, 36)
