@@ -35,7 +35,9 @@ class ShowDataArguments:
     )
     colour: str = field(
         default="auto",
-        metadata={"help": "Mark learned tokens in colour (a terminal) or [brackets].", "choices": ["auto", "always", "never"]},
+        metadata={
+            "help": "Mark learned tokens in colour (a terminal) or [brackets].", "choices": ["auto", "always", "never"]
+        },
     )
 
 

@@ -79,7 +79,8 @@ class ChatFormat:
     def generation_prompt_ids(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
         """The ids of `messages` turn by turn, then the assistant header: what a chat model continues."""
         ids = []
-        for role, content in zip((m["role"] for m in messages), plain_text_ids(tokenizer, [m["content"] for m in messages])):
+        contents = plain_text_ids(tokenizer, [m["content"] for m in messages])
+        for role, content in zip((m["role"] for m in messages), contents):
             ids += self.headers[role] + content + self.ends[role]
         return ids + self.headers["assistant"]
 
@@ -160,7 +161,8 @@ def conversation_example(
     for index, (role, content) in enumerate(zip(roles, contents)):
         header, end = fmt.headers[role], fmt.ends[role]
         target = content + end
-        pieces.append((header + target, [IGNORE_INDEX] * len(header) + (target if index in learned else [IGNORE_INDEX] * len(target))))
+        labels = target if index in learned else [IGNORE_INDEX] * len(target)
+        pieces.append((header + target, [IGNORE_INDEX] * len(header) + labels))
     first = 1 if roles[0] == "system" else 0
     starts = [first] + [i for i in range(first + 1, len(roles)) if roles[i] == "user"]
     for start in starts:
@@ -186,7 +188,8 @@ def tokenize_conversations(
     def encode(batch, indices):
         rows = [f"{source} row {index + 1}" for index in indices]
         conversations = [check_conversation(value, column, row, fmt) for value, row in zip(batch[column], rows)]
-        rendered = render(tokenizer, fmt.template, [[{"role": r, "content": c} for r, c in turns] for turns in conversations])
+        messages = [[{"role": role, "content": content} for role, content in turns] for turns in conversations]
+        rendered = render(tokenizer, fmt.template, messages)
         for row, turns, text in zip(rows, conversations, rendered):
             if text != "".join(fmt.turn_text(role, content) for role, content in turns):
                 raise LmpipeError(
@@ -197,7 +200,8 @@ def tokenize_conversations(
         out = {"input_ids": [], "labels": [], "truncated": []}
         for turns in conversations:
             roles = [role for role, _ in turns]
-            example = conversation_example(roles, [next(content_ids) for _ in turns], fmt, qa.learn_assistant_turns, qa.max_length)
+            contents = [next(content_ids) for _ in turns]
+            example = conversation_example(roles, contents, fmt, qa.learn_assistant_turns, qa.max_length)
             if example is not None:
                 for key, value in zip(out, example):
                     out[key].append(value)

@@ -56,7 +56,8 @@ def parse_sources(values: list[Any]) -> list[MixtureSource]:
         except ValueError:
             entry = None
         if not isinstance(entry, dict):
-            raise LmpipeError(f"{where}: a source is a mapping of {', '.join(SOURCE_KEYS[:4])} and column keys, got {value!r}")
+            keys = ", ".join(SOURCE_KEYS[:4])
+            raise LmpipeError(f"{where}: a source is a mapping of {keys} and column keys, got {value!r}")
         unknown = sorted(set(entry) - set(SOURCE_KEYS))
         if unknown:
             raise LmpipeError(f"{where}: unknown key '{unknown[0]}'; keys are {', '.join(SOURCE_KEYS)}")
@@ -69,7 +70,8 @@ def parse_sources(values: list[Any]) -> list[MixtureSource]:
             if key in entry and not isinstance(entry[key], str):
                 raise LmpipeError(f"{where}: {key} must be text, got {entry[key]!r}")
         columns = {key: entry[key] for key in COLUMN_KEYS if key in entry}
-        sources.append(MixtureSource(entry["path"], float(weight), entry.get("split", "train"), entry.get("config"), columns))
+        split, config = entry.get("split", "train"), entry.get("config")
+        sources.append(MixtureSource(entry["path"], float(weight), split, config, columns))
     names = [source.name for source in sources]
     if len(set(names)) != len(names):
         raise LmpipeError(f"datasets: {next(n for n in names if names.count(n) > 1)} is listed twice; give it one weight")
@@ -159,7 +161,8 @@ def prepare_mixture(
         else:
             split = split.flatten()
             check_qa_columns(split, source_qa, source.name)
-            rows, counts[source.name] = tokenize_qa(split["train"], tokenizer, source_qa, prompt_template(source_qa), source.name)
+            template = prompt_template(source_qa)
+            rows, counts[source.name] = tokenize_qa(split["train"], tokenizer, source_qa, template, source.name)
         rows = rows.add_column("source", [source.name] * len(rows))
         held = split_validation(DatasetDict({"train": rows}), qa.validation_split_percentage, source.name)
         trains.append(held["train"].select(weighted_indices(len(held["train"]), source.weight, seed + index)))
