@@ -224,3 +224,22 @@ def test_a_two_source_mixture_run_reports_its_realised_shares(root, tmp_path, ca
                  "--messages_column", "messages", "--max_length", "320", "--rows", "1000", "--jsonl", str(path)]) == 0
     shown = [json.loads(line)["source"] for line in path.read_text().splitlines()]
     assert (shown.count(str(root / "chats.jsonl")), shown.count(str(root / "plays.jsonl"))) == (108, 36)
+
+
+def test_a_plain_text_end_marker_stops_a_reply_as_a_stop_string(root):
+    """A template whose assistant turn ends in plain text: the reply is the free (seeded, sampled) text cut before
+    the first place that text appears, even when the prompt itself ends like the marker begins."""
+    from lmpipe.data.chat import chat_format
+    from lmpipe.generate import GenerationSettings, chat_stops, generate_from_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "base")
+    model = AutoModelForCausalLM.from_pretrained(root / "base").eval()
+    prompt = tokenizer("Question: who wrote hamlet\nAnswer:")["input_ids"]
+    settings = GenerationSettings(max_new_tokens=24, do_sample=True, seed=3)
+    free = generate_from_ids(model, tokenizer, [prompt], settings)[0]
+    cut = next(i for i in range(len(free) // 2, len(free) - 1) if free.find(free[i : i + 2]) == i)
+    stop = free[cut : cut + 2]  # first seen half-way through the free text
+    template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + " + repr(stop) + " }}{% endfor %}"
+    stop_ids, stop_text = chat_stops(tokenizer, chat_format(tokenizer, template))
+    assert (stop_ids, stop_text) == ([tokenizer.eos_token_id], stop)
+    assert generate_from_ids(model, tokenizer, [prompt], settings, 1, stop_ids, stop_text)[0] == free[:cut]

@@ -9,8 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList,
+)
 
+from lmpipe.data.chat import ChatFormat, chat_format, resolve_chat_template
 from lmpipe.errors import LmpipeError
 from lmpipe.model import load_pretrained
 from lmpipe.model_checks import check_model_files, check_vocab
@@ -69,7 +72,10 @@ class GenerationSettings:
 
 
 def generation_config(
-    settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase, model_vocab: int, stop_ids: list[int] | None = None
+    settings: GenerationSettings,
+    tokenizer: PreTrainedTokenizerBase,
+    model_vocab: int,
+    stop_ids: list[int] | None = None,
 ) -> GenerationConfig:
     """The library's config: stop at EOS, pad with EOS (GPT-2 has no pad token), cache on (training turns it off).
 
@@ -111,12 +117,29 @@ def left_padded(encoded: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return input_ids, mask
 
 
-def continuation_text(tokenizer: PreTrainedTokenizerBase, new_ids: torch.Tensor, stop_ids: list[int] | None = None) -> str:
-    """The generated ids up to (not including) the first EOS (or stop id); later positions are EOS padding."""
+class StopAfterText(StoppingCriteria):
+    """Stop a row once its generated text contains `text`. Our own: transformers' `stop_strings` also match text
+    that begins in the prompt (a header ending in a newline and an end marker starting with one would stop at once)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, text: str, prompt_width: int):
+        self.tokenizer, self.text, self.prompt_width = tokenizer, text, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        generated = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=False)
+        return torch.tensor([self.text in text for text in generated], dtype=torch.bool, device=input_ids.device)
+
+
+def continuation_text(
+    tokenizer: PreTrainedTokenizerBase, new_ids: torch.Tensor, stop_ids: list[int] | None = None,
+    stop_text: str | None = None,
+) -> str:
+    """The generated ids up to (not including) the first EOS (or stop id), and the text before `stop_text`; later
+    positions are EOS padding."""
     ids = new_ids.tolist()
     stops = set(stop_ids or [tokenizer.eos_token_id])
     ids = ids[: next((i for i, token in enumerate(ids) if token in stops), len(ids))]
-    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return text.split(stop_text, 1)[0] if stop_text else text
 
 
 def generate_completions(
@@ -139,6 +162,7 @@ def generate_from_ids(
     settings: GenerationSettings,
     batch_size: int = 16,
     stop_ids: list[int] | None = None,
+    stop_text: str | None = None,
 ) -> list[str]:
     """The continuation of each prompt, given as token ids (e.g. exactly the ids a QA row was trained on).
 
@@ -165,9 +189,12 @@ def generate_from_ids(
                     input_ids=input_ids.to(model.device),
                     attention_mask=attention_mask.to(model.device),
                     generation_config=config,
+                    stopping_criteria=StoppingCriteriaList(
+                        [StopAfterText(tokenizer, stop_text, input_ids.shape[1])] if stop_text else []
+                    ),
                 )
                 for row, new_ids in zip(rows, output[:, input_ids.shape[1] :]):
-                    completions[row] = continuation_text(tokenizer, new_ids, stop_ids)
+                    completions[row] = continuation_text(tokenizer, new_ids, stop_ids, stop_text)
     finally:
         model.train(was_training)
     return completions
@@ -192,19 +219,17 @@ def load_for_generation(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizer
     return model, tokenizer
 
 
-def chat_stop_ids(tokenizer: PreTrainedTokenizerBase, end_ids: list[int]) -> list[int]:
-    """A reply ends at EOS or at the assistant end marker's first token when that is a special token (ChatML's
-    <|im_end|>); a plain-text end marker cannot stop generation by id, so EOS alone does then."""
-    stops = [tokenizer.eos_token_id]
-    if end_ids and end_ids[0] in set(tokenizer.all_special_ids) and end_ids[0] not in stops:
-        stops.append(end_ids[0])
-    return stops
+def chat_stops(tokenizer: PreTrainedTokenizerBase, fmt: ChatFormat) -> tuple[list[int], str | None]:
+    """Where a reply ends: EOS, and the assistant end marker's first token when that is a special token (ChatML's
+    <|im_end|>), else the end marker's text once the reply contains it (a plain-text template's "\n### End")."""
+    eos, end_ids, end_text = tokenizer.eos_token_id, fmt.ends["assistant"], fmt.texts["assistant"][1]
+    if end_ids and end_ids[0] in set(tokenizer.all_special_ids):
+        return sorted({eos, end_ids[0]}), None
+    return [eos], end_text or None
 
 
 def chat_from_pretrained(args: GenerateArguments, settings: GenerationSettings) -> list[dict[str, str]]:
     """Answer each `--chat` user message in turn; returns the conversation (system, user and assistant turns)."""
-    from lmpipe.data.chat import chat_format, resolve_chat_template
-
     if args.model_name_or_path is None:
         raise LmpipeError("--model_name_or_path is required")
     if args.prompt is not None:
@@ -212,11 +237,11 @@ def chat_from_pretrained(args: GenerateArguments, settings: GenerationSettings) 
     settings.check()
     model, tokenizer = load_for_generation(args.model_name_or_path)
     fmt = chat_format(tokenizer, resolve_chat_template(None, tokenizer))
-    stop_ids = chat_stop_ids(tokenizer, fmt.ends["assistant"])
+    stop_ids, stop_text = chat_stops(tokenizer, fmt)
     messages = [{"role": "system", "content": args.system}] if args.system is not None else []
     for text in args.chat:
         messages.append({"role": "user", "content": text})
         prompt_ids = fmt.generation_prompt_ids(tokenizer, messages)
-        reply = generate_from_ids(model, tokenizer, [prompt_ids], settings, batch_size=1, stop_ids=stop_ids)[0]
+        reply = generate_from_ids(model, tokenizer, [prompt_ids], settings, 1, stop_ids, stop_text)[0]
         messages.append({"role": "assistant", "content": reply})
     return messages
