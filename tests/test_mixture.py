@@ -93,3 +93,27 @@ def test_yaml_sources_parse_like_command_line_json(tmp_path):
     assert parse_sources(from_yaml) == parse_sources(from_flags)
     assert [(s.path, s.weight, s.split) for s in parse_sources(from_yaml)] == [("a.jsonl", 3.0, "train"),
                                                                                ("b.jsonl", 1.0, "train[:50%]")]
+
+
+def test_a_pretraining_mixture_weights_documents_and_counts_their_tokens(gpt2_files, gpt2_tokenizer, tmp_path):
+    from transformers import TrainingArguments
+
+    from lmpipe.data.sources import pydoc_documents
+    from lmpipe.pretrain import prepare_corpus
+    from lmpipe.recipe import DataArguments, ModelArguments, TokenizerArguments
+
+    documents = pydoc_documents()[:40]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in documents[:20]), encoding="utf-8")
+    b.write_text("".join(json.dumps({"body": doc}) + "\n" for doc in documents[20:]), encoding="utf-8")
+    data = DataArguments(datasets=[{"path": str(a), "weight": 3}, {"path": str(b), "text_column": "body"}], block_size=64)
+    corpus = prepare_corpus(data, TokenizerArguments(vocab_file=gpt2_files[0], merges_file=gpt2_files[1]),
+                            ModelArguments(), TrainingArguments(output_dir=str(tmp_path / "out")))
+    tokens = [len(gpt2_tokenizer(doc, split_special_tokens=True)["input_ids"]) + 1 for doc in documents]
+    shares = corpus.mixture
+    assert (shares[str(a)]["examples"], shares[str(b)]["examples"]) == (3 * 18, 18)  # 2 of 20 held out each
+    assert shares[str(a)]["example_share"] == 0.75
+    assert shares[str(a)]["learned_tokens"] == 3 * sum(tokens[:18])
+    assert shares[str(b)]["learned_tokens"] == sum(tokens[20:38])
+    assert len(corpus.train_ids) == 3 * sum(tokens[:18]) + sum(tokens[20:38])
+    assert corpus.validation.num_rows == (sum(tokens[18:20]) + sum(tokens[38:40])) // 64

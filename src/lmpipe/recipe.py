@@ -99,6 +99,13 @@ class DataArguments:
     streaming: bool = field(
         default=False, metadata={"help": "Read, tokenise and pack the train corpus lazily (needs max_steps)."}
     )
+    datasets: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "A weighted mixture instead of train_file/dataset_name: a list of {path, weight, split, config, "
+            "text_column} (JSON per source on the command line); weight > 1 repeats documents, < 1 subsamples them."
+        },
+    )
     streaming_validation_documents: int = field(
         default=1000, metadata={"help": "Streaming, no validation split: hold out the stream's first N documents."}
     )

@@ -56,7 +56,7 @@ def pretraining_examples(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, Itera
 
     model, tokenizer_args, data, training = recipe.arguments[:4]
     corpus = prepare_corpus(data, tokenizer_args, model, training)
-    source = data.train_file or data.dataset_name or "data"
+    source = "mixture" if data.datasets else data.train_file or data.dataset_name or "data"  # blocks span documents
     blocks = (list(map(int, row["input_ids"])) for row in corpus.train)
     return corpus.tokenizer, (Example(ids, list(ids), source) for ids in blocks)
 

@@ -1,4 +1,4 @@
-"""Weighted mixtures of fine-tuning sources (recipe `datasets:`), all of one kind: QA pairs or conversations.
+"""Weighted mixtures of sources (recipe `datasets:`), all of one kind: documents, QA pairs or conversations.
 
 Each source is loaded and tokenised alone (a bad row is named by its own file and row), its last
 `validation_split_percentage`% held out alone, then its train rows are repeated or subsampled by its weight:
@@ -22,13 +22,14 @@ from transformers import PreTrainedTokenizerBase
 
 from lmpipe.data.chat import ChatFormat, check_messages_column, tokenize_conversations
 from lmpipe.data.qa import QACounts, check_qa_columns, prompt_template, tokenize_qa
-from lmpipe.data.sources import BUILDERS, first_line, load_local_file, split_validation
+from lmpipe.data.sources import BUILDERS, check_text_column, first_line, load_local_file, split_validation
 from lmpipe.errors import LmpipeError
 from lmpipe.losses import IGNORE_INDEX
 from lmpipe.recipe import QAArguments
 
-COLUMN_KEYS = ("question_column", "answer_column", "context_column", "messages_column")
-SOURCE_KEYS = ("path", "weight", "split", "config", *COLUMN_KEYS)
+QA_COLUMN_KEYS = ("question_column", "answer_column", "context_column", "messages_column")
+DOCUMENT_COLUMN_KEYS = ("text_column",)
+LOCATION_KEYS = ("path", "weight", "split", "config")
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,10 @@ class MixtureSource:
         return self.path if self.split == "train" else f"{self.path}:{self.split}"
 
 
-def parse_sources(values: list[Any]) -> list[MixtureSource]:
-    """The recipe's `datasets:` entries (mappings, or their JSON text from the command line), checked one by one."""
+def parse_sources(values: list[Any], column_keys: tuple[str, ...] = QA_COLUMN_KEYS) -> list[MixtureSource]:
+    """The recipe's `datasets:` entries (mappings, or their JSON text from the command line), checked one by one;
+    `column_keys`: the column names a source may set for its task."""
+    source_keys = (*LOCATION_KEYS, *column_keys)
     sources = []
     for number, value in enumerate(values, start=1):
         where = f"datasets[{number}]"
@@ -56,20 +59,20 @@ def parse_sources(values: list[Any]) -> list[MixtureSource]:
         except ValueError:
             entry = None
         if not isinstance(entry, dict):
-            keys = ", ".join(SOURCE_KEYS[:4])
+            keys = ", ".join(LOCATION_KEYS)
             raise LmpipeError(f"{where}: a source is a mapping of {keys} and column keys, got {value!r}")
-        unknown = sorted(set(entry) - set(SOURCE_KEYS))
+        unknown = sorted(set(entry) - set(source_keys))
         if unknown:
-            raise LmpipeError(f"{where}: unknown key '{unknown[0]}'; keys are {', '.join(SOURCE_KEYS)}")
+            raise LmpipeError(f"{where}: unknown key '{unknown[0]}'; keys are {', '.join(source_keys)}")
         if not isinstance(entry.get("path"), str) or not entry["path"]:
             raise LmpipeError(f"{where}: needs a path (a local file or a Hub dataset id)")
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight > 0):
             raise LmpipeError(f"{where}: weight must be a number > 0, got {weight!r}")
-        for key in ("split", "config", *COLUMN_KEYS):
+        for key in ("split", "config", *column_keys):
             if key in entry and not isinstance(entry[key], str):
                 raise LmpipeError(f"{where}: {key} must be text, got {entry[key]!r}")
-        columns = {key: entry[key] for key in COLUMN_KEYS if key in entry}
+        columns = {key: entry[key] for key in column_keys if key in entry}
         split, config = entry.get("split", "train"), entry.get("config")
         sources.append(MixtureSource(entry["path"], float(weight), split, config, columns))
     names = [source.name for source in sources]
@@ -80,16 +83,17 @@ def parse_sources(values: list[Any]) -> list[MixtureSource]:
     return sources
 
 
-def load_source(source: MixtureSource) -> Dataset:
-    """A local file (any split expression, e.g. `train[:50%]`) or a Hub dataset's split."""
+def load_source(source: MixtureSource, sample_by: str = "paragraph") -> Dataset:
+    """A local file (any split expression, e.g. `train[:50%]`; `.txt` split by `sample_by`) or a Hub dataset's split."""
     suffix = Path(source.path).suffix.lower()
     if suffix in BUILDERS and source.split == "train":
-        return load_local_file(source.path)
+        return load_local_file(source.path, sample_by)
     try:
         if suffix in BUILDERS:
             if not Path(source.path).is_file():
                 raise LmpipeError(f"{source.path}: data file not found")
-            return load_dataset(BUILDERS[suffix], data_files={"train": source.path}, split=source.split)
+            options = {"sample_by": sample_by} if BUILDERS[suffix] == "text" else {}
+            return load_dataset(BUILDERS[suffix], data_files={"train": source.path}, split=source.split, **options)
         return load_dataset(source.path, source.config, split=source.split)
     except LmpipeError:
         raise
@@ -105,13 +109,16 @@ def weighted_indices(rows: int, weight: float, seed: int) -> list[int]:
     return list(range(rows)) * int(whole) + sorted(int(i) for i in sample)
 
 
-def realised_shares(train: Dataset, sources: list[MixtureSource]) -> dict[str, dict[str, float]]:
-    """Per source: its weight, examples and learned label tokens in the train set, and their shares."""
+def realised_shares(
+    sources: list[MixtureSource], row_sources: list[str], row_tokens: list[int]
+) -> dict[str, dict[str, float]]:
+    """Per source: its weight, examples (documents, for pretraining) and learned tokens in the train set, and their
+    shares; `row_sources` and `row_tokens` name each train row's source and count its learned tokens."""
     examples = dict.fromkeys((s.name for s in sources), 0)
     tokens = dict.fromkeys(examples, 0)
-    for name, labels in zip(train["source"], train["labels"]):
+    for name, count in zip(row_sources, row_tokens):
         examples[name] += 1
-        tokens[name] += sum(label != IGNORE_INDEX for label in labels)
+        tokens[name] += count
     total_examples, total_tokens = sum(examples.values()), sum(tokens.values())
     return {
         source.name: {
@@ -168,4 +175,26 @@ def prepare_mixture(
         trains.append(held["train"].select(weighted_indices(len(held["train"]), source.weight, seed + index)))
         validations.append(held["validation"])
     train = concatenate_datasets(trains)
-    return Mixture(train, concatenate_datasets(validations), counts, realised_shares(train, sources))
+    learned = [sum(label != IGNORE_INDEX for label in labels) for labels in train["labels"]]
+    return Mixture(train, concatenate_datasets(validations), counts, realised_shares(sources, train["source"], learned))
+
+
+def mixed_documents(
+    values: list[Any], text_column: str, sample_by: str, validation_percentage: float, seed: int
+) -> tuple[DatasetDict, list[MixtureSource]]:
+    """Pretraining sources as one corpus of documents (`text_column`, `source`): each source's own last
+    `validation_percentage`% held out, its train documents repeated or subsampled by its weight."""
+    sources = parse_sources(values, DOCUMENT_COLUMN_KEYS)
+    trains, validations = [], []
+    for index, source in enumerate(sources):
+        split = DatasetDict({"train": load_source(source, sample_by)})
+        column = source.columns.get("text_column", text_column)
+        check_text_column(split, column, source.name)
+        documents = split["train"].select_columns([column]).rename_columns({column: "text"} if column != "text" else {})
+        documents = documents.add_column("source", [source.name] * len(documents))
+        held = split_validation(DatasetDict({"train": documents}), validation_percentage, source.name)
+        trains.append(held["train"].select(weighted_indices(len(held["train"]), source.weight, seed + index)))
+        validations.append(held["validation"])
+    corpus = DatasetDict({"train": concatenate_datasets(trains), "validation": concatenate_datasets(validations)})
+    return DatasetDict({name: split.rename_columns({"text": text_column} if text_column != "text" else {})
+                        for name, split in corpus.items()}), sources
