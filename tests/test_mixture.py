@@ -117,3 +117,15 @@ def test_a_pretraining_mixture_weights_documents_and_counts_their_tokens(gpt2_fi
     assert shares[str(b)]["learned_tokens"] == sum(tokens[20:38])
     assert len(corpus.train_ids) == 3 * sum(tokens[:18]) + sum(tokens[20:38])
     assert corpus.validation.num_rows == (sum(tokens[18:20]) + sum(tokens[38:40])) // 64
+
+
+def test_a_streaming_mixture_is_refused_in_one_line(tmp_path):
+    from transformers import TrainingArguments
+
+    from lmpipe.pretrain import prepare_corpus
+    from lmpipe.recipe import DataArguments, ModelArguments, TokenizerArguments
+
+    data = DataArguments(datasets=[{"path": "a.txt"}], streaming=True)
+    with pytest.raises(LmpipeError, match="streaming mixtures are not built"):
+        prepare_corpus(data, TokenizerArguments(train_tokenizer=True), ModelArguments(),
+                       TrainingArguments(output_dir=str(tmp_path)))
