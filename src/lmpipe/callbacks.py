@@ -221,13 +221,18 @@ def reliability_callbacks() -> list[TrainerCallback]:
 
 
 def mean_train_loss(log_history: list[dict[str, Any]]) -> float | None:
-    """The step-weighted mean of the logged train losses over the whole run, across resumes (None: nothing logged).
+    """The mean train loss over the whole run, across resumes (None: nothing logged): weighted by each log row's
+    `learned_tokens` when every row has them (train_loss.TokenWeightedLossTrainer), else by its steps.
 
     The Trainer's own `train_loss` averages only the steps of the current `train()` call.
     """
     rows = [row for row in log_history if "loss" in row and "step" in row]
     if not rows:
         return None
+    if all("learned_tokens" in row for row in rows):
+        tokens = sum(row["learned_tokens"] for row in rows)
+        total = sum(row["loss"] * row["learned_tokens"] for row in rows)
+        return total / tokens if tokens and math.isfinite(total) else None
     total, previous_step = 0.0, 0
     for row in rows:
         total += row["loss"] * (row["step"] - previous_step)

@@ -119,21 +119,43 @@ def finetune_qa_command(argv: list[str]) -> None:
     if training.process_index == 0:
         before = f", {metrics['initial_perplexity']:.2f} before" if "initial_perplexity" in metrics else ""
         rows = " | ".join(f"{name}: " + ", ".join(f"{v:,} {k}" for k, v in c.items()) for name, c in metrics["examples"].items())
+        scores = f" | exact match {metrics['exact_match']:.2f} | F1 {metrics['f1']:.2f}" if "f1" in metrics else ""
         print(
             f"\nanswer-only eval loss {metrics['eval_loss']:.4f} nats/token over {metrics['eval_tokens']:,} tokens"
-            f" | perplexity {metrics['perplexity']:.2f}{before}"
-            f" | exact match {metrics['exact_match']:.2f} | F1 {metrics['f1']:.2f}"
+            f" | perplexity {metrics['perplexity']:.2f}{before}{scores}"
             f"\n{metrics['real_token_fraction']:.1%} of computed tokens are real ({metrics['batching']}) | {rows}"
             f"\nmodel saved to {metrics.get('merged_model_dir', training.output_dir)}"
         )
 
 
 def generate_command(argv: list[str]) -> None:
-    """Print a saved model's continuation of `--prompt` (greedy, or sampled with `--do_sample`)."""
-    from lmpipe.generate import GenerateArguments, GenerationSettings, generate_from_pretrained
+    """Print a saved model's continuation of `--prompt`, or its replies to `--chat` messages (greedy, or sampled
+    with `--do_sample`)."""
+    from lmpipe.generate import GenerateArguments, GenerationSettings, chat_from_pretrained, generate_from_pretrained
 
     args, settings = parse_recipe(argv, types=(GenerateArguments, GenerationSettings), defaults={}).arguments
+    if args.chat:
+        for message in chat_from_pretrained(args, settings):
+            print(f"{message['role']}: {message['content']}")
+        return
     print(args.prompt + generate_from_pretrained(args, settings))
+
+
+def show_data_command(argv: list[str]) -> None:
+    """Print a recipe's first processed training examples with the learned tokens marked, and with `--jsonl`
+    write their exact input_ids and labels (pretraining, QA or conversation recipes; no model is loaded).
+
+    The task is the recipe's `task` key or `--task`, as for check-loss; without either, pretraining."""
+    import dataclasses
+
+    from lmpipe.show_data import ShowDataArguments, show_data
+
+    task, argv = _pop_task(argv)
+    has_recipe = bool(argv) and not argv[0].startswith("-")
+    task = task or (recipe_task(argv[0]) if has_recipe and "--help" not in argv else None) or "pretrain"
+    default = DEFAULT_PRETRAIN_RECIPE if task == "pretrain" else None
+    recipe = parse_recipe(argv, types=(*TASKS[task], ShowDataArguments), default_recipe=default)
+    show_data(dataclasses.replace(recipe, arguments=recipe.arguments[:-1]), recipe.arguments[-1], task == "qa")
 
 
 def push_command(argv: list[str]) -> None:
@@ -172,7 +194,12 @@ COMMANDS = {
     ),
     "perplexity": Command(perplexity_command, "--model_name_or_path DIR --validation_file FILE [--key value ...]"),
     "push": Command(push_command, "OUTPUT_DIR [--hub_model_id ID] [--private] [--hub_strategy STRATEGY]"),
-    "generate": Command(generate_command, "--model_name_or_path DIR --prompt TEXT [--key value ...]"),
+    "generate": Command(
+        generate_command, "--model_name_or_path DIR (--prompt TEXT | --chat MESSAGE ... [--system TEXT]) [--key value ...]"
+    ),
+    "show-data": Command(
+        show_data_command, "[RECIPE.yaml] [--task pretrain|qa] [--rows N] [--jsonl PATH] [--key value ...]"
+    ),
 }
 
 

@@ -13,6 +13,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArgum
 
 from lmpipe.checkpoints import check_output_dir
 from lmpipe.data.collate import padded_collator, qa_collator, real_token_fraction
+from lmpipe.data.chat import (
+    ChatFormat, chat_format, check_messages_column, resolve_chat_template, tokenize_conversations,
+)
+from lmpipe.data.mixture import format_shares, parse_sources, prepare_mixture
 from lmpipe.data.qa import TRAINING_COLUMNS, QACounts, check_qa_columns, prompt_template, tokenize_qa
 from lmpipe.data.sources import load_corpus, split_validation
 from lmpipe.disk_full import full_disk_is_one_line
@@ -31,6 +35,7 @@ from lmpipe.tokenizer import load_tokenizer
 from lmpipe.train import (
     ExactEvalTrainer, build_trainer, check_training_arguments, finished_run, train_and_evaluate, write_run_outputs,
 )
+from lmpipe.train_loss import TokenWeightedLossTrainer
 
 PREDICTIONS_NAME = "predictions.jsonl"
 
@@ -42,6 +47,7 @@ class QAData:
     train: Dataset
     validation: Dataset
     counts: dict[str, QACounts]
+    mixture: dict[str, dict[str, float]] | None = None  # realised shares per source of a `datasets:` mixture
 
 
 def check_lengths_fit(model: ModelArguments, qa: QAArguments) -> None:
@@ -55,31 +61,52 @@ def check_lengths_fit(model: ModelArguments, qa: QAArguments) -> None:
         )
 
 
-def check_finetune_arguments(model: ModelArguments, qa: QAArguments, lora: LoraArguments) -> str:
-    """Everything checkable from the recipe and the model's config, before any data; returns the prompt template."""
+def check_finetune_arguments(model: ModelArguments, qa: QAArguments, lora: LoraArguments) -> str | None:
+    """Everything checkable from the recipe and the model's config, before any data; returns the prompt template
+    (None for conversations: their chat template needs the tokenizer)."""
     if not model.model_name_or_path:
         raise LmpipeError("model_name_or_path is required: a pretrained model directory or Hub id")
     if qa.max_length < 2:
         raise LmpipeError(f"max_length must be >= 2 (one prompt token and EOS), got {qa.max_length}")
     if qa.generation_max_new_tokens < 1:
         raise LmpipeError(f"generation_max_new_tokens must be >= 1, got {qa.generation_max_new_tokens}")
+    if qa.datasets:
+        parse_sources(qa.datasets)  # a malformed entry fails before the model is read
+        chosen = [key for key in ("train_file", "validation_file", "dataset_name") if getattr(qa, key)]
+        if chosen:
+            raise LmpipeError(f"datasets: lists the sources; remove {' / '.join(chosen)} (or the datasets list)")
+    if not 0 <= qa.max_dropped_share <= 1:
+        raise LmpipeError(f"max_dropped_share must be in [0, 1], got {qa.max_dropped_share}")
     check_lora_arguments(lora)
     check_lengths_fit(model, qa)
-    return prompt_template(qa)
+    return None if qa.messages_column else prompt_template(qa)
 
 
 def prepare_qa_data(
-    qa: QAArguments, tokenizer: PreTrainedTokenizerBase, training: TrainingArguments, template: str
+    qa: QAArguments, tokenizer: PreTrainedTokenizerBase, training: TrainingArguments, template: str | ChatFormat
 ) -> QAData:
-    """Load, check, tokenise each file (so errors name its rows), then hold out validation if there is none."""
+    """Load, check, tokenise each file (so errors name its rows), then hold out validation if there is none.
+
+    `template` is the prompt template of QA pairs, or the ChatFormat of conversations (`messages_column`)."""
+    if qa.datasets:
+        with training.main_process_first(desc="tokenising the mixture"):
+            chat = template if qa.messages_column else None
+            mixture = prepare_mixture(qa, tokenizer, chat, training.data_seed or training.seed)
+        return QAData(mixture.train, mixture.validation, mixture.counts, mixture.shares)
     source = qa.train_file or qa.dataset_name or "data"
-    corpus = load_corpus(qa.dataset_name, qa.dataset_config_name, qa.train_file, qa.validation_file).flatten()
-    check_qa_columns(corpus, qa, source)
+    corpus = load_corpus(qa.dataset_name, qa.dataset_config_name, qa.train_file, qa.validation_file)
+    if qa.messages_column:
+        check_messages_column(corpus, qa.messages_column, source)
+        tokenize = tokenize_conversations
+    else:
+        corpus = corpus.flatten()
+        check_qa_columns(corpus, qa, source)
+        tokenize = tokenize_qa
     encoded, counts = {}, {}
-    with training.main_process_first(desc="tokenising QA pairs"):
+    with training.main_process_first(desc="tokenising examples"):
         for name, split in corpus.items():
             split_source = qa.validation_file if name == "validation" and qa.validation_file else source
-            encoded[name], counts[name] = tokenize_qa(split, tokenizer, qa, template, split_source)
+            encoded[name], counts[name] = tokenize(split, tokenizer, qa, template, split_source)
     splits = split_validation(DatasetDict(encoded), qa.validation_split_percentage, source)
     return QAData(splits["train"], splits["validation"], counts)
 
@@ -133,14 +160,26 @@ def initial_evaluation(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return {"initial_eval_loss": row["eval_loss"], "initial_perplexity": row["eval_perplexity"]} if row else {}
 
 
+def prepare_finetune_data(
+    recipe: Recipe, training: TrainingArguments, template: str | None
+) -> tuple[PreTrainedTokenizerBase, QAData]:
+    """The tokenizer and the tokenised rows a fine-tuning recipe trains on (no model): training, the loss check
+    and `show-data` all read their examples from here. Conversations get their chat template first."""
+    model_args, tokenizer_args, qa = recipe.arguments[:3]
+    tokenizer = load_tokenizer(tokenizer_args, model_args.model_name_or_path, None, model_args.trust_remote_code)
+    if qa.messages_column:  # saved with the run's tokenizer, so generate --chat and a later fine-tune use it
+        tokenizer.chat_template = resolve_chat_template(qa.chat_template, tokenizer)
+        template = chat_format(tokenizer, tokenizer.chat_template)
+    return tokenizer, prepare_qa_data(qa, tokenizer, training, template)
+
+
 def build_qa_trainer(
-    recipe: Recipe, training: TrainingArguments, template: str
+    recipe: Recipe, training: TrainingArguments, template: str | None
 ) -> tuple[ExactEvalTrainer, PreTrainedTokenizerBase, QAData]:
     """Tokenizer, QA rows, the pretrained model (LoRA-wrapped when asked) and its Trainer: fine-tuning and the
     loss check train on exactly this."""
-    model_args, tokenizer_args, qa, lora = recipe.arguments[:4]
-    tokenizer = load_tokenizer(tokenizer_args, model_args.model_name_or_path, None, model_args.trust_remote_code)
-    data = prepare_qa_data(qa, tokenizer, training, template)
+    model_args, _, qa, lora = recipe.arguments[:4]
+    tokenizer, data = prepare_finetune_data(recipe, training, template)
     model = build_model(model_args, tokenizer, qa.max_length)
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     if lora.use_lora:
@@ -154,6 +193,7 @@ def build_qa_trainer(
         tokenizer,
         byte_lengths,
         eval_data_collator=padded_collator(tokenizer),
+        trainer_class=TokenWeightedLossTrainer,
     )
     return trainer, tokenizer, data
 
@@ -177,10 +217,14 @@ def _finetune_qa(recipe: Recipe, template: str, hub) -> dict[str, Any]:
     _, _, qa, lora, training = recipe.arguments
     set_seed(training.seed)
     trainer, tokenizer, data = build_qa_trainer(recipe, training, template)
+    if data.mixture and trainer.is_world_process_zero():
+        print(format_shares(data.mixture), flush=True)
     model = trainer.model
     if hub:
         trainer.add_callback(CheckpointPusher(hub))
     metrics = train_and_evaluate(trainer, recipe)
+    if data.mixture:
+        metrics["mixture"] = data.mixture
     metrics.update(
         initial_evaluation(trainer.state.log_history),
         batching=qa.batching,
@@ -198,6 +242,7 @@ def _finetune_qa(recipe: Recipe, template: str, hub) -> dict[str, Any]:
         if lora.merge_lora:
             model = save_merged(trainer.model, tokenizer, training.output_dir)
             metrics["merged_model_dir"] = str(output_dir / MERGED_DIR)
+    if trainer.is_world_process_zero() and not qa.messages_column:  # conversations: answer-only perplexity only
         qa_scores, predictions = evaluate_qa(
             model, tokenizer, data.validation, qa.generation_max_new_tokens, training.per_device_eval_batch_size,
             training.seed,

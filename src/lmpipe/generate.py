@@ -9,13 +9,16 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList,
+)
 
+from lmpipe.data.chat import ChatFormat, chat_format, resolve_chat_template
 from lmpipe.errors import LmpipeError
 from lmpipe.model import load_pretrained
 from lmpipe.model_checks import check_model_files, check_vocab
 from lmpipe.recipe import TokenizerArguments
-from lmpipe.tokenizer import load_tokenizer
+from lmpipe.tokenizer import load_tokenizer, plain_text_ids
 
 
 # The sampling knobs and the values that switch them off.
@@ -29,6 +32,12 @@ class GenerateArguments:
     # Optional to the parser (a recipe is parsed alone first); generate_from_pretrained requires them.
     model_name_or_path: str | None = field(default=None, metadata={"help": "Saved model directory or Hub id."})
     prompt: str | None = field(default=None, metadata={"help": "Text to continue."})
+    chat: list[str] | None = field(
+        default=None,
+        metadata={"help": "User messages instead of --prompt: each is answered in turn, rendered with the model's saved "
+                  "chat template (lmpipe's plain one if it has none); a reply stops at the assistant turn's end."},
+    )
+    system: str | None = field(default=None, metadata={"help": "A system message before the --chat turns."})
 
 
 @dataclass
@@ -63,7 +72,10 @@ class GenerationSettings:
 
 
 def generation_config(
-    settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase, model_vocab: int
+    settings: GenerationSettings,
+    tokenizer: PreTrainedTokenizerBase,
+    model_vocab: int,
+    stop_ids: list[int] | None = None,
 ) -> GenerationConfig:
     """The library's config: stop at EOS, pad with EOS (GPT-2 has no pad token), cache on (training turns it off).
 
@@ -74,7 +86,7 @@ def generation_config(
     return GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
         do_sample=settings.do_sample,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_ids or tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
         use_cache=True,
         suppress_tokens=unused_rows or None,
@@ -105,12 +117,29 @@ def left_padded(encoded: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return input_ids, mask
 
 
-def continuation_text(tokenizer: PreTrainedTokenizerBase, new_ids: torch.Tensor) -> str:
-    """The generated ids up to (not including) the first EOS; later positions are EOS padding."""
+class StopAfterText(StoppingCriteria):
+    """Stop a row once its generated text contains `text`. Our own: transformers' `stop_strings` also match text
+    that begins in the prompt (a header ending in a newline and an end marker starting with one would stop at once)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, text: str, prompt_width: int):
+        self.tokenizer, self.text, self.prompt_width = tokenizer, text, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        generated = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=False)
+        return torch.tensor([self.text in text for text in generated], dtype=torch.bool, device=input_ids.device)
+
+
+def continuation_text(
+    tokenizer: PreTrainedTokenizerBase, new_ids: torch.Tensor, stop_ids: list[int] | None = None,
+    stop_text: str | None = None,
+) -> str:
+    """The generated ids up to (not including) the first EOS (or stop id), and the text before `stop_text`; later
+    positions are EOS padding."""
     ids = new_ids.tolist()
-    if tokenizer.eos_token_id in ids:
-        ids = ids[: ids.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    stops = set(stop_ids or [tokenizer.eos_token_id])
+    ids = ids[: next((i for i, token in enumerate(ids) if token in stops), len(ids))]
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return text.split(stop_text, 1)[0] if stop_text else text
 
 
 def generate_completions(
@@ -121,7 +150,7 @@ def generate_completions(
     batch_size: int = 16,
 ) -> list[str]:
     """The continuation of each prompt text (without the prompt), in the order given."""
-    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    encoded = plain_text_ids(tokenizer, list(prompts))  # a prompt quoting <|endoftext|> is text
     return generate_from_ids(model, tokenizer, encoded, settings, batch_size)
 
 
@@ -132,6 +161,8 @@ def generate_from_ids(
     encoded: list[list[int]],
     settings: GenerationSettings,
     batch_size: int = 16,
+    stop_ids: list[int] | None = None,
+    stop_text: str | None = None,
 ) -> list[str]:
     """The continuation of each prompt, given as token ids (e.g. exactly the ids a QA row was trained on).
 
@@ -143,7 +174,7 @@ def generate_from_ids(
     if batch_size < 1:
         raise LmpipeError(f"batch_size must be >= 1, got {batch_size}")
     check_prompt_ids(encoded, settings.max_new_tokens, getattr(model.config, "max_position_embeddings", None))
-    config = generation_config(settings, tokenizer, model.config.vocab_size)
+    config = generation_config(settings, tokenizer, model.config.vocab_size, stop_ids)
     order = sorted(range(len(encoded)), key=lambda row: len(encoded[row]))  # similar lengths share a batch
     completions: list[str] = [""] * len(encoded)
     was_training = model.training
@@ -158,9 +189,12 @@ def generate_from_ids(
                     input_ids=input_ids.to(model.device),
                     attention_mask=attention_mask.to(model.device),
                     generation_config=config,
+                    stopping_criteria=StoppingCriteriaList(
+                        [StopAfterText(tokenizer, stop_text, input_ids.shape[1])] if stop_text else []
+                    ),
                 )
                 for row, new_ids in zip(rows, output[:, input_ids.shape[1] :]):
-                    completions[row] = continuation_text(tokenizer, new_ids)
+                    completions[row] = continuation_text(tokenizer, new_ids, stop_ids, stop_text)
     finally:
         model.train(was_training)
     return completions
@@ -172,8 +206,42 @@ def generate_from_pretrained(args: GenerateArguments, settings: GenerationSettin
         if getattr(args, name) is None:
             raise LmpipeError(f"--{name} is required")
     settings.check()
-    check_model_files(args.model_name_or_path, ("config", "weights", "tokenizer"))
-    model = load_pretrained(args.model_name_or_path)
-    tokenizer = load_tokenizer(TokenizerArguments(), args.model_name_or_path)
-    check_vocab(model, tokenizer, allow_resize=False, name=args.model_name_or_path)
+    model, tokenizer = load_for_generation(args.model_name_or_path)
     return generate_completions(model, tokenizer, [args.prompt], settings, batch_size=1)[0]
+
+
+def load_for_generation(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A saved model and its own tokenizer, its files checked first and its vocabulary against the embeddings."""
+    check_model_files(name, ("config", "weights", "tokenizer"))
+    model = load_pretrained(name)
+    tokenizer = load_tokenizer(TokenizerArguments(), name)
+    check_vocab(model, tokenizer, allow_resize=False, name=name)
+    return model, tokenizer
+
+
+def chat_stops(tokenizer: PreTrainedTokenizerBase, fmt: ChatFormat) -> tuple[list[int], str | None]:
+    """Where a reply ends: EOS, and the assistant end marker's first token when that is a special token (ChatML's
+    <|im_end|>), else the end marker's text once the reply contains it (a plain-text template's "\n### End")."""
+    eos, end_ids, end_text = tokenizer.eos_token_id, fmt.ends["assistant"], fmt.texts["assistant"][1]
+    if end_ids and end_ids[0] in set(tokenizer.all_special_ids):
+        return sorted({eos, end_ids[0]}), None
+    return [eos], end_text or None
+
+
+def chat_from_pretrained(args: GenerateArguments, settings: GenerationSettings) -> list[dict[str, str]]:
+    """Answer each `--chat` user message in turn; returns the conversation (system, user and assistant turns)."""
+    if args.model_name_or_path is None:
+        raise LmpipeError("--model_name_or_path is required")
+    if args.prompt is not None:
+        raise LmpipeError("--prompt and --chat exclude each other: continue a text or answer messages")
+    settings.check()
+    model, tokenizer = load_for_generation(args.model_name_or_path)
+    fmt = chat_format(tokenizer, resolve_chat_template(None, tokenizer))
+    stop_ids, stop_text = chat_stops(tokenizer, fmt)
+    messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+    for text in args.chat:
+        messages.append({"role": "user", "content": text})
+        prompt_ids = fmt.generation_prompt_ids(tokenizer, messages)
+        reply = generate_from_ids(model, tokenizer, [prompt_ids], settings, 1, stop_ids, stop_text)[0]
+        messages.append({"role": "assistant", "content": reply})
+    return messages

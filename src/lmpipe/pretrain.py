@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 
@@ -15,6 +16,7 @@ from lmpipe.data.null_rows import check_no_null_text
 from lmpipe.data.packing import (
     blocks_as_array, blocks_dataset, flat_token_ids, pack_blocks, tokenize_documents, whole_blocks,
 )
+from lmpipe.data.mixture import format_shares, mixed_documents, realised_shares
 from lmpipe.data.sources import check_text_column, load_corpus, split_validation
 from lmpipe.data.streaming import PackedStream, check_streaming_arguments, stream_documents, stream_texts
 from lmpipe.disk_full import full_disk_is_one_line
@@ -39,6 +41,7 @@ class PackedCorpus:
     train: Dataset | PackedStream
     validation: Dataset
     train_ids: np.ndarray
+    mixture: dict[str, dict[str, float]] | None = None  # realised shares per source of a `datasets:` mixture
 
 
 def prepare_corpus(
@@ -46,10 +49,19 @@ def prepare_corpus(
 ) -> PackedCorpus:
     """Load, split, tokenise and pack; the tokenizer is trained on the train split when the recipe asks."""
     check_tokenizer_arguments(tokenizer_args, model.model_name_or_path)
+    if data.datasets and (data.streaming or data.train_file or data.validation_file):
+        raise LmpipeError("datasets: lists the sources; remove train_file / validation_file (streaming mixtures are "
+                          "not built: the sources are read in memory)")
     if data.streaming:
         return prepare_streaming_corpus(data, tokenizer_args, model, training)
-    source = data.train_file or data.dataset_name or "data"
-    corpus = load_corpus(data.dataset_name, data.dataset_config_name, data.train_file, data.validation_file, data.sample_by)
+    source = "datasets" if data.datasets else data.train_file or data.dataset_name or "data"
+    if data.datasets:
+        seed = training.data_seed or training.seed
+        corpus, sources = mixed_documents(
+            data.datasets, data.text_column, data.sample_by, data.validation_split_percentage, seed
+        )
+    else:
+        corpus = load_corpus(data.dataset_name, data.dataset_config_name, data.train_file, data.validation_file, data.sample_by)
     if data.max_train_documents:
         corpus["train"] = corpus["train"].select(range(min(data.max_train_documents, len(corpus["train"]))))
     check_no_null_text(corpus, data.text_column, {"train": source, "validation": data.validation_file or source})
@@ -69,7 +81,11 @@ def prepare_corpus(
             if len(split_ids) == 0:
                 raise LmpipeError(f"{source} ({name}): no tokens after tokenisation")
         packed = {name: blocks_dataset(whole_blocks(split_ids, data.block_size, name)) for name, split_ids in ids.items()}
-    return PackedCorpus(tokenizer, packed["train"], packed["validation"], ids["train"])
+    mixture = None
+    if data.datasets:  # every token of a document (and its EOS) is learned
+        lengths = pc.list_value_length(tokenized["train"].data.column("input_ids")).to_pylist()
+        mixture = realised_shares(sources, corpus["train"]["source"], lengths)
+    return PackedCorpus(tokenizer, packed["train"], packed["validation"], ids["train"], mixture)
 
 
 # Streaming: the unigram baseline is fitted on the stream's first this-many train tokens, not the whole stream.
@@ -125,11 +141,15 @@ def _pretrain(recipe: Recipe, hub) -> dict[str, Any]:
     training = recipe.arguments[-1]
     set_seed(training.seed)
     trainer, corpus = build_pretrain_trainer(recipe, training)
+    if corpus.mixture and trainer.is_world_process_zero():
+        print(format_shares(corpus.mixture), flush=True)
     if hub:
         trainer.add_callback(CheckpointPusher(hub))
     metrics = train_and_evaluate(trainer, recipe)
     baseline = unigram_perplexity(corpus.train_ids, blocks_as_array(corpus.validation), len(corpus.tokenizer))
     metrics = {**metrics, "unigram_perplexity": baseline}
+    if corpus.mixture:
+        metrics["mixture"] = corpus.mixture
     write_run_outputs(trainer, metrics)
     if hub:
         push_run(training.output_dir, hub)

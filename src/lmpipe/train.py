@@ -116,9 +116,10 @@ def build_trainer(
     tokenizer: PreTrainedTokenizerBase,
     byte_lengths: np.ndarray,
     eval_data_collator=None,
+    trainer_class: type[ExactEvalTrainer] = ExactEvalTrainer,
 ) -> ExactEvalTrainer:
     """The Trainer for every lmpipe run: exact evaluation and the reliability callbacks wired in."""
-    trainer = ExactEvalTrainer(
+    trainer = trainer_class(
         eval_data_collator=eval_data_collator,
         model=model,
         args=without_trainer_push(args),

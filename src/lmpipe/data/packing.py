@@ -8,6 +8,7 @@ from datasets import Dataset, Features, IterableDataset, List, Value
 from transformers import PreTrainedTokenizerBase
 
 from lmpipe.errors import LmpipeError
+from lmpipe.tokenizer import plain_text_ids
 
 
 def tokenize_documents(
@@ -16,16 +17,14 @@ def tokenize_documents(
     text_column: str,
     num_proc: int | None = None,
 ) -> Dataset | IterableDataset:
-    """Token ids of each document followed by EOS (batched; cached by `datasets`, or lazy for a stream)."""
+    """Token ids of each document followed by EOS (batched; cached by `datasets`, or lazy for a stream).
+
+    A document that quotes `<|endoftext|>` keeps it as text: the only EOS ids are the ones added here.
+    """
     eos = tokenizer.eos_token_id
-    backend = getattr(tokenizer, "backend_tokenizer", None)  # Rust tokenizer (None for a pure-Python one)
 
     def encode(batch):
-        if backend is None:
-            ids = tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]
-        else:  # the same ids without the offsets, masks and Python wrapping that tokenizer(...) builds: ~1.3x faster
-            ids = [encoding.ids for encoding in backend.encode_batch_fast(batch[text_column], add_special_tokens=False)]
-        return {"input_ids": [doc + [eos] for doc in ids]}
+        return {"input_ids": [doc + [eos] for doc in plain_text_ids(tokenizer, batch[text_column])]}
 
     # A streamed IterableDataset takes neither num_proc nor desc, and may not know its columns yet. In memory the
     # ids are int32, not datasets' default int64: half the cache to write and read (every vocabulary fits).

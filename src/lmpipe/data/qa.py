@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
+from lmpipe.data.fingerprint import tokenized_fingerprint
 from lmpipe.data.sources import check_text_column
 from lmpipe.errors import LmpipeError
 from lmpipe.losses import IGNORE_INDEX
 from lmpipe.recipe import QAArguments
+from lmpipe.tokenizer import plain_text_ids
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
 DEFAULT_CONTEXT_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
@@ -99,10 +101,8 @@ def tokenize_qa(
         )
         answers = [accepted_answers(a, row) for a, row in zip(batch[qa.answer_column], rows)]
         prompts = [template.format(question=q, context=c) for q, c in zip(questions, contexts)]
-        prompt_ids = tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
-        answer_ids = tokenizer(
-            [qa.answer_prefix + a[0] for a in answers], add_special_tokens=False, verbose=False
-        )["input_ids"]
+        prompt_ids = plain_text_ids(tokenizer, prompts)  # a quoted <|endoftext|> stays text
+        answer_ids = plain_text_ids(tokenizer, [qa.answer_prefix + a[0] for a in answers])
         out = {"input_ids": [], "labels": [], "prompt": [], "question": [], "answers": [], "truncated": []}
         for row, prompt, prompt_tokens, answer_tokens, question, accepted in zip(
             rows, prompts, prompt_ids, answer_ids, questions, answers
@@ -132,6 +132,7 @@ def tokenize_qa(
         num_proc=qa.preprocessing_num_workers,
         remove_columns=split.column_names,
         desc="Tokenising QA",
+        new_fingerprint=tokenized_fingerprint(split, tokenizer, __file__, template, repr(qa)),
     )
     if len(encoded) == 0:
         raise LmpipeError(f"{source}: no example fits max_length={qa.max_length} (all {len(split)} answers too long)")
