@@ -59,17 +59,32 @@ def launch(processes, args, **kwargs):
     )
 
 
+@pytest.fixture
+def left_running():
+    """PIDs a test started: whatever of them still runs at teardown is killed, so a failing test never leaves a
+    trainer of --max_steps 100000 running (and a suite waiting on it)."""
+    pids: set[int] = set()
+    yield pids
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("processes, stop", [(1, signal.SIGTERM), (2, signal.SIGINT)])
-def test_a_signal_to_the_launcher_saves_on_every_rank_and_returns_their_code(processes, stop, tmp_path):
+def test_a_signal_to_the_launcher_saves_on_every_rank_and_returns_their_code(processes, stop, tmp_path, left_running):
     corpus = write_pydoc_corpus(tmp_path / "corpus.txt", 12)
     output = tmp_path / "run"
     args = ["--train_file", str(corpus), "--output_dir", str(output), *TINY]
     launcher = launch(processes, [*args, "--max_steps", "100000"])
+    left_running.add(launcher.pid)
     deadline = time.monotonic() + 240
     while not (output / "checkpoint-2" / "trainer_state.json").exists():  # training, past its first save
-        assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()[-3000:]
+        left_running.update(descendants(launcher.pid))
+        assert launcher.poll() is None, launcher.stderr.read()[-3000:]  # it ended: its stderr is complete
+        assert time.monotonic() < deadline, "no checkpoint-2 after 240 s"
         time.sleep(0.2)
     started = descendants(launcher.pid)
+    left_running.update(started)
     assert len(started) >= processes
     os.kill(launcher.pid, stop)
     _, err = launcher.communicate(timeout=300)
