@@ -102,11 +102,28 @@ def check_loss_command(argv: list[str]) -> int:
 
 
 def perplexity_command(argv: list[str]) -> None:
-    """Exact perplexity of a saved model on a text file, printed as one JSON line."""
+    """Rolling-window perplexity of a saved model on a text file (every token once), printed as one JSON line."""
     from lmpipe.evaluation import EvaluateArguments, evaluate_file
 
     (args,) = parse_recipe(argv, types=(EvaluateArguments,), defaults={}).arguments
     print(json.dumps(evaluate_file(args)))
+
+
+def evaluate_command(argv: list[str]) -> None:
+    """Zero-shot benchmark scores as lm-evaluation-harness computes them: `lmpipe evaluate MODEL --task T --data F`."""
+    from accelerate import PartialState
+
+    from lmpipe.zero_shot.report import format_table
+    from lmpipe.zero_shot.run import ZeroShotArguments, evaluate_zero_shot
+
+    if argv and not argv[0].startswith("-"):  # MODEL comes first, as in `lmpipe push OUTPUT_DIR`
+        argv = ["--model_name_or_path", argv[0], *argv[1:]]
+    (args,) = parse_recipe(argv, types=(ZeroShotArguments,), defaults={}).arguments
+    results = evaluate_zero_shot(args)
+    if PartialState().is_main_process:
+        print(format_table(results))
+        if args.output_dir:
+            print(f"results written to {args.output_dir}/results.json and samples.jsonl")
 
 
 def finetune_qa_command(argv: list[str]) -> None:
@@ -193,6 +210,9 @@ COMMANDS = {
         check_loss_command, "[RECIPE.yaml | RUN_DIR] [--task pretrain|qa] [--batches N] [--key value ...]"
     ),
     "perplexity": Command(perplexity_command, "--model_name_or_path DIR --validation_file FILE [--key value ...]"),
+    "evaluate": Command(
+        evaluate_command, "MODEL --task multiple_choice|lambada|perplexity --data FILE [--output_dir DIR] [--key value ...]"
+    ),
     "push": Command(push_command, "OUTPUT_DIR [--hub_model_id ID] [--private] [--hub_strategy STRATEGY]"),
     "generate": Command(
         generate_command, "--model_name_or_path DIR (--prompt TEXT | --chat MESSAGE ... [--system TEXT]) [--key value ...]"

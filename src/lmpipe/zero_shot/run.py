@@ -1,0 +1,133 @@
+"""`lmpipe evaluate MODEL --task T --data FILE`: load, build requests, score, write results and print the table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+import lmpipe
+from lmpipe.errors import LmpipeError
+from lmpipe.model import check_vocab, load_pretrained
+from lmpipe.recipe import TokenizerArguments
+from lmpipe.tokenizer import load_tokenizer
+from lmpipe.zero_shot import tasks
+from lmpipe.zero_shot.data import FORMATS, load_rows, task_rows
+from lmpipe.zero_shot.report import format_table, write_outputs
+from lmpipe.zero_shot.scoring import score_requests
+
+
+@dataclass
+class ZeroShotArguments:
+    """Flags of `lmpipe evaluate MODEL ...` / `pipelines/evaluate_zero_shot.py`."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Saved model directory or Hub id."})
+    task: str | None = field(default=None, metadata={"help": "What to score.", "choices": list(tasks.TASKS)})
+    data: str | None = field(
+        default=None, metadata={"help": "Local .jsonl/.json/.parquet/.csv (.txt for perplexity) or a Hub dataset id."}
+    )
+    split: str | None = field(default=None, metadata={"help": "Split of a Hub dataset (e.g. validation)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of a Hub dataset."})
+    data_format: str = field(
+        default="auto",
+        metadata={"help": "multiple_choice columns: native, or HellaSwag's, ARC's, PIQA's (auto: by the columns).",
+                  "choices": list(FORMATS)},
+    )
+    text_column: str = field(default="text", metadata={"help": "Column of the text (lambada, perplexity)."})
+    sample_by: str = field(
+        default="paragraph",
+        metadata={"help": "How a .txt file splits into documents.", "choices": ["line", "paragraph", "document"]},
+    )
+    target_delimiter: str = field(default=" ", metadata={"help": "Put before every choice (the harness's default)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Write results.json and samples.jsonl here."})
+    batch_size: int = field(default=16, metadata={"help": "Rows (a context with all its choices) per forward pass."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "Tokens the model sees at most (default: its n_positions)."}
+    )
+    stride: int | None = field(
+        default=None, metadata={"help": "perplexity: tokens each rolling window predicts (default: max_length)."}
+    )
+    limit: int | None = field(default=None, metadata={"help": "Score only the first N examples."})
+
+
+def model_max_length(model, requested: int | None) -> int:
+    """The harness's order: n_positions, max_position_embeddings, n_ctx; a smaller --max_length wins."""
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        limit = getattr(model.config, name, None)
+        if limit:
+            break
+    else:
+        limit = 2048
+    if requested is None:
+        return limit
+    if not 2 <= requested <= limit:
+        raise LmpipeError(f"max_length={requested} must be between 2 and the model's {limit} positions")
+    return requested
+
+
+def check_arguments(args: ZeroShotArguments) -> None:
+    for name in ("model_name_or_path", "task", "data"):
+        if not getattr(args, name):
+            raise LmpipeError(f"--{name} is required" if name != "model_name_or_path" else "a MODEL is required")
+    for name in ("batch_size", "limit", "stride"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise LmpipeError(f"{name} must be >= 1, got {value}")
+
+
+def evaluate_zero_shot(args: ZeroShotArguments, show_progress: bool = True) -> dict[str, Any]:
+    """Score the task; rank 0 writes the outputs. Returns results.json's content (on every rank)."""
+    check_arguments(args)
+    rows, sha256 = load_rows(args.data, args.split, args.dataset_config_name, args.sample_by)
+    rows = task_rows(rows[: args.limit], args.task, args.data_format, args.text_column, args.data)
+    tokenizer = load_tokenizer(TokenizerArguments(), args.model_name_or_path)
+    model = load_pretrained(args.model_name_or_path).eval()
+    check_vocab(model, tokenizer, allow_resize=False, name=args.model_name_or_path)
+    max_length = model_max_length(model, args.max_length)
+    if args.stride is not None and args.stride > max_length:
+        raise LmpipeError(f"stride={args.stride} must be between 1 and max_length={max_length}")
+    state = PartialState()
+    model.to(state.device)
+    if args.task == "multiple_choice":
+        task = tasks.multiple_choice_task(rows, tokenizer, args.target_delimiter)
+    elif args.task == "lambada":
+        task = tasks.lambada_task(rows, tokenizer)
+    else:
+        task = tasks.perplexity_task(rows, tokenizer, max_length, args.stride)
+    try:
+        check_lengths(task, max_length, args.data)
+    except ValueError as e:
+        raise LmpipeError(str(e)) from None
+    total = sum(len(r.continuations) for r in task.requests)
+    with tqdm(total=total, desc=f"{args.task}", unit="continuation",
+              disable=not (show_progress and state.is_main_process)) as bar:
+        scores = score_requests(model, task.requests, max_length, args.batch_size, progress=bar.update)
+    if args.task == "multiple_choice":
+        metrics, samples = tasks.multiple_choice_results(rows, scores)
+    elif args.task == "lambada":
+        metrics, samples = tasks.lambada_results(rows, scores)
+    else:
+        metrics, samples = tasks.perplexity_results(rows, task, scores, tokenizer)
+    results = {
+        "task": args.task, "metrics": metrics, "n": len(rows), "model": args.model_name_or_path, "data": args.data,
+        "data_sha256": sha256, "split": args.split, "data_format": args.data_format, "max_length": max_length,
+        "batch_size": args.batch_size, "limit": args.limit, "lmpipe_version": lmpipe.__version__,
+    }
+    if args.task == "perplexity":
+        results["stride"] = args.stride or max_length
+    if args.output_dir and state.is_main_process:
+        write_outputs(args.output_dir, results, samples)
+    return results
+
+
+def check_lengths(task: tasks.Task, max_length: int, source: str) -> None:
+    """A continuation longer than the model's window cannot be scored (the harness asserts the same)."""
+    for owner, request in zip(task.owners, task.requests):
+        if not request.continuations or any(not c for c in request.continuations):
+            raise ValueError(f"{source} row {owner + 1}: a choice or target tokenises to nothing")
+        longest = max(map(len, request.continuations))
+        if longest > max_length:
+            raise ValueError(f"{source} row {owner + 1}: a continuation of {longest} tokens exceeds max_length={max_length}")
+
