@@ -178,3 +178,34 @@ def test_a_bad_row_is_a_one_line_error_and_writes_nothing(tiny, tmp_path, capsys
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {data} {message}"
     assert not out.exists()
+
+
+def test_two_ranks_give_the_single_rank_results(tiny, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): each rank scores every other batch; rank 0 writes the same
+    samples, in the same order, as one process (7 rows in batches of 2: the ranks get unequal shares)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    root, _, _ = tiny
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in choice_rows(7, seed=4)))
+    flags = ["--task", "multiple_choice", "--data", str(data), "--batch_size", "2"]
+    assert main(["evaluate", str(root / "model"), *flags, "--output_dir", str(tmp_path / "one")]) == 0
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0",
+              "--config_file", str(REPO / "recipes/accelerate/cpu_2proc.yaml"),
+              str(REPO / "pipelines/evaluate_zero_shot.py"), str(root / "model"), *flags,
+              "--output_dir", str(tmp_path / "two")]
+    done = subprocess.run(launch, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("| multiple_choice | acc |") == 1  # only rank 0 prints
+    one, two = ([json.loads(line) for line in (tmp_path / d / "samples.jsonl").open()] for d in ("one", "two"))
+    assert [s["index"] for s in two] == list(range(7))
+    for a, b in zip(one, two):
+        assert b["loglikelihoods"] == pytest.approx(a["loglikelihoods"], rel=1e-6)
+        assert (a["prediction"], a["prediction_norm"]) == (b["prediction"], b["prediction_norm"])
+    metrics = [json.loads((tmp_path / d / "results.json").read_text())["metrics"] for d in ("one", "two")]
+    assert metrics[0] == metrics[1]

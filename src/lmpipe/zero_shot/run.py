@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from accelerate import PartialState
-from tqdm.auto import tqdm
 
 import lmpipe
 from lmpipe.errors import LmpipeError
@@ -88,7 +88,8 @@ def evaluate_zero_shot(args: ZeroShotArguments, show_progress: bool = True) -> d
     max_length = model_max_length(model, args.max_length)
     if args.stride is not None and args.stride > max_length:
         raise LmpipeError(f"stride={args.stride} must be between 1 and max_length={max_length}")
-    state = PartialState()
+    # Without a GPU, ranks started by `accelerate launch` join one gloo group only when asked for the CPU.
+    state = PartialState(cpu=not torch.cuda.is_available())
     model.to(state.device)
     if args.task == "multiple_choice":
         task = tasks.multiple_choice_task(rows, tokenizer, args.target_delimiter)
@@ -100,10 +101,8 @@ def evaluate_zero_shot(args: ZeroShotArguments, show_progress: bool = True) -> d
         check_lengths(task, max_length, args.data)
     except ValueError as e:
         raise LmpipeError(str(e)) from None
-    total = sum(len(r.continuations) for r in task.requests)
-    with tqdm(total=total, desc=f"{args.task}", unit="continuation",
-              disable=not (show_progress and state.is_main_process)) as bar:
-        scores = score_requests(model, task.requests, max_length, args.batch_size, progress=bar.update)
+    progress = args.task if show_progress else None
+    scores = score_requests(model, task.requests, max_length, args.batch_size, progress=progress)
     if args.task == "multiple_choice":
         metrics, samples = tasks.multiple_choice_results(rows, scores)
     elif args.task == "lambada":

@@ -10,12 +10,12 @@ the left to the model's length, log-softmax over the model's whole output row, s
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from lmpipe.zero_shot.requests import Request
@@ -136,23 +136,23 @@ def batches_by_length(rows: list[Row], batch_size: int) -> list[list[Row]]:
 
 
 def score_requests(
-    model: PreTrainedModel,
-    requests: list[Request],
-    max_length: int,
-    batch_size: int,
-    progress: Callable[[int], None] | None = None,
+    model: PreTrainedModel, requests: list[Request], max_length: int, batch_size: int, progress: str | None = None
 ) -> list[list[Score]]:
-    """Scores of every continuation of every request, on every rank (each rank scores a share of the batches)."""
+    """Scores of every continuation of every request, on every rank (each rank scores every n-th batch).
+
+    `progress`: the label of a progress bar on the main rank, counting its own share of the continuations.
+    """
     rows = [row for index, request in enumerate(requests) for row in request_rows(index, request, max_length)]
-    batches = batches_by_length(rows, batch_size)
     state = PartialState()
+    batches = batches_by_length(rows, batch_size)[state.process_index :: state.num_processes]
+    total = sum(len(row.continuation_indices) for batch in batches for row in batch)
+    bar = tqdm(total=total, desc=progress, unit="continuation", disable=not (progress and state.is_main_process))
     mine: list[tuple[int, int, Score]] = []
-    with torch.inference_mode():
-        for batch in batches[state.process_index :: state.num_processes]:
+    with torch.inference_mode(), bar:
+        for batch in batches:
             for row, row_scores in zip(batch, score_batch(model, batch)):
                 mine += [(row.request_index, i, s) for i, s in zip(row.continuation_indices, row_scores)]
-            if progress:
-                progress(sum(len(row.continuation_indices) for row in batch) * state.num_processes)
+            bar.update(sum(len(row.continuation_indices) for row in batch))
     gathered = gather_object(mine) if state.num_processes > 1 else mine
     results: list[list[Score | None]] = [[None] * len(request.continuations) for request in requests]
     for request_index, continuation_index, score in gathered:
