@@ -2,7 +2,9 @@
 
     python data/build_zero_shot_demo.py
 
-From the speeches of data/tinyshakespeare.txt (speaker lines dropped), which the default model never saw:
+From the speeches of data/tinyshakespeare.txt (speaker lines dropped) that the Shakespeare recipes hold out for
+validation (`recipes/pretrain/shakespeare*.yaml`: paragraphs, the last 10 %), so a model trained by them is scored
+on text it never saw; the default model (Python's documentation) never saw any of it:
 - shakespeare_next_sentence (multiple_choice): a passage of 1-2 sentences of a speech and 4 choices, its true next
   sentence and 3 sentences drawn at random from the whole text (chance: 25 %).
 - shakespeare_last_word (lambada): a passage of 40-70 words ending a sentence, whose last word also occurs earlier
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent
@@ -26,9 +29,13 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
 
 
 def shakespeare_paragraphs() -> list[str]:
-    """Each speech as one line of text, without its `NAME:` line."""
-    speeches = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8").split("\n\n")
-    return [" ".join(speech.splitlines()[1:]) for speech in speeches if len(speech.splitlines()) > 1]
+    """Each held-out speech as one line of text, without its `NAME:` line (lmpipe's own loader and split)."""
+    sys.path.insert(0, str(DATA.parent / "src"))
+    from lmpipe.data.sources import load_corpus, split_validation
+
+    path = str(DATA / "tinyshakespeare.txt")
+    speeches = split_validation(load_corpus(None, train_file=path, sample_by="paragraph"), 10, path)["validation"]
+    return [" ".join(speech.splitlines()[1:]) for speech in speeches["text"] if len(speech.splitlines()) > 1]
 
 
 def sentences_of(paragraph: str) -> list[str]:
