@@ -84,7 +84,10 @@ ADAPTERS = {"hellaswag": hellaswag_row, "arc": arc_row, "piqa": piqa_row}
 
 
 def check_choice_row(row: dict) -> None:
-    context, choices, label = row.get("context"), row.get("choices"), row.get("label")
+    missing = [key for key in ("context", "choices", "label") if key not in row]
+    if missing:
+        raise ValueError(f"no {', '.join(map(repr, missing))}; columns are {', '.join(row)}")
+    context, choices, label = row["context"], row["choices"], row["label"]
     if not isinstance(context, str):
         raise ValueError("'context' must be text")
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
