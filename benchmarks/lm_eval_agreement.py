@@ -90,13 +90,13 @@ def close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=RELATIVE, abs_tol=0.0)
 
 
-def compare(name: str, harness: dict, samples: list[dict], ours: dict) -> list[str]:
-    """Problems found (empty: agreement)."""
-    problems = []
+def compare(name: str, harness: dict, samples: list[dict], ours: dict) -> tuple[list[str], float]:
+    """Problems found (empty: agreement) and the largest relative difference of a log-likelihood."""
+    problems, largest = [], 0.0
     harness_samples = sorted(harness["samples"][f"local_{name}"], key=lambda s: s["doc_id"])
     metrics = harness["results"][f"local_{name}"]
     if len(harness_samples) != len(samples):
-        return [f"{name}: {len(harness_samples)} harness examples vs {len(samples)}"]
+        return [f"{name}: {len(harness_samples)} harness examples vs {len(samples)}"], math.inf
     for theirs, mine in zip(harness_samples, samples):
         if lmpipe_task(name) == "multiple_choice":
             pairs = zip([r[0] for r in theirs["filtered_resps"]], mine["loglikelihoods"])
@@ -105,6 +105,7 @@ def compare(name: str, harness: dict, samples: list[dict], ours: dict) -> list[s
         else:
             pairs = [(theirs["filtered_resps"][0], mine["loglikelihood"])]
         for a, b in pairs:
+            largest = max(largest, abs(a - b) / abs(a))
             if not close(a, b):
                 problems.append(f"{name} example {mine['index']}: log-likelihood {b!r} vs harness {a!r}")
     keys = {"multiple_choice": ("acc", "acc_norm"), "lambada": ("acc", "perplexity"),
@@ -114,7 +115,7 @@ def compare(name: str, harness: dict, samples: list[dict], ours: dict) -> list[s
         equal = theirs == mine if key.startswith("acc") else close(theirs, mine)
         if not equal:
             problems.append(f"{name}: {key} {mine!r} vs harness {theirs!r}")
-    return problems
+    return problems, largest
 
 
 def main() -> int:
@@ -152,12 +153,12 @@ def main() -> int:
                 continue
             ours = json.loads((out / "results.json").read_text())["metrics"]
             samples = [json.loads(line) for line in (out / "samples.jsonl").open()]
-            found = compare(name, harness, samples, ours)
+            found, largest = compare(name, harness, samples, ours)
             problems += found
             theirs = harness["results"][f"local_{name}"]
             shown = [k for k in ("acc", "acc_norm", "perplexity", "word_perplexity", "bits_per_byte") if k in ours]
             table.append((name, ", ".join(f"{k} {ours[k]:.6g} / {theirs[k + ',none']:.6g}" for k in shown),
-                          "agree" if not found else f"{len(found)} problems"))
+                          ("agree" if not found else f"{len(found)} problems") + f" (largest {largest:.1e})"))
     print("\n| task | lmpipe / lm_eval | per-example log-likelihoods (1e-5 relative) |\n|---|---|---|")
     for name, values, verdict in table:
         print(f"| {name} | {values} | {verdict} |")

@@ -90,7 +90,12 @@ def test_packed_scores_equal_one_forward_per_choice(tiny, batch_size):
     requests = [choice_request(tokenizer, r["context"], [" " + c for c in r["choices"]]) for r in rows]
     assert any(len(r.context) + max(map(len, r.continuations)) > 49 for r in requests)  # truncation is exercised
     assert any(len(c) == 1 for r in requests for c in r.continuations)
+    # the model's own greedy continuation of a context: "greedy" must be true for it (and false for the others)
+    context = requests[0].context[:10]
+    greedy_ids = model.generate(torch.tensor([context]), max_new_tokens=3, do_sample=False, pad_token_id=EOS)[0, 10:]
+    requests.append(Request(context, [greedy_ids.tolist(), requests[1].continuations[0]]))
     scores = score_requests(model, requests, max_length=48, batch_size=batch_size)
+    assert scores[-1][0].greedy
     for request, request_scores in zip(requests, scores):
         for continuation, score in zip(request.continuations, request_scores):
             logprob, greedy = one_forward_per_choice(model, request.context, continuation, 48)
