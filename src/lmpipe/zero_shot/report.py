@@ -4,27 +4,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from lmpipe.run_files import write_text_atomically
+
 RESULTS_FILE = "results.json"
 SAMPLES_FILE = "samples.jsonl"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """A whole file or none: written beside its place, then renamed over it."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def write_outputs(output_dir: str, results: dict[str, Any], samples: list[dict]) -> None:
     """Samples first, results last: a results.json present means the samples beside it are complete."""
     directory = Path(output_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    write_atomically(directory / SAMPLES_FILE, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    write_atomically(directory / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+    write_text_atomically(directory / SAMPLES_FILE, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    write_text_atomically(directory / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
 
 
 def metric_cell(value: float) -> str:
