@@ -12,7 +12,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmpipe.cli import main
-from lmpipe.zero_shot.data import arc_row, hellaswag_row, piqa_row
+from lmpipe.zero_shot.data import arc_row, detect_format, hellaswag_row, piqa_row
 from lmpipe.zero_shot.requests import Request, choice_request, encode_pair, rolling_windows
 from lmpipe.zero_shot.scoring import score_requests
 
@@ -162,6 +162,14 @@ def test_adapters_build_the_harness_prompts():
     piqa = {"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": 0}
     assert piqa_row(piqa) == {"context": "Question: Open a jar\nAnswer:", "choices": ["twist the lid", "eat the lid"],
                               "label": 0}
+
+
+def test_formats_are_found_by_their_columns():
+    assert detect_format({"context": "", "choices": [], "label": 0}) == "native"
+    assert detect_format({"ctx_a": "", "ctx_b": "", "endings": [], "label": "0"}) == "hellaswag"
+    assert detect_format({"ctx": "", "endings": [], "label": "0"}) == "hellaswag"
+    assert detect_format({"question": "", "choices": {}, "answerKey": "A"}) == "arc"
+    assert detect_format({"goal": "", "sol1": "", "sol2": "", "label": 0}) == "piqa"
 
 
 BAD_ROWS = {
