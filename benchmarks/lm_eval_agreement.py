@@ -57,7 +57,8 @@ def benchmark_rows(n: int) -> dict[str, list[dict]]:
     speeches = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8").split("\n\n")[:n]
     letters = "ABCD"
     arc = [{"id": str(i), "question": r["context"], "answerKey": letters[r["label"]],
-            "choices": {"text": r["choices"], "label": list(letters[: len(r["choices"])])}} for i, r in enumerate(choice)]
+            "choices": {"text": r["choices"], "label": list(letters[: len(r["choices"])])}}
+           for i, r in enumerate(choice)]
     piqa = [{"goal": r["context"], "sol1": r["choices"][0], "sol2": r["choices"][1], "label": int(r["label"] == 1)}
             for r in choice]
     hellaswag = []

@@ -116,7 +116,6 @@ def test_multiple_choice_outputs_equal_hand_metrics(tiny, tmp_path, capsys):
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     acc, acc_norm = [], []
     for row, sample in zip(rows, samples):
-        context, _ = encode_pair(tokenizer, row["context"], " x")
         lls = [one_forward_per_choice(model, *encode_pair(tokenizer, row["context"], " " + c), 48)[0]
                for c in row["choices"]]
         assert sample["loglikelihoods"] == pytest.approx(lls, rel=1e-5)
@@ -138,7 +137,8 @@ def test_lambada_outputs_equal_hand_metrics(tiny, tmp_path):
     data = tmp_path / "lambada.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    assert main(["evaluate", str(root / "model"), "--task", "lambada", "--data", str(data), "--output_dir", str(out)]) == 0
+    argv = ["evaluate", str(root / "model"), "--task", "lambada", "--data", str(data), "--output_dir", str(out)]
+    assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     lls, greedy = [], []
     for row in rows:

@@ -55,7 +55,8 @@ def evaluate_file(args: EvaluateArguments) -> dict[str, float | int]:
     try:
         config = AutoConfig.from_pretrained(args.model_name_or_path)
     except (OSError, ValueError) as e:
-        raise LmpipeError(f"{args.model_name_or_path}: cannot load a model config ({str(e).strip().splitlines()[0]})") from None
+        reason = str(e).strip().splitlines()[0]
+        raise LmpipeError(f"{args.model_name_or_path}: cannot load a model config ({reason})") from None
     block_size, stride = window_sizes(args.block_size, args.stride, config.n_positions)
     zero_shot = ZeroShotArguments(
         model_name_or_path=args.model_name_or_path, task="perplexity", data=args.validation_file,

@@ -15,7 +15,7 @@ from lmpipe.recipe import TokenizerArguments
 from lmpipe.tokenizer import load_tokenizer
 from lmpipe.zero_shot import tasks
 from lmpipe.zero_shot.data import FORMATS, load_rows, task_rows
-from lmpipe.zero_shot.report import format_table, write_outputs
+from lmpipe.zero_shot.report import write_outputs
 from lmpipe.zero_shot.scoring import score_requests
 
 
@@ -97,10 +97,7 @@ def evaluate_zero_shot(args: ZeroShotArguments, show_progress: bool = True) -> d
         task = tasks.lambada_task(rows, tokenizer)
     else:
         task = tasks.perplexity_task(rows, tokenizer, max_length, args.stride)
-    try:
-        check_lengths(task, max_length, args.data)
-    except ValueError as e:
-        raise LmpipeError(str(e)) from None
+    check_lengths(task, max_length, args.data)
     progress = args.task if show_progress else None
     scores = score_requests(model, task.requests, max_length, args.batch_size, progress=progress)
     if args.task == "multiple_choice":
@@ -108,7 +105,7 @@ def evaluate_zero_shot(args: ZeroShotArguments, show_progress: bool = True) -> d
     elif args.task == "lambada":
         metrics, samples = tasks.lambada_results(rows, scores)
     else:
-        metrics, samples = tasks.perplexity_results(rows, task, scores, tokenizer)
+        metrics, samples = tasks.perplexity_results(rows, task, scores)
     results = {
         "task": args.task, "metrics": metrics, "n": len(rows), "model": args.model_name_or_path, "data": args.data,
         "data_sha256": sha256, "split": args.split, "data_format": args.data_format, "max_length": max_length,
@@ -125,8 +122,10 @@ def check_lengths(task: tasks.Task, max_length: int, source: str) -> None:
     """A continuation longer than the model's window cannot be scored (the harness asserts the same)."""
     for owner, request in zip(task.owners, task.requests):
         if not request.continuations or any(not c for c in request.continuations):
-            raise ValueError(f"{source} row {owner + 1}: a choice or target tokenises to nothing")
+            raise LmpipeError(f"{source} row {owner + 1}: a choice or target tokenises to nothing")
         longest = max(map(len, request.continuations))
         if longest > max_length:
-            raise ValueError(f"{source} row {owner + 1}: a continuation of {longest} tokens exceeds max_length={max_length}")
+            raise LmpipeError(
+                f"{source} row {owner + 1}: a continuation of {longest} tokens exceeds max_length={max_length}"
+            )
 

@@ -104,9 +104,7 @@ def count_words(text: str) -> int:
     return len(re.split(r"\s+", text))
 
 
-def perplexity_results(
-    rows: list[dict], task: Task, scores: list[list[Score]], tokenizer: PreTrainedTokenizerBase
-) -> tuple[dict[str, Any], list[dict]]:
+def perplexity_results(rows: list[dict], task: Task, scores: list[list[Score]]) -> tuple[dict[str, Any], list[dict]]:
     loglikelihoods = [0.0] * len(rows)
     tokens = [0] * len(rows)
     for owner, request, (score,) in zip(task.owners, task.requests, scores):
