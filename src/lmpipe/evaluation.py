@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lmpipe.errors import LmpipeError
+from lmpipe.finite import non_finite_metrics
+from lmpipe.model_checks import check_model_files
 from lmpipe.zero_shot.run import ZeroShotArguments, evaluate_zero_shot
 
 
@@ -52,6 +54,7 @@ def evaluate_file(args: EvaluateArguments) -> dict[str, float | int]:
             raise LmpipeError(f"--{name} is required")
     if args.batch_size < 1:
         raise LmpipeError(f"batch_size must be >= 1, got {args.batch_size}")
+    check_model_files(args.model_name_or_path, ("config", "weights", "tokenizer"))
     try:
         config = AutoConfig.from_pretrained(args.model_name_or_path)
     except (OSError, ValueError) as e:
@@ -64,7 +67,7 @@ def evaluate_file(args: EvaluateArguments) -> dict[str, float | int]:
         stride=stride,
     )
     metrics = evaluate_zero_shot(zero_shot, show_progress=False)["metrics"]
-    return {
+    result = {
         "eval_loss": metrics["nll_per_token"],
         "perplexity": metrics["token_perplexity"],
         "eval_tokens": metrics["tokens"],
@@ -74,3 +77,9 @@ def evaluate_file(args: EvaluateArguments) -> dict[str, float | int]:
         "block_size": block_size,
         "stride": stride,
     }
+    not_finite = non_finite_metrics(result)
+    if not_finite:  # JSON has no number for NaN or inf: fail rather than print an invalid line
+        raise LmpipeError(
+            f"{args.model_name_or_path}: {', '.join(not_finite)} on {args.validation_file} is not finite (NaN or inf)"
+        )
+    return result

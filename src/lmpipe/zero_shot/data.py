@@ -99,6 +99,8 @@ def check_choice_row(row: dict) -> None:
 def check_text_row(row: dict, column: str) -> None:
     if column not in row:
         raise ValueError(f"no column '{column}'; columns are {', '.join(row)}")
+    if row[column] is None:
+        raise ValueError(f"column '{column}' is null")
     if not isinstance(row[column], str):
         raise ValueError(f"column '{column}' holds {type(row[column]).__name__}, not text")
 

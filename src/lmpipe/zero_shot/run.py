@@ -10,7 +10,8 @@ from accelerate import PartialState
 
 import lmpipe
 from lmpipe.errors import LmpipeError
-from lmpipe.model import check_vocab, load_pretrained
+from lmpipe.model import load_pretrained
+from lmpipe.model_checks import check_model_files, check_vocab
 from lmpipe.recipe import TokenizerArguments
 from lmpipe.tokenizer import load_tokenizer
 from lmpipe.zero_shot import tasks
@@ -80,6 +81,7 @@ def check_arguments(args: ZeroShotArguments) -> None:
 def evaluate_zero_shot(args: ZeroShotArguments, show_progress: bool = True) -> dict[str, Any]:
     """Score the task; rank 0 writes the outputs. Returns results.json's content (on every rank)."""
     check_arguments(args)
+    check_model_files(args.model_name_or_path, ("config", "weights", "tokenizer"))
     rows, sha256 = load_rows(args.data, args.split, args.dataset_config_name, args.sample_by)
     rows = task_rows(rows[: args.limit], args.task, args.data_format, args.text_column, args.data)
     tokenizer = load_tokenizer(TokenizerArguments(), args.model_name_or_path)
