@@ -76,7 +76,8 @@ def test_a_loss_that_overflows_is_an_error_not_a_nan_in_json(models, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.strip().splitlines()[-1] == (
-        f"error: {model}: eval_loss, perplexity, bits_per_byte on {models / 'text.txt'} is not finite (NaN or inf)"
+        f"error: {model}: eval_loss, perplexity, bits_per_byte, word_perplexity, byte_perplexity"
+        f" on {models / 'text.txt'} is not finite (NaN or inf)"
     )
 
 
