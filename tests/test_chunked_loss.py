@@ -12,7 +12,7 @@ from transformers import DataCollatorWithFlattening, GPT2Config, GPT2LMHeadModel
 from lmpipe.chunked_loss import LinearCrossEntropy, causal_lm_loss, linear_cross_entropy, shifted_targets
 from lmpipe.losses import IGNORE_INDEX, manual_causal_lm_loss
 from lmpipe.metrics import NllStatistics
-from lmpipe.model_loss import install_chunked_loss, model_own_loss, token_scores
+from lmpipe.model_loss import chunked_loss_enabled, install_chunked_loss, token_scores
 
 VOCAB = 101  # prime: no chunk size divides it or the token counts below
 
@@ -112,7 +112,7 @@ def test_model_without_labels_still_returns_logits_and_own_loss_context():
     assert model(input_ids=ids).logits.shape == (3, 13, VOCAB)  # generation path untouched
     outputs = model(input_ids=ids, labels=labels)
     assert not hasattr(outputs, "logits") and outputs.token_nll.shape == (3, 13)
-    with model_own_loss(model):
+    with chunked_loss_enabled(model, False):
         own = model(input_ids=ids, labels=labels)
     assert own.logits.shape == (3, 13, VOCAB)
     assert abs(own.loss - outputs.loss) / own.loss < 1e-6

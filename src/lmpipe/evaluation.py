@@ -25,6 +25,7 @@ from lmpipe.losses import IGNORE_INDEX
 from lmpipe.metrics import NllStatistics, exact_metrics, token_byte_lengths
 from lmpipe.model import load_pretrained
 from lmpipe.model_checks import check_model_files, check_vocab
+from lmpipe.model_loss import install_chunked_loss, token_scores
 from lmpipe.recipe import TokenizerArguments
 from lmpipe.tokenizer import load_tokenizer
 
@@ -46,6 +47,10 @@ class EvaluateArguments:
         metadata={"help": "How a .txt file splits into documents.", "choices": ["line", "paragraph", "document"]},
     )
     batch_size: int = field(default=8, metadata={"help": "Windows per forward pass."})
+    chunked_loss: bool = field(
+        default=True, metadata={"help": "Score from the hidden states a chunk of tokens at a time, never the full logits."}
+    )
+    chunked_loss_tokens: int | None = field(default=None, metadata={"help": "Tokens per loss chunk (default: derived)."})
 
 
 def window_sizes(block_size: int | None, stride: int | None, n_positions: int) -> tuple[int, int]:
@@ -88,8 +93,8 @@ def score_windows(
     with torch.inference_mode():
         for inputs, labels in groups:
             for batch_inputs, batch_labels in zip(inputs.split(batch_size), labels.split(batch_size)):
-                logits = model(input_ids=batch_inputs.contiguous().to(device)).logits
-                rows.append(statistics(logits, batch_labels.to(device)).cpu())
+                scores = token_scores(model, batch_inputs.contiguous().to(device), batch_labels.to(device))
+                rows.append(statistics(scores, batch_labels.to(device)).cpu())
     return torch.cat(rows).numpy()
 
 
@@ -106,6 +111,7 @@ def evaluate_file(args: EvaluateArguments) -> dict[str, float | int]:
     check_no_null_text(DatasetDict({"validation": documents}), args.text_column, {"validation": args.validation_file})
     tokenizer = load_tokenizer(TokenizerArguments(), args.model_name_or_path)
     model = load_pretrained(args.model_name_or_path).eval()
+    install_chunked_loss(model, args.chunked_loss, args.chunked_loss_tokens)
     check_vocab(model, tokenizer, allow_resize=False, name=args.model_name_or_path)
     block_size, stride = window_sizes(args.block_size, args.stride, model.config.n_positions)
     tokenized = tokenize_documents(documents, tokenizer, args.text_column)

@@ -46,11 +46,21 @@ class ChunkedLoss:
         self._armed = False
         self._hidden: torch.Tensor | None = None
         self._token_nll: torch.Tensor | None = None
-        model.register_forward_pre_hook(self._arm, with_kwargs=True)
-        self.head.register_forward_pre_hook(self._take_hidden)
-        model.register_forward_hook(self._chunked_output)
+        self.model = model
+        self._handles = [
+            model.register_forward_pre_hook(self._arm, with_kwargs=True),
+            self.head.register_forward_pre_hook(self._take_hidden),
+            model.register_forward_hook(self._chunked_output),
+        ]
         self.lm.loss_function = self._loss
         setattr(model, ATTRIBUTE, self)
+
+    def remove(self) -> None:
+        """Back to the model's own loss, as before installation."""
+        for handle in self._handles:
+            handle.remove()
+        del self.lm._loss_function
+        delattr(self.model, ATTRIBUTE)
 
     def chunk_size(self, device: torch.device) -> int:
         if self.chunk_tokens is None:
@@ -104,21 +114,25 @@ def chunked_loss_of(model: torch.nn.Module) -> ChunkedLoss | None:
 
 
 @contextmanager
-def model_own_loss(model: torch.nn.Module):
-    """Within it the model builds its logits and its own ForCausalLM loss (the reference the chunked one must match)."""
+def chunked_loss_enabled(model: torch.nn.Module, enabled: bool):
+    """Within it the installed chunked loss is on or off (off: the model builds its logits and its own ForCausalLM
+    loss, the reference the chunked one must match)."""
     chunked = chunked_loss_of(model)
     if chunked is None:
+        if enabled:
+            raise ValueError("no chunked loss is installed on this model")
         yield
         return
-    chunked.enabled = False
+    before, chunked.enabled = chunked.enabled, enabled
     try:
         yield
     finally:
-        chunked.enabled = True
+        chunked.enabled = before
 
 
 def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """What `metrics.NllStatistics` reduces: per-token NLL from the chunked loss, or else the full logits."""
-    if chunked_loss_of(model) is not None:
+    chunked = chunked_loss_of(model)
+    if chunked is not None and chunked.enabled:
         return model(input_ids=input_ids, labels=labels).token_nll
     return model(input_ids=input_ids).logits
