@@ -113,6 +113,13 @@ def test_sliding_window_equals_the_perplexity_guides_loop(trained):
     assert result["eval_loss"] == pytest.approx(total_nll / total_tokens, rel=1e-5)
 
 
+def test_chunked_loss_and_full_logits_give_the_same_perplexity(trained):
+    chunked, full = evaluate(trained, stride=11), evaluate(trained, stride=11, chunked_loss=False)
+    assert chunked["eval_tokens"] == full["eval_tokens"]
+    for key in ("eval_loss", "perplexity", "bits_per_byte"):
+        assert chunked[key] == pytest.approx(full[key], rel=1e-6)
+
+
 def test_a_smaller_stride_never_gives_a_higher_perplexity(trained):
     """More context per scored token: 30.7 > 28.2 > 27.7 here; below stride 8 the gain (<0.5%) is too small to pin."""
     perplexities = [evaluate(trained, stride=stride)["perplexity"] for stride in (BLOCK, 16, 8)]

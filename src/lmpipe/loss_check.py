@@ -190,19 +190,20 @@ def _gradients(model: torch.nn.Module, inputs: dict, names: list[str]) -> dict[s
 
 def gradient_agreement(model: torch.nn.Module, batch: dict) -> dict[str, float]:
     """max |chunked - own| / max |own| per tensor: lm_head (tied: wte) when it trains, the first trainable
-    attention weight, the final hidden states."""
-    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    attention weight whose gradient is not zero (LoRA's A starts with none: B is zero), the final hidden states."""
     head_weight = chunked_loss_of(model).head.weight
-    names = [name for name, p in model.named_parameters() if p is head_weight and p.requires_grad][:1]
-    names += [name for name in trainable if ".attn." in name and name.endswith("weight")][:1]
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    head = [name for name, p in trainable if p is head_weight]
+    attention = [name for name, _ in trainable if ".attn." in name and name.endswith("weight")]
     gradients = {}
     for enabled in (True, False):
         with chunked_loss_enabled(model, enabled):
-            gradients[enabled] = _gradients(model, batch, names)
+            gradients[enabled] = _gradients(model, batch, head + attention)
     model.eval()
+    own = gradients[False]
+    shown = head + [name for name in attention if own[name].abs().max() > 0][:1] + ["final hidden states"]
     return {
-        name: ((chunked - gradients[False][name]).abs().max() / gradients[False][name].abs().max()).item()
-        for name, chunked in gradients[True].items()
+        name: ((gradients[True][name] - own[name]).abs().max() / own[name].abs().max()).item() for name in shown
     }
 
 
