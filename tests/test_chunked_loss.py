@@ -171,3 +171,30 @@ def test_bf16_autocast_multiplies_in_bf16_and_accumulates_in_fp32():
     assert grads["transformer.wte.weight"].dtype == torch.float32
     for name, grad in grads.items():
         assert relative(grad, own_grads[name]) < 2e-2, name
+
+
+def trainer_losses(tmp_path, chunked: bool, **arguments) -> list[float]:
+    """Per-step training losses of 5 steps (2 accumulated micro-batches each) with the Trainer, fp32."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model()
+    install_chunked_loss(model, chunked, chunk_tokens=7)
+    ids = torch.randint(0, VOCAB, (40, 32), generator=torch.Generator().manual_seed(1)).tolist()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
+        **arguments,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}))
+    trainer.train()
+    return [row["loss"] for row in trainer.state.log_history if "loss" in row]
+
+
+def test_trainer_steps_with_the_chunked_loss_and_gradient_checkpointing_equal_the_plain_run(tmp_path):
+    plain = trainer_losses(tmp_path / "plain", chunked=False)
+    for losses in (
+        trainer_losses(tmp_path / "chunked", chunked=True),
+        trainer_losses(tmp_path / "checkpointed", chunked=True, gradient_checkpointing=True),
+    ):
+        assert losses == pytest.approx(plain, rel=1e-5) and len(losses) == 5
