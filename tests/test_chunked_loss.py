@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import DataCollatorWithFlattening, GPT2Config, GPT2LMHeadModel
 
 from lmpipe.chunked_loss import LinearCrossEntropy, causal_lm_loss, linear_cross_entropy, shifted_targets
@@ -130,6 +131,19 @@ def test_token_nll_gives_the_same_exact_eval_rows_as_logits():
     assert torch.equal(from_chunks[:, 1:], from_logits[:, 1:])
     assert from_chunks[1].tolist() == [0.0, 0.0, 0.0]  # the row with no scored label
     assert relative(from_chunks[:, 0], from_logits[:, 0]) < 1e-6
+
+
+def test_token_nll_padded_across_ranks_counts_only_scored_positions():
+    """The Trainer pads each rank's eval outputs and labels to the longest rank's with -100 before
+    preprocess_logits_for_metrics: padded positions must add nothing (a two-rank QA eval once came out negative)."""
+    ids, labels = odd_batch()
+    model = tiny_model().eval()
+    install_chunked_loss(model, True, chunk_tokens=4)
+    statistics = NllStatistics(torch.arange(VOCAB) % 4)
+    with torch.no_grad():
+        scores = token_scores(model, ids, labels)
+    padded = statistics(F.pad(scores, (0, 5), value=IGNORE_INDEX), F.pad(labels, (0, 5), value=IGNORE_INDEX))
+    assert torch.equal(padded, statistics(scores, labels))
 
 
 def test_packed_qa_batch():

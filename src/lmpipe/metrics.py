@@ -44,8 +44,9 @@ class NllStatistics:
         """`logits` [batch, seq, vocab], or [batch, seq] per-token NLL from the chunked loss (`token_nll`)."""
         if isinstance(logits, tuple):
             logits = logits[0]
-        if logits.dim() == 2:
-            nll, kept = logits[:, :-1].float(), labels[:, 1:] != IGNORE_INDEX
+        if logits.dim() == 2:  # masked again: the Trainer pads a rank's rows to the longest rank's with -100
+            kept = labels[:, 1:] != IGNORE_INDEX
+            nll = logits[:, :-1].float() * kept
         else:
             nll, kept = shifted_token_nll(logits, labels)
         targets = labels[:, 1:].clamp_min(0)
