@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--eval_blocks", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--from_log", help="Rebuild the table from the '# {...}' lines of an interrupted run's output.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -138,7 +139,14 @@ def main() -> None:
         for mode, block, dtype in product(args.modes.split(","), args.blocks.split(","), args.dtypes.split(","))
     ]
     results = {}  # (mode, block, dtype, chunked) -> list of child results
-    for repeat in range(args.repeats):
+    if args.from_log:
+        for line in Path(args.from_log).read_text(encoding="utf-8").splitlines():
+            if line.startswith("# {"):
+                record = json.loads(line[2:])
+                key = (record["mode"], record["block"], record["dtype"], record["chunked"])
+                results.setdefault(key, []).append(record)
+        configs = [c for c in configs if (c["mode"], c["block"], c["dtype"], True) in results]
+    for repeat in range(0 if args.from_log else args.repeats):
         for config in configs:
             order = (True, False) if repeat % 2 == 0 else (False, True)
             for chunked in order:
@@ -152,7 +160,7 @@ def main() -> None:
     rows, table = [], []
     for config in configs:
         key = (config["mode"], config["block"], config["dtype"])
-        chunked, unchunked = results[(*key, True)], results[(*key, False)]
+        chunked, unchunked = results.get((*key, True), []), results.get((*key, False), [])
         pairs = [(c, u) for c, u in zip(chunked, unchunked) if "error" not in c and "error" not in u]
         values = lambda runs, name: summary([r.get(name) for r in runs if "error" not in r])  # noqa: E731
         rss_ratio = summary([u["peak_rss_mb"] / c["peak_rss_mb"] for c, u in pairs])
@@ -171,6 +179,7 @@ def main() -> None:
     emit_json({
         "benchmark": "chunked_loss", "model": TINY_MODEL if args.tiny else MODEL, "batch": args.batch,
         "steps": args.steps, "eval_blocks": args.eval_blocks, "repeats": args.repeats, "machine": machine(),
+        "from_log": args.from_log,
         "load_average": [load_start, load_average()], "rows": rows,
     })
 

@@ -53,8 +53,8 @@ def test_function_matches_manual_log_softmax_gather(chunk_tokens):
     _, labels = odd_batch()
     manual = manual_causal_lm_loss(hidden @ weight.T, labels)
     manual_grads = torch.autograd.grad(manual, (hidden, weight))
-    nll, kept = linear_cross_entropy(hidden, weight, shifted_targets(labels), chunk_tokens)
-    loss = causal_lm_loss(nll)
+    total, nll, kept = linear_cross_entropy(hidden, weight, shifted_targets(labels), chunk_tokens)
+    loss = causal_lm_loss(total, len(kept))
     grads = torch.autograd.grad(loss, (hidden, weight))
     assert len(kept) == 12 + 0 + 8  # shifted: row 0 keeps 12 targets, row 1 none, row 2 labels 5..12
     assert abs(loss.item() - manual.item()) / manual.item() < 1e-6
@@ -68,7 +68,7 @@ def test_function_gradients_pass_gradcheck_in_float64():
     weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 11, (9,))
     assert torch.autograd.gradcheck(
-        lambda h, w: LinearCrossEntropy.apply(h, w, targets, 4, torch.float64), (hidden, weight)
+        lambda h, w: LinearCrossEntropy.apply(h, w, targets, 4, torch.float64, (True, True))[0], (hidden, weight)
     )
 
 

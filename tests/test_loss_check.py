@@ -117,7 +117,7 @@ def test_check_reports_the_chunked_loss_and_its_gradients_and_leaves_the_model_a
 
 
 def test_a_broken_chunked_loss_is_named(tmp_path, monkeypatch):
-    monkeypatch.setattr("lmpipe.model_loss.causal_lm_loss", lambda nll, count=None: nll.sum() / (nll.numel() + 1))
+    monkeypatch.setattr("lmpipe.model_loss.causal_lm_loss", lambda total, kept, count=None: total / (kept + 1))
     check = check_losses(tiny_trainer(CAUSAL_LM_LOSS, tmp_path), micro_batches())
     assert check.first_disagreement().startswith("batch 1: chunked loss")
 

@@ -1,7 +1,7 @@
 """Causal-LM cross-entropy straight from the final hidden states, a chunk of tokens at a time.
 
-The `[tokens x vocab]` logits are never held whole: the forward keeps only each token's log-sum-exp, the backward
-recomputes one chunk's logits at a time. Our own because cut-cross-entropy's kernels need CUDA (Triton) and its
+The `[tokens x vocab]` logits are never held whole: each chunk's logits give that chunk's NLL and, in training, its
+share of the gradients, and are freed before the next chunk. Our own because cut-cross-entropy's kernels need CUDA (Triton) and its
 portable `torch_compile` path still builds the full logits.
 """
 
@@ -51,57 +51,57 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Per-token NLL of `targets` under `hidden @ weight.T`, chunked over tokens; every target is a real id.
+    """Summed NLL of `targets` under `hidden @ weight.T`, chunked over tokens (every target a real id), and the
+    per-token NLL as a second, non-differentiable output.
 
+    The loss is a sum, so every token's NLL gets the same gradient: while a chunk's logits are at hand, the forward
+    also turns them into that chunk's gradients for the hidden states and the weight (softmax - one-hot), and the
+    backward only scales them. The logits are computed once, as in the unchunked loss, and never recomputed.
     Matmuls run in `dtype` (the model's compute dtype); log-sum-exp, softmax and the weight gradient's sum over
-    chunks are float32.
+    chunks are float32. `with_grad` (hidden, weight): which gradients to prepare (none under no_grad).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens: int, dtype: torch.dtype):
-        with torch.autocast(hidden.device.type, enabled=False):
-            weight_c = weight.to(dtype)
-            log_sum_exp = hidden.new_empty(len(targets), dtype=accumulation_dtype(dtype))
-            target_logit = torch.empty_like(log_sum_exp)
-            for start in range(0, len(targets), chunk_tokens):
-                end = start + chunk_tokens
-                logits = (hidden[start:end].to(dtype) @ weight_c.T).to(log_sum_exp.dtype)
-                log_sum_exp[start:end] = torch.logsumexp(logits, dim=-1)
-                target_logit[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1)
-                del logits
-        ctx.save_for_backward(hidden, weight, targets, log_sum_exp)
-        ctx.chunk_tokens, ctx.dtype = chunk_tokens, dtype
-        return log_sum_exp - target_logit
-
-    @staticmethod
-    def backward(ctx, grad_nll):
-        hidden, weight, targets, log_sum_exp = ctx.saved_tensors
-        chunk_tokens, dtype = ctx.chunk_tokens, ctx.dtype
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=log_sum_exp.dtype, device=weight.device) if need_weight else None
+    def forward(ctx, hidden, weight, targets, chunk_tokens: int, dtype: torch.dtype, with_grad: tuple[bool, bool]):
+        accumulate = accumulation_dtype(dtype)
+        grad_hidden = torch.empty_like(hidden) if with_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if with_grad[1] else None
+        nll = hidden.new_empty(len(targets), dtype=accumulate)
         with torch.autocast(hidden.device.type, enabled=False):
             weight_c = weight.to(dtype)
             for start in range(0, len(targets), chunk_tokens):
                 end = start + chunk_tokens
                 hidden_c = hidden[start:end].to(dtype)
-                # d nll / d logits = softmax - one_hot(target), scaled by the incoming gradient
-                grad_logits = (hidden_c @ weight_c.T).to(log_sum_exp.dtype).sub_(log_sum_exp[start:end, None]).exp_()
-                rows = torch.arange(grad_logits.shape[0], device=hidden.device)
-                grad_logits[rows, targets[start:end]] -= 1.0
-                grad_logits.mul_(grad_nll[start:end, None].to(log_sum_exp.dtype))
+                logits = (hidden_c @ weight_c.T).to(accumulate)
+                log_sum_exp = torch.logsumexp(logits, dim=-1)
+                nll[start:end] = log_sum_exp - logits.gather(1, targets[start:end, None]).squeeze(1)
+                if not any(with_grad):
+                    continue
+                grad_logits = logits.sub_(log_sum_exp[:, None]).exp_()  # softmax, in place of the logits
+                grad_logits[torch.arange(len(grad_logits), device=hidden.device), targets[start:end]] -= 1.0
                 grad_logits = grad_logits.to(dtype)
-                if need_hidden:
+                if with_grad[0]:
                     grad_hidden[start:end] = grad_logits @ weight_c
-                if need_weight:
-                    if dtype == grad_weight.dtype:
+                if with_grad[1]:
+                    if dtype == accumulate:
                         grad_weight.addmm_(grad_logits.T, hidden_c)
                     else:
-                        grad_weight += (grad_logits.T @ hidden_c).to(grad_weight.dtype)
-                del grad_logits
+                        grad_weight += (grad_logits.T @ hidden_c).to(accumulate)
+                del logits, grad_logits
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(nll)
+        return nll.sum(), nll
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_nll_unused):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        if need_hidden:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
         if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+            grad_weight = (grad_weight * grad_total.to(grad_weight.dtype)).to(ctx.weight_dtype)
+        return (grad_hidden if need_hidden else None), (grad_weight if need_weight else None), None, None, None, None
 
 
 def shifted_targets(labels: torch.Tensor, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,27 +113,34 @@ def shifted_targets(labels: torch.Tensor, shift_labels: torch.Tensor | None = No
 
 def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(NLL of the kept targets, flat indices of the kept positions) for `hidden` [..., D] and `targets` [...]
-    with -100 for positions not scored. Positions with target -100 are never multiplied by the weight."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed NLL of the kept targets, their per-token NLL (not differentiable), flat indices of the kept
+    positions) for `hidden` [..., D] and `targets` [...] with -100 for positions not scored. Positions with
+    target -100 are never multiplied by the weight."""
     kept = (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
     hidden_kept = hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept)
     target_ids = targets.reshape(-1).index_select(0, kept).to(hidden.device)
-    nll = LinearCrossEntropy.apply(hidden_kept, weight, target_ids, chunk_tokens, compute_dtype(hidden, weight))
-    return nll, kept
+    grad = torch.is_grad_enabled()
+    with_grad = (grad and hidden_kept.requires_grad, grad and weight.requires_grad)
+    total, nll = LinearCrossEntropy.apply(
+        hidden_kept, weight, target_ids, chunk_tokens, compute_dtype(hidden, weight), with_grad
+    )
+    return total, nll, kept
 
 
-def causal_lm_loss(nll: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+def causal_lm_loss(
+    total: torch.Tensor, kept_tokens: int, num_items_in_batch: torch.Tensor | int | None = None
+) -> torch.Tensor:
     """ForCausalLMLoss's reduction: the sum over `num_items_in_batch` when given (token-weighted over accumulation
     steps and ranks), else the mean over kept tokens (NaN when there are none, as F.cross_entropy gives)."""
     if num_items_in_batch is None:
-        return nll.sum() / nll.numel()
+        return total / kept_tokens
     if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(nll.device)
-    return nll.sum() / num_items_in_batch
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 def token_nll(nll: torch.Tensor, kept: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The kept tokens' NLL back at their positions (0 elsewhere), detached: per-row sums for exact evaluation."""
+    """The kept tokens' NLL back at their positions (0 elsewhere): per-row sums for exact evaluation."""
     flat = torch.zeros(shape.numel(), dtype=torch.float32, device=nll.device)
-    return flat.index_copy_(0, kept, nll.detach()).view(shape)
+    return flat.index_copy_(0, kept, nll.float()).view(shape)

@@ -85,9 +85,9 @@ class ChunkedLoss:
             return ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels, **kwargs)
         hidden, self._hidden = self._hidden, None
         targets = shifted_targets(labels.to(hidden.device), shift_labels)
-        nll, kept = linear_cross_entropy(hidden, self.head.weight, targets, self.chunk_size(hidden.device))
+        total, nll, kept = linear_cross_entropy(hidden, self.head.weight, targets, self.chunk_size(hidden.device))
         self._token_nll = token_nll(nll, kept, targets.shape)
-        return causal_lm_loss(nll, num_items_in_batch)
+        return causal_lm_loss(total, len(kept), num_items_in_batch)
 
     def _chunked_output(self, module, args, output):
         if not self._armed:
