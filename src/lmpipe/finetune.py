@@ -196,6 +196,7 @@ def build_qa_trainer(
         byte_lengths,
         eval_data_collator=padded_collator(tokenizer),
         trainer_class=TokenWeightedLossTrainer,
+        context_length=qa.max_length,
     )
     return trainer, tokenizer, data
 

@@ -120,7 +120,8 @@ def build_pretrain_trainer(recipe: Recipe, training: TrainingArguments) -> tuple
     install_chunked_loss(model, model_args.chunked_loss, model_args.chunked_loss_tokens)
     byte_lengths = token_byte_lengths(corpus.tokenizer, model.config.vocab_size)
     trainer = build_trainer(
-        model, training, corpus.train, corpus.validation, collate_blocks, corpus.tokenizer, byte_lengths
+        model, training, corpus.train, corpus.validation, collate_blocks, corpus.tokenizer, byte_lengths,
+        context_length=data_args.block_size,
     )
     return trainer, corpus
 
