@@ -301,7 +301,7 @@ def test_loss_check_on_a_qa_recipe_scores_exactly_every_answer_token_and_eos(pre
 
 def test_loss_check_on_lora_with_packed_batches_compares_the_adapter_gradients(pretrained, capsys):
     """LoRA freezes lm_head/wte: the gradients compared are an adapter's and the final hidden states'."""
-    assert main(["check-loss", "--model_name_or_path", str(pretrained / "pretrained"), "--train_file",
+    assert main(["check-loss", "--task", "qa", "--model_name_or_path", str(pretrained / "pretrained"), "--train_file",
                  str(pretrained / "nq_open_300.jsonl"), "--max_length", "96", "--batches", "2",
                  "--use_lora", "true", "--batching", "packed", "--report_to", "none"]) == 0
     lines = capsys.readouterr().out.splitlines()
