@@ -121,6 +121,7 @@ BAD_INPUTS = {
     "block_size over n_positions": ([*PRETRAIN, "--block_size", "256", "--n_positions", "128"],
                                     "block_size=256 exceeds the model's n_positions=128"),
     "heads do not divide the width": ([*PRETRAIN, "--n_embd", "64", "--n_head", "3"], "n_embd=64 must be divisible by n_head=3"),
+    "empty loss chunk": ([*PRETRAIN, "--chunked_loss_tokens", "0"], "chunked_loss_tokens must be >= 1, got 0"),
     "trained tokenizer for a pretrained model": ([*PRETRAIN, "--model_name_or_path", "{root}/gpt2-tiny", "--block_size", "64"],
                                                  "train_tokenizer: true makes a vocabulary that"),
     "trained and named tokenizer": ([*PRETRAIN, "--vocab_file", "{root}/empty.txt", "--merges_file", "{root}/empty.txt"],

@@ -233,11 +233,16 @@ def test_full_fine_tune_with_padded_batches(pretrained):
         assert row["prediction"] == greedy_from_ids(model, tokenizer, ids, 8)
 
 
-def test_lora_fine_tune_with_packed_batches_and_merge(pretrained):
-    output, metrics, predictions = finetune(
-        pretrained, "lora", "--batching", "packed", "--use_lora", "true", "--lora_dropout", "0",
-        "--merge_lora", "true", "--learning_rate", "0.01",
-    )
+LORA_PACKED = ["--batching", "packed", "--use_lora", "true", "--lora_dropout", "0", "--learning_rate", "0.01"]
+
+
+@pytest.fixture(scope="module")
+def lora_packed_run(pretrained):
+    return finetune(pretrained, "lora", *LORA_PACKED, "--merge_lora", "true")
+
+
+def test_lora_fine_tune_with_packed_batches_and_merge(lora_packed_run):
+    output, metrics, predictions = lora_packed_run
     check_run(metrics, predictions)
     assert metrics["real_token_fraction"] == 1.0
     assert metrics["trainable_parameters"] < 0.2 * metrics["total_parameters"]
@@ -245,6 +250,15 @@ def test_lora_fine_tune_with_packed_batches_and_merge(pretrained):
     loss, tokens = hand_answer_only_loss(output / MERGED_DIR, predictions)  # the merged plain model
     assert metrics["eval_tokens"] == tokens
     assert metrics["eval_loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_the_chunked_loss_and_the_models_own_give_the_same_run(pretrained, lora_packed_run):
+    """LoRA on packed batches, fp32: train and eval losses with chunked_loss false equal the chunked run's."""
+    _, chunked, _ = lora_packed_run
+    _, own, _ = finetune(pretrained, "lora-own-loss", *LORA_PACKED, "--chunked_loss", "false")
+    for key in ("train_loss", "initial_eval_loss", "eval_loss", "perplexity"):
+        assert chunked[key] == pytest.approx(own[key], rel=1e-5), key
+    assert chunked["eval_tokens"] == own["eval_tokens"]
 
 
 BAD_INPUTS = {
@@ -283,6 +297,17 @@ def test_loss_check_on_a_qa_recipe_scores_exactly_every_answer_token_and_eos(pre
                  "--report_to", "none"]) == 0
     total = next(line for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["all"])
     assert int(total.split()[1].replace(",", "")) == answer_tokens
+
+
+def test_loss_check_on_lora_with_packed_batches_compares_the_adapter_gradients(pretrained, capsys):
+    """LoRA freezes lm_head/wte: the gradients compared are an adapter's and the final hidden states'."""
+    assert main(["check-loss", "--task", "qa", "--model_name_or_path", str(pretrained / "pretrained"), "--train_file",
+                 str(pretrained / "nq_open_300.jsonl"), "--max_length", "96", "--batches", "2",
+                 "--use_lora", "true", "--batching", "packed", "--report_to", "none"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    gradients = [line.split() for line in lines[lines.index(next(l for l in lines if l.startswith("gradients"))) + 1 : -1]]
+    assert [row[0] for row in gradients] == ["base_model.model.transformer.h.0.attn.c_attn.lora_B.default.weight", "final"]
+    assert all(float(row[-1]) <= 1e-5 for row in gradients)
 
 
 def test_a_model_is_required(capsys):

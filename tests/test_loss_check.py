@@ -11,6 +11,7 @@ from lmpipe.cli import main
 from lmpipe.loss_check import check_losses
 from lmpipe.losses import manual_causal_lm_loss
 from lmpipe.model import CAUSAL_LM_LOSS, build_model
+from lmpipe.model_loss import chunked_loss_of
 from lmpipe.recipe import ModelArguments
 
 from conftest import REPO
@@ -91,8 +92,34 @@ def tiny_recipe_flags(corpus) -> list[str]:
 def test_cli_passes_on_our_configured_model(text_file, capsys):
     assert main(["check-loss", *tiny_recipe_flags(text_file)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1].startswith("ok: the four losses agree")
-    assert [line.split()[0] for line in lines[-4:-1]] == ["1", "2", "all"]
+    assert lines[-1].startswith("ok: the five losses agree")
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["batch"])
+    assert lines[header].split()[3:8] == ["model", "manual", "cross_entropy", "chunked", "trainer"]
+    assert [line.split()[0] for line in lines[header + 1 : header + 4]] == ["1", "2", "all"]
+    assert lines[header + 4] == "the trainer's loss is the chunked one; chunked within 1e-06 of manual"
+    gradients = [line.split() for line in lines[header + 6 : -1]]
+    assert [g[0] for g in gradients] == ["transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "final"]
+    assert all(float(g[-1]) <= 1e-5 for g in gradients)
+
+
+def test_check_reports_the_chunked_loss_and_its_gradients_and_leaves_the_model_as_it_was(tmp_path):
+    """The chunked column equals an independent manual loss; the check installs it only for itself."""
+    trainer = tiny_trainer(CAUSAL_LM_LOSS, tmp_path)
+    check = check_losses(trainer, micro_batches())
+    input_ids, labels = rows_with_uneven_masks()
+    with torch.no_grad():
+        first_step = manual_causal_lm_loss(trainer.model(input_ids[:4]).logits, labels[:4]).item()
+    assert check.rows[0].chunked == pytest.approx(first_step, rel=1e-6)
+    assert set(check.gradients) == {"transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "final hidden states"}
+    assert max(check.gradients.values()) <= 1e-5 and not check.trainer_chunked
+    assert chunked_loss_of(trainer.model) is None
+    assert trainer.model(input_ids[:2], labels=labels[:2]).logits.shape == (2, LENGTH, VOCAB)
+
+
+def test_a_broken_chunked_loss_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr("lmpipe.model_loss.causal_lm_loss", lambda total, kept, count=None: total / (kept + 1))
+    check = check_losses(tiny_trainer(CAUSAL_LM_LOSS, tmp_path), micro_batches())
+    assert check.first_disagreement().startswith("batch 1: chunked loss")
 
 
 def test_cli_exits_1_when_the_model_keeps_gpt2s_default_loss_type(text_file, capsys, monkeypatch):

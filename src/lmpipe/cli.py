@@ -97,7 +97,10 @@ def check_loss_command(argv: list[str]) -> int:
     if disagreement:
         print(f"loss check failed: {disagreement}", file=sys.stderr)
         return 1
-    print(f"ok: the four losses agree within a relative {check.relative_tolerance:.0e}")
+    print(
+        f"ok: the five losses agree within a relative {check.relative_tolerance:.0e} (chunked: "
+        f"{check.tolerance('chunked'):.0e}), the chunked gradients within {check.gradient_tolerance:.0e}"
+    )
     return 0
 
 

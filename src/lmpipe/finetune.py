@@ -28,6 +28,7 @@ from lmpipe.losses import IGNORE_INDEX
 from lmpipe.lora import MERGED_DIR, check_lora_arguments, save_merged, wrap_lora
 from lmpipe.metrics import token_byte_lengths
 from lmpipe.model import build_model, check_sequence_length, model_positions
+from lmpipe.model_loss import install_chunked_loss
 from lmpipe.qa_metrics import score_predictions
 from lmpipe.recipe import LoraArguments, ModelArguments, QAArguments, Recipe
 from lmpipe.run_lock import exclusive_output_dir
@@ -184,6 +185,7 @@ def build_qa_trainer(
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     if lora.use_lora:
         model = wrap_lora(model, lora)
+    install_chunked_loss(model, model_args.chunked_loss, model_args.chunked_loss_tokens)
     trainer = build_trainer(
         model,
         training,
@@ -194,6 +196,7 @@ def build_qa_trainer(
         byte_lengths,
         eval_data_collator=padded_collator(tokenizer),
         trainer_class=TokenWeightedLossTrainer,
+        context_length=qa.max_length,
     )
     return trainer, tokenizer, data
 

@@ -1,12 +1,16 @@
-"""The loss check: four independent computations of the same causal-LM loss must agree on real batches.
+"""The loss check: five computations of the same causal-LM loss must agree on real batches.
 
 Per batch (one optimizer step: `gradient_accumulation_steps` micro-batches, as the Trainer groups them):
 1. `model`: the model's own loss (it shifts inside);
 2. `manual`: shift, log_softmax, gather, drop -100, average over kept tokens (`losses.shifted_token_nll`);
 3. `cross_entropy`: `F.cross_entropy(ignore_index=-100)` on the flattened shifted tensors;
-4. `trainer`: what the Trainer optimises and logs: its own `get_batch_samples` counts `num_items_in_batch`
-   and its `training_step` (compute_loss, accumulation scaling, backward) returns the step's loss.
-Losses (1) and (3) are per-call means; over several micro-batches they are combined weighted by kept tokens.
+4. `chunked`: the chunked linear + cross-entropy from the final hidden states (`model_loss.ChunkedLoss`);
+5. `trainer`: what the Trainer optimises and logs: its own `get_batch_samples` counts `num_items_in_batch`
+   and its `training_step` (compute_loss, accumulation scaling, backward) returns the step's loss, chunked or
+   not as the recipe's `chunked_loss` says.
+Losses (1), (3) and (4) are per-call means; over several micro-batches they are combined weighted by kept tokens.
+The gradients of the first micro-batch's loss (lm_head/wte, one attention weight, the final hidden states) are
+compared between the chunked loss and the model's own.
 Pretraining and QA fine-tuning recipes are checked on the Trainer each would train with (`check_trainer`).
 """
 
@@ -25,14 +29,18 @@ from transformers import Trainer, set_seed
 from lmpipe.errors import LmpipeError
 from lmpipe.finetune import build_qa_trainer, check_finetune_arguments
 from lmpipe.losses import IGNORE_INDEX, shifted_token_nll
+from lmpipe.model_loss import ChunkedLoss, chunked_loss_enabled, chunked_loss_of
 from lmpipe.pretrain import build_pretrain_trainer
 from lmpipe.recipe import QAArguments, Recipe
 from lmpipe.train import check_training_arguments
 
-LOSS_NAMES = ("model", "manual", "cross_entropy", "trainer")
+LOSS_NAMES = ("model", "manual", "cross_entropy", "chunked", "trainer")
 REFERENCE = "manual"
 FP32_TOLERANCE = 1e-5  # every loss is reduced in float32, whatever the weights' dtype
+CHUNKED_FP32_TOLERANCE = 1e-6  # the chunked loss reduces exactly what the manual one does, in float32
 LOW_PRECISION_TOLERANCE = 1e-2  # bf16 / fp16 weights: about two units of bf16's 8-bit mantissa
+GRADIENT_FP32_TOLERANCE = 1e-5  # max |difference| / max |gradient|
+GRADIENT_LOW_PRECISION_TOLERANCE = 5e-2
 
 
 @dataclass
@@ -46,13 +54,14 @@ class LossCheckArguments:
 
 @dataclass
 class BatchLosses:
-    """The four losses of one batch (or of all batches, `batch="all"`), in nats per kept token."""
+    """The five losses of one batch (or of all batches, `batch="all"`), in nats per kept token."""
 
     batch: str
     kept_tokens: int
     model: float
     manual: float
     cross_entropy: float
+    chunked: float
     trainer: float
 
     def losses(self) -> dict[str, float]:
@@ -72,23 +81,40 @@ class LossCheck:
     relative_tolerance: float
     dtype: str
     micro_batches_per_batch: int
+    gradients: dict[str, float]  # relative max difference, chunked vs the model's own loss, per tensor
+    gradient_tolerance: float
+    trainer_chunked: bool
+
+    def tolerance(self, name: str) -> float:
+        return min(self.relative_tolerance, CHUNKED_FP32_TOLERANCE) if name == "chunked" else self.relative_tolerance
 
     def first_disagreement(self) -> str | None:
-        """`batch B: X vs manual (...)` for the first loss that differs from the manual one beyond tolerance."""
+        """`batch B: X vs manual (...)` for the first loss that differs from the manual one beyond tolerance,
+        else the first gradient of the chunked loss that differs from the model's own."""
         for row in [*self.rows, self.total]:
             reference = row.manual
             for name, value in row.losses().items():
                 difference = abs(value - reference) / max(abs(reference), 1e-12)
-                if not difference <= self.relative_tolerance:  # also catches NaN
+                if not difference <= self.tolerance(name):  # also catches NaN
                     return (
                         f"batch {row.batch}: {name} loss {value:.6f} vs {REFERENCE} loss {reference:.6f} "
-                        f"(relative difference {difference:.1e} > {self.relative_tolerance:.0e})"
+                        f"(relative difference {difference:.1e} > {self.tolerance(name):.0e})"
                     )
+        for name, difference in self.gradients.items():
+            if not difference <= self.gradient_tolerance:
+                return (
+                    f"gradient of {name}: chunked vs the model's own loss differ by {difference:.1e} relative "
+                    f"(> {self.gradient_tolerance:.0e})"
+                )
         return None
 
 
 def relative_tolerance(dtype: torch.dtype) -> float:
     return LOW_PRECISION_TOLERANCE if dtype in (torch.bfloat16, torch.float16) else FP32_TOLERANCE
+
+
+def gradient_tolerance(dtype: torch.dtype) -> float:
+    return GRADIENT_LOW_PRECISION_TOLERANCE if dtype in (torch.bfloat16, torch.float16) else GRADIENT_FP32_TOLERANCE
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -98,15 +124,20 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def _batch_losses(trainer: Trainer, micro_batches: list[dict], num_items_in_batch, name: str) -> BatchLosses:
-    """The four losses of one optimizer step, from the micro-batches `get_batch_samples` returned."""
+def _batch_losses(
+    trainer: Trainer, micro_batches: list[dict], num_items_in_batch, name: str, trainer_chunked: bool
+) -> BatchLosses:
+    """The five losses of one optimizer step, from the micro-batches `get_batch_samples` returned."""
     model = trainer.model
     model.eval()
-    nll_sum, kept_total, model_sum, cross_entropy_sum = 0.0, 0, 0.0, 0.0
+    nll_sum, kept_total, model_sum, cross_entropy_sum, chunked_sum = 0.0, 0, 0.0, 0.0, 0.0
     with torch.no_grad():
         for batch in micro_batches:
             inputs = trainer._prepare_inputs(batch)  # the Trainer's own move to device
-            outputs = model(**inputs)
+            with chunked_loss_enabled(model, True):
+                chunked_loss = model(**inputs).loss
+            with chunked_loss_enabled(model, False):
+                outputs = model(**inputs)
             nll, kept = shifted_token_nll(outputs.logits, inputs["labels"])
             kept_tokens = int(kept.sum())
             shifted_logits = outputs.logits[:, :-1, :].float()
@@ -119,10 +150,12 @@ def _batch_losses(trainer: Trainer, micro_batches: list[dict], num_items_in_batc
             kept_total += kept_tokens
             model_sum += outputs.loss.item() * kept_tokens
             cross_entropy_sum += cross_entropy.item() * kept_tokens
+            chunked_sum += chunked_loss.item() * kept_tokens
     if kept_total == 0:
         raise LmpipeError(f"loss check: batch {name} has no scored label (every shifted label is -100)")
     trainer.current_gradient_accumulation_steps = len(micro_batches)  # set by the training loop before each step
-    trainer_loss = sum(trainer.training_step(model, batch, num_items_in_batch).item() for batch in micro_batches)
+    with chunked_loss_enabled(model, trainer_chunked):
+        trainer_loss = sum(trainer.training_step(model, batch, num_items_in_batch).item() for batch in micro_batches)
     model.zero_grad(set_to_none=True)
     model.eval()
     return BatchLosses(
@@ -131,26 +164,74 @@ def _batch_losses(trainer: Trainer, micro_batches: list[dict], num_items_in_batc
         model=model_sum / kept_total,
         manual=nll_sum / kept_total,
         cross_entropy=cross_entropy_sum / kept_total,
+        chunked=chunked_sum / kept_total,
         trainer=trainer_loss,
     )
 
 
+def _gradients(model: torch.nn.Module, inputs: dict, names: list[str]) -> dict[str, torch.Tensor]:
+    """Gradients of one micro-batch's loss for the named parameters and the final hidden states (lm_head's input)."""
+    model.zero_grad(set_to_none=True)
+    captured = {}
+    head = chunked_loss_of(model).head
+    handle = head.register_forward_pre_hook(lambda module, args: captured.setdefault("h", args[0]), prepend=True)
+    try:
+        outputs = model(**inputs)
+    finally:
+        handle.remove()
+    captured["h"].retain_grad()
+    outputs.loss.backward()
+    parameters = dict(model.named_parameters())
+    gradients = {name: parameters[name].grad.detach().clone() for name in names}
+    gradients["final hidden states"] = captured["h"].grad.detach().clone()
+    model.zero_grad(set_to_none=True)
+    return gradients
+
+
+def gradient_agreement(model: torch.nn.Module, batch: dict) -> dict[str, float]:
+    """max |chunked - own| / max |own| per tensor: lm_head (tied: wte) when it trains, the first trainable
+    attention weight whose gradient is not zero (LoRA's A starts with none: B is zero), the final hidden states."""
+    head_weight = chunked_loss_of(model).head.weight
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    head = [name for name, p in trainable if p is head_weight]
+    attention = [name for name, _ in trainable if ".attn." in name and name.endswith("weight")]
+    gradients = {}
+    for enabled in (True, False):
+        with chunked_loss_enabled(model, enabled):
+            gradients[enabled] = _gradients(model, batch, head + attention)
+    model.eval()
+    own = gradients[False]
+    shown = head + [name for name in attention if own[name].abs().max() > 0][:1] + ["final hidden states"]
+    return {
+        name: ((gradients[True][name] - own[name]).abs().max() / own[name].abs().max()).item() for name in shown
+    }
+
+
 def check_losses(trainer: Trainer, micro_batches: Iterable[dict]) -> LossCheck:
-    """Compare the four losses on `micro_batches` (dicts with input_ids, labels, optional attention_mask and
+    """Compare the five losses on `micro_batches` (dicts with input_ids, labels, optional attention_mask and
     position_ids, as a collator yields them), grouped into optimizer steps by the Trainer's own code.
 
     Takes the Trainer, not just the model: a wrong count lives in the Trainer (e.g. a model whose `loss_type` is
     None makes it count unshifted labels). The model's dropout is turned off (see `disable_dropout`).
     """
     disable_dropout(trainer.model)
+    installed = chunked_loss_of(trainer.model)
+    trainer_chunked = installed is not None and installed.enabled
+    chunked = installed or ChunkedLoss(trainer.model)  # only for the check: removed again below
     accumulation = trainer.args.gradient_accumulation_steps
     iterator: Iterator[dict] = iter(micro_batches)
-    rows = []
-    while True:
-        step, num_items_in_batch = trainer.get_batch_samples(iterator, accumulation, trainer.args.device)
-        if not step:
-            break
-        rows.append(_batch_losses(trainer, step, num_items_in_batch, str(len(rows) + 1)))
+    rows, gradients = [], {}
+    try:
+        while True:
+            step, num_items_in_batch = trainer.get_batch_samples(iterator, accumulation, trainer.args.device)
+            if not step:
+                break
+            if not rows:
+                gradients = gradient_agreement(trainer.model, trainer._prepare_inputs(step[0]))
+            rows.append(_batch_losses(trainer, step, num_items_in_batch, str(len(rows) + 1), trainer_chunked))
+    finally:
+        if installed is None:
+            chunked.remove()
     if not rows:
         raise LmpipeError("loss check: no batches to compare")
     kept = sum(row.kept_tokens for row in rows)
@@ -162,6 +243,9 @@ def check_losses(trainer: Trainer, micro_batches: Iterable[dict]) -> LossCheck:
         relative_tolerance=relative_tolerance(dtype),
         dtype=str(dtype).removeprefix("torch."),
         micro_batches_per_batch=accumulation,
+        gradients=gradients,
+        gradient_tolerance=gradient_tolerance(dtype),
+        trainer_chunked=trainer_chunked,
     )
 
 
@@ -176,6 +260,13 @@ def format_table(check: LossCheck) -> str:
     for row in [*check.rows, check.total]:
         losses = " ".join(f"{value:>13.6f}" for value in row.losses().values())
         lines.append(f"{row.batch:>5} {row.kept_tokens:>11,} {losses} {row.max_abs_diff():>12.1e}")
+    trainer_loss = "the chunked one" if check.trainer_chunked else "the model's own"
+    lines.append(f"the trainer's loss is {trainer_loss}; chunked within {check.tolerance('chunked'):.0e} of manual")
+    lines.append(
+        f"gradients of batch 1's first micro-batch, chunked vs the model's own loss (max |diff| / max |grad|, "
+        f"tolerance {check.gradient_tolerance:.0e}):"
+    )
+    lines += [f"  {name:<40} {difference:.1e}" for name, difference in check.gradients.items()]
     return "\n".join(lines)
 
 

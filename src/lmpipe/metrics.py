@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from lmpipe.losses import shifted_token_nll
+from lmpipe.losses import IGNORE_INDEX, shifted_token_nll
 
 NATS_PER_BIT = math.log(2)
 
@@ -41,9 +41,14 @@ class NllStatistics:
         self.byte_lengths = torch.as_tensor(byte_lengths)
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`logits` [batch, seq, vocab], or [batch, seq] per-token NLL from the chunked loss (`token_nll`)."""
         if isinstance(logits, tuple):
             logits = logits[0]
-        nll, kept = shifted_token_nll(logits, labels)
+        if logits.dim() == 2:  # masked again: the Trainer pads a rank's rows to the longest rank's with -100
+            kept = labels[:, 1:] != IGNORE_INDEX
+            nll = logits[:, :-1].float() * kept
+        else:
+            nll, kept = shifted_token_nll(logits, labels)
         targets = labels[:, 1:].clamp_min(0)
         byte_lengths = self.byte_lengths.to(targets.device)[targets] * kept
         return torch.stack(

@@ -53,7 +53,9 @@ def build_model(args: ModelArguments, tokenizer: PreTrainedTokenizerBase, block_
 
 def model_positions(args: ModelArguments) -> int:
     """The model's n_positions from the recipe or the pretrained config alone, so a bad length fails before data;
-    a from-scratch shape is checked here too."""
+    a from-scratch shape and the loss chunk are checked here too."""
+    if args.chunked_loss_tokens is not None and args.chunked_loss_tokens < 1:
+        raise LmpipeError(f"chunked_loss_tokens must be >= 1, got {args.chunked_loss_tokens}")
     if not args.model_name_or_path:
         if args.n_embd % args.n_head:
             raise LmpipeError(f"n_embd={args.n_embd} must be divisible by n_head={args.n_head}")

@@ -25,6 +25,7 @@ from lmpipe.errors import LmpipeError
 from lmpipe.hub import CheckpointPusher, check_hub_push, push_run
 from lmpipe.metrics import token_byte_lengths, unigram_perplexity
 from lmpipe.model import build_model, check_sequence_length, model_positions
+from lmpipe.model_loss import install_chunked_loss
 from lmpipe.recipe import DataArguments, ModelArguments, Recipe, TokenizerArguments
 from lmpipe.run_lock import exclusive_output_dir
 from lmpipe.tokenizer import check_tokenizer_arguments, load_tokenizer
@@ -116,9 +117,11 @@ def build_pretrain_trainer(recipe: Recipe, training: TrainingArguments) -> tuple
     model_args, tokenizer_args, data_args = recipe.arguments[:3]
     corpus = prepare_corpus(data_args, tokenizer_args, model_args, training)
     model = build_model(model_args, corpus.tokenizer, data_args.block_size)
+    install_chunked_loss(model, model_args.chunked_loss, model_args.chunked_loss_tokens)
     byte_lengths = token_byte_lengths(corpus.tokenizer, model.config.vocab_size)
     trainer = build_trainer(
-        model, training, corpus.train, corpus.validation, collate_blocks, corpus.tokenizer, byte_lengths
+        model, training, corpus.train, corpus.validation, collate_blocks, corpus.tokenizer, byte_lengths,
+        context_length=data_args.block_size,
     )
     return trainer, corpus
 

@@ -60,6 +60,14 @@ class ModelArguments:
         },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with a Hub model."})
+    chunked_loss: bool = field(
+        default=True,
+        metadata={"help": "Loss from the hidden states a chunk of tokens at a time, never the full logits; false: the model's own."},
+    )
+    chunked_loss_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per loss chunk (default: 128 MiB of float32 logits, less on small machines)."},
+    )
 
 
 @dataclass

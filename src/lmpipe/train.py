@@ -18,6 +18,7 @@ from lmpipe.card import write_model_card
 from lmpipe.checkpoints import TRAINER_STATE, identity_changes, resume_checkpoint
 from lmpipe.errors import LmpipeError
 from lmpipe.finite import non_finite_metrics
+from lmpipe.flops import ModelFlopsMeter, device_peak_flops, flops_per_token
 from lmpipe.metrics import NllStatistics, compute_exact_metrics
 from lmpipe.recipe import Recipe, write_resolved_recipe
 from lmpipe.run_files import METRICS_NAME, PLOT_NAME, write_text_atomically
@@ -32,9 +33,16 @@ class ExactEvalTrainer(Trainer):
     the samples duplicated across ranks by row, so a padding-free collator (a whole batch in one row) cannot be used.
     """
 
-    def __init__(self, *args, eval_data_collator=None, **kwargs):
+    def __init__(self, *args, eval_data_collator=None, flops_meter: ModelFlopsMeter | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_data_collator = eval_data_collator or self.data_collator
+        self.flops_meter = flops_meter
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Training logs also carry the model TFLOP/s (and MFU on a known GPU) since the previous one."""
+        if self.flops_meter is not None:
+            self.flops_meter.add_to_log(logs, self.state.num_input_tokens_seen, self.args.world_size)
+        super().log(logs, *args, **kwargs)
 
     def get_eval_dataloader(self, eval_dataset=None):
         training_collator, self.data_collator = self.data_collator, self.eval_data_collator
@@ -117,10 +125,17 @@ def build_trainer(
     byte_lengths: np.ndarray,
     eval_data_collator=None,
     trainer_class: type[ExactEvalTrainer] = ExactEvalTrainer,
+    context_length: int | None = None,
 ) -> ExactEvalTrainer:
-    """The Trainer for every lmpipe run: exact evaluation and the reliability callbacks wired in."""
+    """The Trainer for every lmpipe run: exact evaluation and the reliability callbacks wired in; with
+    `context_length` (block size / max length) its logs and metrics carry model FLOP/s."""
+    meter = None
+    if context_length is not None:
+        peak = device_peak_flops(args.device, args.bf16 or args.fp16)
+        meter = ModelFlopsMeter(flops_per_token(model, context_length), peak)
     trainer = trainer_class(
         eval_data_collator=eval_data_collator,
+        flops_meter=meter,
         model=model,
         args=without_trainer_push(args),
         train_dataset=train_dataset,
@@ -168,6 +183,13 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, A
         restore_signal_handlers(trainer.callback_handler.callbacks)
     evaluation = final_evaluation(trainer)
     trainer.save_model(output_dir)
+    session_tokens = trainer.state.num_input_tokens_seen - tokens_before
+    flops = {}
+    if trainer.flops_meter is not None and session_tokens > 0 and runtime:
+        flops = {
+            "model_flops_per_token": trainer.flops_meter.flops_per_token,
+            **trainer.flops_meter.rates(session_tokens, runtime, trainer.args.world_size),
+        }
     metrics = {
         "eval_loss": evaluation["eval_loss"],
         "perplexity": evaluation["eval_perplexity"],
@@ -179,7 +201,8 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, A
         "train_steps": trainer.state.global_step,
         "train_epochs": trainer.state.epoch,
         "train_runtime_s": runtime,
-        "train_tokens_per_second": (trainer.state.num_input_tokens_seen - tokens_before) / runtime if runtime else 0.0,
+        "train_tokens_per_second": session_tokens / runtime if runtime else 0.0,
+        **flops,
         "resumed_from": resume_from,
     }
     not_finite = non_finite_metrics(metrics)

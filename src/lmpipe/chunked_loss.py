@@ -1,0 +1,146 @@
+"""Causal-LM cross-entropy straight from the final hidden states, a chunk of tokens at a time.
+
+The `[tokens x vocab]` logits are never held whole: each chunk's logits give that chunk's NLL and, in training, its
+share of the gradients, and are freed before the next chunk. Our own because cut-cross-entropy's kernels need CUDA (Triton) and its
+portable `torch_compile` path still builds the full logits.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lmpipe.losses import IGNORE_INDEX
+
+# Bytes of float32 logits one chunk may hold: this, or 1/64 of the device's memory if less.
+MAX_CHUNK_BYTES = 128 * 2**20
+MIN_CHUNK_TOKENS = 64
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """The device's total memory (the machine's RAM on CPU).
+
+    Total, not free: the same machine then always cuts the same chunks, so reruns stay bit-identical.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 64 * MAX_CHUNK_BYTES
+
+
+def default_chunk_tokens(vocab_size: int, device: torch.device) -> int:
+    """Tokens per chunk so that one chunk's float32 logits take min(MAX_CHUNK_BYTES, device memory / 64)."""
+    budget = min(MAX_CHUNK_BYTES, device_memory_bytes(device) // 64)
+    return max(MIN_CHUNK_TOKENS, budget // (4 * vocab_size))
+
+
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the model's own `lm_head` would multiply in: autocast's when it is on, else the weight's."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bf16/fp16/fp32 matmuls (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed NLL of `targets` under `hidden @ weight.T`, chunked over tokens (every target a real id), and the
+    per-token NLL as a second, non-differentiable output.
+
+    The loss is a sum, so every token's NLL gets the same gradient: while a chunk's logits are at hand, the forward
+    also turns them into that chunk's gradients for the hidden states and the weight (softmax - one-hot), and the
+    backward only scales them. The logits are computed once, as in the unchunked loss, and never recomputed.
+    Matmuls run in `dtype` (the model's compute dtype); log-sum-exp, softmax and the weight gradient's sum over
+    chunks are float32. `with_grad` (hidden, weight): which gradients to prepare (none under no_grad).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_tokens: int, dtype: torch.dtype, with_grad: tuple[bool, bool]):
+        accumulate = accumulation_dtype(dtype)
+        grad_hidden = torch.empty_like(hidden) if with_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if with_grad[1] else None
+        nll = hidden.new_empty(len(targets), dtype=accumulate)
+        with torch.autocast(hidden.device.type, enabled=False):
+            weight_c = weight.to(dtype)
+            for start in range(0, len(targets), chunk_tokens):
+                end = start + chunk_tokens
+                hidden_c = hidden[start:end].to(dtype)
+                logits = (hidden_c @ weight_c.T).to(accumulate)
+                log_sum_exp = torch.logsumexp(logits, dim=-1)
+                nll[start:end] = log_sum_exp - logits.gather(1, targets[start:end, None]).squeeze(1)
+                if not any(with_grad):
+                    continue
+                grad_logits = logits.sub_(log_sum_exp[:, None]).exp_()  # softmax, in place of the logits
+                grad_logits[torch.arange(len(grad_logits), device=hidden.device), targets[start:end]] -= 1.0
+                grad_logits = grad_logits.to(dtype)
+                if with_grad[0]:
+                    grad_hidden[start:end] = grad_logits @ weight_c
+                if with_grad[1]:
+                    if dtype == accumulate:
+                        grad_weight.addmm_(grad_logits.T, hidden_c)
+                    else:
+                        grad_weight += (grad_logits.T @ hidden_c).to(accumulate)
+                del logits, grad_logits
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(nll)
+        return nll.sum(), nll
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_nll_unused):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        if need_hidden:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if need_weight:
+            grad_weight = (grad_weight * grad_total.to(grad_weight.dtype)).to(ctx.weight_dtype)
+        return (grad_hidden if need_hidden else None), (grad_weight if need_weight else None), None, None, None, None
+
+
+def shifted_targets(labels: torch.Tensor, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Position t's target is label t+1, the last one -100: transformers' ForCausalLMLoss shift, same shape."""
+    if shift_labels is not None:
+        return shift_labels
+    return torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed NLL of the kept targets, their per-token NLL (not differentiable), flat indices of the kept
+    positions) for `hidden` [..., D] and `targets` [...] with -100 for positions not scored. Positions with
+    target -100 are never multiplied by the weight."""
+    kept = (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    hidden_kept = hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept)
+    target_ids = targets.reshape(-1).index_select(0, kept).to(hidden.device)
+    grad = torch.is_grad_enabled()
+    with_grad = (grad and hidden_kept.requires_grad, grad and weight.requires_grad)
+    total, nll = LinearCrossEntropy.apply(
+        hidden_kept, weight, target_ids, chunk_tokens, compute_dtype(hidden, weight), with_grad
+    )
+    return total, nll, kept
+
+
+def causal_lm_loss(
+    total: torch.Tensor, kept_tokens: int, num_items_in_batch: torch.Tensor | int | None = None
+) -> torch.Tensor:
+    """ForCausalLMLoss's reduction: the sum over `num_items_in_batch` when given (token-weighted over accumulation
+    steps and ranks), else the mean over kept tokens (NaN when there are none, as F.cross_entropy gives)."""
+    if num_items_in_batch is None:
+        return total / kept_tokens
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def token_nll(nll: torch.Tensor, kept: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The kept tokens' NLL back at their positions (0 elsewhere): per-row sums for exact evaluation."""
+    flat = torch.zeros(shape.numel(), dtype=torch.float32, device=nll.device)
+    return flat.index_copy_(0, kept, nll.float()).view(shape)
