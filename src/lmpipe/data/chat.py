@@ -17,7 +17,7 @@ from datasets import Dataset, DatasetDict
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from lmpipe.data.fingerprint import tokenized_fingerprint
+from lmpipe.data.fingerprint import map_tokenized
 from lmpipe.data.qa import QACounts
 from lmpipe.errors import LmpipeError
 from lmpipe.losses import IGNORE_INDEX
@@ -207,14 +207,8 @@ def tokenize_conversations(
                     out[key].append(value)
         return out
 
-    encoded = split.map(
-        encode,
-        batched=True,
-        with_indices=True,
-        num_proc=qa.preprocessing_num_workers,
-        remove_columns=split.column_names,
-        desc="Tokenising conversations",
-        new_fingerprint=tokenized_fingerprint(split, tokenizer, __file__, fmt, repr(qa)),
+    encoded = map_tokenized(
+        split, encode, tokenizer, qa.preprocessing_num_workers, "Tokenising conversations", __file__, fmt, repr(qa)
     )
     dropped = len(split) - len(encoded)
     if dropped > qa.max_dropped_share * len(split) or len(encoded) == 0:

@@ -19,3 +19,20 @@ def tokenized_fingerprint(split: Dataset, tokenizer: PreTrainedTokenizerBase, co
         return None
     special = sorted(tokenizer.all_special_tokens)
     return Hasher.hash([split._fingerprint, backend.to_str(), special, Path(code_file).read_bytes(), *settings])
+
+
+def map_tokenized(
+    split: Dataset, encode, tokenizer: PreTrainedTokenizerBase, num_proc: int | None, desc: str, code_file: str,
+    *settings: Any,
+) -> Dataset:
+    """`split.map(encode)` batched with row indices (for errors naming a row), the input columns replaced, and the
+    cache keyed by `tokenized_fingerprint`: the one way QA pairs and conversations are tokenised."""
+    return split.map(
+        encode,
+        batched=True,
+        with_indices=True,
+        num_proc=num_proc,
+        remove_columns=split.column_names,
+        desc=desc,
+        new_fingerprint=tokenized_fingerprint(split, tokenizer, code_file, *settings),
+    )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
-from lmpipe.data.fingerprint import tokenized_fingerprint
+from lmpipe.data.fingerprint import map_tokenized
 from lmpipe.data.sources import check_text_column
 from lmpipe.errors import LmpipeError
 from lmpipe.losses import IGNORE_INDEX
@@ -125,14 +125,8 @@ def tokenize_qa(
             out["truncated"].append(truncated)
         return out
 
-    encoded = split.map(
-        encode,
-        batched=True,
-        with_indices=True,
-        num_proc=qa.preprocessing_num_workers,
-        remove_columns=split.column_names,
-        desc="Tokenising QA",
-        new_fingerprint=tokenized_fingerprint(split, tokenizer, __file__, template, repr(qa)),
+    encoded = map_tokenized(
+        split, encode, tokenizer, qa.preprocessing_num_workers, "Tokenising QA", __file__, template, repr(qa)
     )
     if len(encoded) == 0:
         raise LmpipeError(f"{source}: no example fits max_length={qa.max_length} (all {len(split)} answers too long)")
