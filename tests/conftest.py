@@ -52,3 +52,17 @@ def gpt2_tokenizer(gpt2_files):
 def text_file(tmp_path) -> Path:
     """A small corpus of real text: paragraphs of Python's documentation."""
     return write_pydoc_corpus(tmp_path / "corpus.txt", 30)
+
+
+def arm(monkeypatch, callback) -> None:
+    """Add `callback` to the Trainer that `lmpipe pretrain` builds in this process (to inject a fault at a step)."""
+    import lmpipe.pretrain
+
+    build = lmpipe.pretrain.build_trainer
+
+    def build_armed(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(callback)
+        return trainer
+
+    monkeypatch.setattr(lmpipe.pretrain, "build_trainer", build_armed)

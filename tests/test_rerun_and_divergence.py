@@ -18,11 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-import lmpipe.pretrain
 from lmpipe.checkpoints import checkpoint_problem
 from lmpipe.cli import main
 
-from conftest import write_pydoc_corpus
+from conftest import write_pydoc_corpus, arm
 
 TINY = [
     "--train_tokenizer", "true", "--tokenizer_vocab_size", "300", "--block_size", "32", "--n_positions", "32",
@@ -112,17 +111,6 @@ class PoisonDuringStep(TrainerCallback):
                 model.transformer.ln_f.weight[0] = math.nan
             else:
                 optimizer.state[model.transformer.ln_f.bias]["exp_avg"][1] = math.inf
-
-
-def arm(monkeypatch, callback):
-    build = lmpipe.pretrain.build_trainer
-
-    def build_armed(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.add_callback(callback)
-        return trainer
-
-    monkeypatch.setattr(lmpipe.pretrain, "build_trainer", build_armed)
 
 
 @pytest.mark.parametrize(

@@ -18,12 +18,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-import lmpipe.pretrain
 from lmpipe.callbacks import mean_train_loss
 from lmpipe.checkpoints import checkpoint_problem
 from lmpipe.cli import main
 
-from conftest import REPO
+from conftest import REPO, arm
 
 MAX_STEPS, SAVE_STEPS = 14, 4
 TINY_RUN = [
@@ -178,17 +177,6 @@ class SendSignalAt(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             os.kill(os.getpid(), self.signal_number)
-
-
-def arm(monkeypatch, callback):
-    build = lmpipe.pretrain.build_trainer
-
-    def build_armed(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.add_callback(callback)
-        return trainer
-
-    monkeypatch.setattr(lmpipe.pretrain, "build_trainer", build_armed)
 
 
 def test_sigterm_saves_at_the_step_boundary_and_the_rerun_matches(corpus, reference, tmp_path, monkeypatch, capsys):
