@@ -50,6 +50,57 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+class ChunkWorkspace:
+    """The buffers one call reuses for every chunk, and the chunk's softmax done a few rows at a time.
+
+    No chunk allocates a logits-sized tensor (on CPU each would be fresh pages from the kernel: page faults and
+    zeroing, every chunk, every step). `product` holds a chunk's logits as the matmul gives them (the compute
+    dtype) and then the gradient of the logits for the two gradient matmuls; the log-sum-exp and softmax are
+    float32, done on `block_rows` rows at a time, which on a CPU fit in its cache (the element-wise passes then
+    never go to memory) and on a GPU are the whole chunk.
+    """
+
+    CPU_BLOCK_BYTES = 4 * 2**20
+
+    def __init__(self, rows: int, weight_shape: torch.Size, dtype, accumulate, device: torch.device):
+        vocab, _ = weight_shape
+        self.same_dtype = dtype == accumulate
+        self.product = torch.empty(rows, vocab, dtype=dtype, device=device)
+        on_cpu = device.type == "cpu"
+        self.block_rows = max(1, self.CPU_BLOCK_BYTES // (4 * vocab)) if on_cpu else rows
+        self.block = None if self.same_dtype else torch.empty(self.block_rows, vocab, dtype=accumulate, device=device)
+        self.weight_product = None
+
+    def nll_and_logit_gradient(
+        self, hidden_c: torch.Tensor, weight_c: torch.Tensor, targets_c: torch.Tensor, nll: torch.Tensor, grad: bool
+    ) -> torch.Tensor:
+        """Writes the chunk's NLL into `nll`; returns the chunk's softmax - one-hot (when `grad`) in the compute
+        dtype, in `product`."""
+        product = torch.mm(hidden_c, weight_c.T, out=self.product[: len(hidden_c)])
+        for start in range(0, len(product), self.block_rows):
+            rows = product[start : start + self.block_rows]
+            block = rows if self.same_dtype else self.block[: len(rows)].copy_(rows)
+            targets = targets_c[start : start + self.block_rows]
+            target_logits = block.gather(1, targets[:, None]).squeeze(1)
+            row_max = block.amax(1, keepdim=True)
+            exp_sums = block.sub_(row_max).exp_().sum(1, keepdim=True)  # one exp per logit, in place
+            nll[start : start + len(rows)] = (row_max + exp_sums.log()).squeeze(1) - target_logits
+            if grad:
+                block.div_(exp_sums)[torch.arange(len(block), device=block.device), targets] -= 1.0
+                if not self.same_dtype:
+                    rows.copy_(block)
+        return product
+
+    def add_weight_gradient(self, grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden_c: torch.Tensor) -> None:
+        """grad_weight (float32) += grad_logits.T @ hidden_c, the matmul in the compute dtype."""
+        if self.same_dtype:
+            grad_weight.addmm_(grad_logits.T, hidden_c)
+            return
+        if self.weight_product is None:
+            self.weight_product = torch.empty(grad_weight.shape, dtype=hidden_c.dtype, device=hidden_c.device)
+        grad_weight.add_(torch.mm(grad_logits.T, hidden_c, out=self.weight_product))
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Summed NLL of `targets` under `hidden @ weight.T`, chunked over tokens (every target a real id), and the
     per-token NLL as a second, non-differentiable output.
@@ -67,27 +118,19 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if with_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if with_grad[1] else None
         nll = hidden.new_empty(len(targets), dtype=accumulate)
+        workspace = ChunkWorkspace(min(chunk_tokens, len(targets)), weight.shape, dtype, accumulate, hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             weight_c = weight.to(dtype)
             for start in range(0, len(targets), chunk_tokens):
                 end = start + chunk_tokens
                 hidden_c = hidden[start:end].to(dtype)
-                logits = (hidden_c @ weight_c.T).to(accumulate)
-                log_sum_exp = torch.logsumexp(logits, dim=-1)
-                nll[start:end] = log_sum_exp - logits.gather(1, targets[start:end, None]).squeeze(1)
-                if not any(with_grad):
-                    continue
-                grad_logits = logits.sub_(log_sum_exp[:, None]).exp_()  # softmax, in place of the logits
-                grad_logits[torch.arange(len(grad_logits), device=hidden.device), targets[start:end]] -= 1.0
-                grad_logits = grad_logits.to(dtype)
+                grad_logits = workspace.nll_and_logit_gradient(
+                    hidden_c, weight_c, targets[start:end], nll[start:end], any(with_grad)
+                )
                 if with_grad[0]:
                     grad_hidden[start:end] = grad_logits @ weight_c
                 if with_grad[1]:
-                    if dtype == accumulate:
-                        grad_weight.addmm_(grad_logits.T, hidden_c)
-                    else:
-                        grad_weight += (grad_logits.T @ hidden_c).to(accumulate)
-                del logits, grad_logits
+                    workspace.add_weight_gradient(grad_weight, grad_logits, hidden_c)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(nll)
