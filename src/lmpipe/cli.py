@@ -14,6 +14,7 @@ from lmpipe.recipe import FINETUNE_QA_ARGUMENTS, TASKS, HelpRequested, parse_rec
 from lmpipe.run_files import RESOLVED_RECIPE_NAME
 
 DEFAULT_PRETRAIN_RECIPE = str(Path(__file__).with_name("default_recipe.yaml"))  # package data: any install has it
+NOT_EVALUATED = "no final evaluation (final_evaluation: false)"
 # Keys of a finished run's recipe.yaml that do not apply when its saved model and tokenizer are loaded back.
 FROM_SCRATCH_KEYS = (
     "train_tokenizer", "tokenizer_vocab_size", "tokenizer_name_or_path", "vocab_file", "merges_file",
@@ -28,12 +29,14 @@ def pretrain_command(argv: list[str]) -> None:
     recipe = parse_recipe(argv, default_recipe=DEFAULT_PRETRAIN_RECIPE)
     metrics = pretrain(recipe)
     training = recipe.arguments[-1]
-    if training.process_index == 0:
+    if training.process_index == 0 and "eval_loss" in metrics:
         print(
             f"\neval loss {metrics['eval_loss']:.4f} nats/token over {metrics['eval_tokens']:,} tokens"
             f" | perplexity {metrics['perplexity']:.2f} (unigram baseline {metrics['unigram_perplexity']:.2f})"
             f" | {metrics['bits_per_byte']:.3f} bits/byte\nmodel saved to {training.output_dir}"
         )
+    elif training.process_index == 0:
+        print(f"\n{NOT_EVALUATED} | train loss {metrics['train_loss']:.4f}\nmodel saved to {training.output_dir}")
 
 
 def _pop_task(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -140,9 +143,12 @@ def finetune_qa_command(argv: list[str]) -> None:
         before = f", {metrics['initial_perplexity']:.2f} before" if "initial_perplexity" in metrics else ""
         rows = " | ".join(f"{name}: " + ", ".join(f"{v:,} {k}" for k, v in c.items()) for name, c in metrics["examples"].items())
         scores = f" | exact match {metrics['exact_match']:.2f} | F1 {metrics['f1']:.2f}" if "f1" in metrics else ""
-        print(
-            f"\nanswer-only eval loss {metrics['eval_loss']:.4f} nats/token over {metrics['eval_tokens']:,} tokens"
+        evaluated = (
+            f"answer-only eval loss {metrics['eval_loss']:.4f} nats/token over {metrics['eval_tokens']:,} tokens"
             f" | perplexity {metrics['perplexity']:.2f}{before}{scores}"
+        ) if "eval_loss" in metrics else f"{NOT_EVALUATED} | train loss {metrics['train_loss']:.4f}"
+        print(
+            f"\n{evaluated}"
             f"\n{metrics['real_token_fraction']:.1%} of computed tokens are real ({metrics['batching']}) | {rows}"
             f"\nmodel saved to {metrics.get('merged_model_dir', training.output_dir)}"
         )

@@ -127,6 +127,11 @@ class RunTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Replace another run (a different recipe.yaml) in output_dir; the same recipe always resumes."},
     )
+    final_evaluation: bool = field(
+        default=True,
+        metadata={"help": "Evaluate the validation split exactly when training ends; false: no evaluation at all "
+                          "(metrics.json then has training figures only), like run_clm without --do_eval."},
+    )
 
 
 PRETRAIN_ARGUMENTS = (ModelArguments, TokenizerArguments, DataArguments, RunTrainingArguments)

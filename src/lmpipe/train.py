@@ -150,12 +150,18 @@ def build_trainer(
     return trainer
 
 
-def final_evaluation(trainer: ExactEvalTrainer) -> dict[str, Any]:
-    """The evaluation logged at the last step when there was one, else a new one (never evaluate twice)."""
+def final_evaluation(trainer: ExactEvalTrainer) -> dict[str, Any] | None:
+    """The evaluation logged at the last step when there was one, else a new one (never evaluate twice); None
+    when the recipe says `final_evaluation: false` and the last step logged none."""
     evaluations = [row for row in trainer.state.log_history if "eval_loss" in row]
     if evaluations and evaluations[-1]["step"] == trainer.state.global_step:
         return evaluations[-1]
-    return trainer.evaluate()
+    return trainer.evaluate() if wants_final_evaluation(trainer.args) else None
+
+
+def wants_final_evaluation(args: TrainingArguments) -> bool:
+    """lmpipe's `final_evaluation` key (RunTrainingArguments); a plain TrainingArguments always evaluates."""
+    return getattr(args, "final_evaluation", True)
 
 
 def tokens_seen_at(checkpoint: str | None) -> int:
@@ -190,12 +196,15 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, A
             "model_flops_per_token": trainer.flops_meter.flops_per_token,
             **trainer.flops_meter.rates(session_tokens, runtime, trainer.args.world_size),
         }
-    metrics = {
+    evaluated = {} if evaluation is None else {
         "eval_loss": evaluation["eval_loss"],
         "perplexity": evaluation["eval_perplexity"],
         "eval_tokens": evaluation["eval_tokens"],
         "bits_per_byte": evaluation["eval_bits_per_byte"],
         "trainer_batch_mean_eval_loss": evaluation["eval_batch_mean_loss"],
+    }
+    metrics = {
+        **evaluated,
         "train_loss": mean_train_loss(trainer.state.log_history) or session_loss,
         "train_tokens": trainer.state.num_input_tokens_seen,
         "train_steps": trainer.state.global_step,
