@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DataCollatorWithFlattening, GPT2Config, GPT2LMHeadModel
 
-from lmpipe.chunked_loss import LinearCrossEntropy, causal_lm_loss, linear_cross_entropy, shifted_targets
+from lmpipe.chunked_loss import ChunkWorkspace, LinearCrossEntropy, causal_lm_loss, linear_cross_entropy, shifted_targets
 from lmpipe.losses import IGNORE_INDEX, manual_causal_lm_loss
 from lmpipe.metrics import NllStatistics
 from lmpipe.model_loss import chunked_loss_enabled, install_chunked_loss, token_scores
@@ -44,9 +44,17 @@ def odd_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
-@pytest.mark.parametrize("chunk_tokens", [1, 4, 7, 1000])
-def test_function_matches_manual_log_softmax_gather(chunk_tokens):
-    """Loss to 1e-6 and gradients (hidden states and weight) to 1e-5 of autograd through log_softmax + gather."""
+def cpu_block_rows(monkeypatch, rows: int) -> None:
+    """Make the chunk's softmax walk `rows` rows at a time (by default a block is 4 MiB, more rows than here)."""
+    monkeypatch.setattr(ChunkWorkspace, "CPU_BLOCK_BYTES", rows * 4 * VOCAB)
+
+
+@pytest.mark.parametrize("chunk_tokens, block_rows", [(1, None), (4, None), (7, None), (1000, None), (7, 3), (1000, 3)])
+def test_function_matches_manual_log_softmax_gather(chunk_tokens, block_rows, monkeypatch):
+    """Loss to 1e-6 and gradients (hidden states and weight) to 1e-5 of autograd through log_softmax + gather,
+    also when a chunk's softmax is done in blocks of rows that divide neither the chunk nor the tokens."""
+    if block_rows:
+        cpu_block_rows(monkeypatch, block_rows)
     torch.manual_seed(0)
     hidden = torch.randn(3, 13, 16, requires_grad=True)
     weight = torch.randn(VOCAB, 16, requires_grad=True)
@@ -170,9 +178,12 @@ def test_packed_qa_batch():
         assert relative(grad, own_grads[name]) < 1e-5, name
 
 
-def test_bf16_autocast_multiplies_in_bf16_and_accumulates_in_fp32():
+@pytest.mark.parametrize("block_rows", [None, 2])
+def test_bf16_autocast_multiplies_in_bf16_and_accumulates_in_fp32(block_rows, monkeypatch):
     """Under bf16 autocast the chunked loss is the model's own (its lm_head multiplies in bf16, the loss is fp32)
-    to bf16 rounding, and the fp32 weight gradient stays fp32."""
+    to bf16 rounding, and the fp32 weight gradient stays fp32 (whole chunks, or their rows two at a time)."""
+    if block_rows:
+        cpu_block_rows(monkeypatch, block_rows)
     ids, labels = odd_batch()
     reference = tiny_model()
     chunked = copy.deepcopy(reference)
@@ -212,3 +223,10 @@ def test_trainer_steps_with_the_chunked_loss_and_gradient_checkpointing_equal_th
         trainer_losses(tmp_path / "checkpointed", chunked=True, gradient_checkpointing=True),
     ):
         assert losses == pytest.approx(plain, rel=1e-5) and len(losses) == 5
+
+
+def test_trainer_steps_with_the_chunked_loss_under_torch_compile_equal_the_plain_run(tmp_path):
+    """`torch_compile: true` (inductor, which needs a C++ compiler on CPU) trains the same losses, fp32, 5 steps."""
+    plain = trainer_losses(tmp_path / "plain", chunked=False)
+    compiled = trainer_losses(tmp_path / "compiled", chunked=True, torch_compile=True)
+    assert compiled == pytest.approx(plain, rel=1e-5) and len(compiled) == 5
