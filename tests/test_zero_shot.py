@@ -83,8 +83,11 @@ def test_rolling_windows_score_every_token_once_with_the_most_context():
             assert len(inputs) <= 4 and (window.context == [0] or len(inputs) == 4)
 
 
-@pytest.mark.parametrize("batch_size", [1, 5])
-def test_packed_scores_equal_one_forward_per_choice(tiny, batch_size):
+@pytest.mark.parametrize("batch_size, head_chunk", [(1, None), (5, None), (5, 3)])
+def test_packed_scores_equal_one_forward_per_choice(tiny, batch_size, head_chunk, monkeypatch):
+    """Also with the LM head run 3 positions at a time (by default its chunk holds more than this test has)."""
+    if head_chunk:
+        monkeypatch.setattr("lmpipe.zero_shot.scoring.default_chunk_tokens", lambda vocab, device: head_chunk)
     _, model, tokenizer = tiny
     rows = choice_rows(12, seed=1)
     requests = [choice_request(tokenizer, r["context"], [" " + c for c in r["choices"]]) for r in rows]

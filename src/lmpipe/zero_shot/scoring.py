@@ -18,10 +18,8 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from lmpipe.chunked_loss import default_chunk_tokens
 from lmpipe.zero_shot.requests import Request
-
-HEAD_CHUNK = 4096  # positions per LM-head + log-softmax call: bounds the logits held at once on long texts
-
 
 @dataclass(frozen=True)
 class Score:
@@ -113,7 +111,8 @@ def score_batch(model: PreTrainedModel, rows: list[Row]) -> list[list[Score]]:
     selected = hidden[torch.tensor(batch_index, device=device), torch.tensor(positions, device=device)]
     head = model.get_output_embeddings()
     logprobs, greedy = [], []
-    for chunk, chunk_targets in zip(selected.split(HEAD_CHUNK), targets.split(HEAD_CHUNK)):
+    per_call = default_chunk_tokens(head.weight.shape[0], device)  # the chunked loss's budget of logits at once
+    for chunk, chunk_targets in zip(selected.split(per_call), targets.split(per_call)):
         log_softmax = torch.log_softmax(head(chunk).float(), dim=-1)
         logprobs.append(log_softmax.gather(-1, chunk_targets[:, None])[:, 0].double())
         greedy.append(log_softmax.argmax(-1) == chunk_targets)
