@@ -111,9 +111,12 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--active", type=int, default=6, help="profiled steps")
     parser.add_argument("--ablate", default="", help="NAME:key=value,... recipe overrides for ours")
+    parser.add_argument("--gpt2_bpe", action="store_true", help="GPT-2's own 50,257-token BPE, not an 8k trained one")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
     size = dict(n_layer=6, n_embd=384, n_head=6, vocab_size=8192, block_size=256, batch_size=8, warmup=3)
+    if args.gpt2_bpe:
+        size["vocab_size"] = None
     if args.tiny:
         size = dict(n_layer=2, n_embd=64, n_head=2, vocab_size=1024, block_size=64, batch_size=4, warmup=1)
         args.active = 2

