@@ -13,6 +13,8 @@ from lmpipe.data.mixture import parse_sources, prepare_mixture, weighted_indices
 from lmpipe.errors import LmpipeError
 from lmpipe.recipe import FINETUNE_QA_ARGUMENTS, QAArguments, parse_recipe
 
+from conftest import count_by_source, mixed_stream_by_hand, shakespeare_lines, write_lines
+
 
 def write_qa(path, prefix, rows, question="question", answer="answer"):
     path.write_text("".join(json.dumps({question: f"{prefix} question {i}?", answer: [f"{prefix}{i}"]}) + "\n"
@@ -122,52 +124,17 @@ def test_a_pretraining_mixture_weights_documents_and_counts_their_tokens(gpt2_fi
 
 
 # Streaming mixtures: real text, one short line per document, so a few trained blocks hold many documents.
-def write_lines(path, texts, column="text") -> str:
-    path.write_text("".join(json.dumps({column: text}) + "\n" for text in texts), encoding="utf-8")
-    return str(path)
-
-
-def shakespeare_lines(count):
-    from conftest import DATA
-
-    lines = [line for line in (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
-    return lines[:count]
-
-
 def pydoc_lines(count):
     from lmpipe.data.sources import pydoc_documents
 
     return [line for doc in pydoc_documents() for line in doc.splitlines() if line.strip()][:count]
 
 
-def streaming_sources(tmp_path, rows=(400, 400), weights=(3, 1)):
-    """A Shakespeare file (column text) and a Python-docs file (column body)."""
+def streaming_sources(tmp_path, rows=(400, 400)):
+    """A Shakespeare file (column text, weight 3) and a Python-docs file (column body, weight 1)."""
     a = write_lines(tmp_path / "a.jsonl", shakespeare_lines(rows[0]))
     b = write_lines(tmp_path / "b.jsonl", pydoc_lines(rows[1]), "body")
-    return a, b, [{"path": a, "weight": weights[0]}, {"path": b, "weight": weights[1], "text_column": "body"}]
-
-
-def by_hand(a, b, weights, held_out, seed, tokenizer):
-    """The mixed train stream rebuilt without lmpipe: each file streamed by `datasets`, its head skipped, interleaved
-    with the normalised weights; every document tokenised alone + EOS. Returns, per token, (document, source)."""
-    from datasets import interleave_datasets, load_dataset
-
-    streams = [load_dataset("json", data_files=path, split="train", streaming=True).skip(held_out)
-               .map(lambda row, path=path, column=column: {"text": row[column], "source": path})
-               .select_columns(["text", "source"]) for path, column in ((a, "text"), (b, "body"))]
-    mixed = interleave_datasets(streams, probabilities=[w / sum(weights) for w in weights], seed=seed,
-                                stopping_strategy="all_exhausted")
-    tokens, ids = [], []
-    for number, row in enumerate(mixed):
-        doc = tokenizer(row["text"], split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
-        tokens += [(number, row["source"])] * len(doc)
-        ids += doc
-    return tokens, ids
-
-
-def count(tokens):
-    """Documents (with at least one token here) and tokens per source."""
-    return Counter(source for _, source in set(tokens)), Counter(source for _, source in tokens)
+    return a, b, [{"path": a, "weight": 3}, {"path": b, "weight": 1, "text_column": "body"}]
 
 
 def test_a_streaming_3_to_1_mixture_draws_75_and_25_percent_of_documents_seeded(tmp_path):
@@ -192,6 +159,8 @@ def test_a_streaming_3_to_1_mixture_draws_75_and_25_percent_of_documents_seeded(
     assert sum(n for text, n in texts.items() if text.startswith("b")) > 990
     assert [row["source"] for row in stream_mixture(data, seed=0).train.take(2000)] == head
     assert [row["source"] for row in stream_mixture(data, seed=1).train.take(2000)] != head
+    data.max_train_documents = 100  # of the mixed train stream
+    assert [row["text"] for row in stream_mixture(data, seed=0).train] == [row["text"] for row in mixture.train.take(100)]
 
 
 def test_the_shares_of_a_stream_count_the_documents_of_the_blocks_the_packer_cuts(tmp_path, gpt2_tokenizer):
@@ -203,14 +172,14 @@ def test_the_shares_of_a_stream_count_the_documents_of_the_blocks_the_packer_cut
     a, b, sources = streaming_sources(tmp_path, rows=(60, 30))
     data = DataArguments(datasets=sources, streaming=True, streaming_validation_documents=5)
     mixture = stream_mixture(data, seed=7)
-    tokens, ids = by_hand(a, b, (3, 1), 5, 7, gpt2_tokenizer)
+    tokens, ids = mixed_stream_by_hand([(a, "text"), (b, "body")], (3, 1), 5, 7, gpt2_tokenizer)
     blocks = [row["input_ids"].tolist() for row in PackedStream(mixture.train, gpt2_tokenizer, "text", 16)]
     assert np.array_equal(np.asarray(blocks).reshape(-1), ids[: len(blocks) * 16])  # what the Trainer is fed
     whole = len(blocks)
     for trained in (whole // 3, 2 * whole + 5):
         passes, rest = divmod(trained, whole)
-        documents, counted = count(tokens[: rest * 16])
-        pass_documents, pass_tokens = count(tokens[: whole * 16])
+        documents, counted = count_by_source(tokens[: rest * 16])
+        pass_documents, pass_tokens = count_by_source(tokens[: whole * 16])
         for name in (a, b):
             documents[name] += passes * pass_documents[name]
             counted[name] += passes * pass_tokens[name]
@@ -236,8 +205,8 @@ def test_a_streaming_mixture_run_writes_the_shares_of_what_it_trained(tmp_path, 
                  "--disable_tqdm", "true"]) == 0
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["train_tokens"] == 5 * 4 * 64
-    tokens, _ = by_hand(a, b, (3, 1), 20, 3, gpt2_tokenizer)
-    documents, counted = count(tokens[: 5 * 4 * 64])
+    tokens, _ = mixed_stream_by_hand([(a, "text"), (b, "body")], (3, 1), 20, 3, gpt2_tokenizer)
+    documents, counted = count_by_source(tokens[: 5 * 4 * 64])
     assert {name: (s["examples"], s["learned_tokens"]) for name, s in metrics["mixture"].items()} == {
         name: (documents[name], counted[name]) for name in (a, b)}
     assert {name: s["weight"] for name, s in metrics["mixture"].items()} == {a: 3.0, b: 1.0}
