@@ -284,6 +284,17 @@ def test_a_bad_streamed_source_is_one_line_naming_it(name, tmp_path, capsys):
     assert not (output / "metrics.json").exists()
 
 
+def test_a_streamed_mixture_needs_the_trainers_token_count(tmp_path, capsys):
+    from lmpipe.cli import main
+
+    _, _, sources = streaming_sources(tmp_path, rows=(40, 40))
+    assert main(["pretrain", "--datasets", *map(json.dumps, sources), "--streaming", "true", "--max_steps", "2",
+                 "--include_num_input_tokens_seen", "no", "--output_dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: datasets: a streamed mixture counts its trained blocks from the Trainer's input tokens; "
+        "set include_num_input_tokens_seen: true, got 'no'")
+
+
 def test_question_answer_fine_tuning_refuses_streaming_in_one_line(capsys):
     from lmpipe.cli import main
 

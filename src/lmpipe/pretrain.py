@@ -119,13 +119,18 @@ def prepare_streaming_corpus(
     return PackedCorpus(tokenizer, train, validation, head_ids, stream_mixture=mixture)
 
 
+def check_counted_blocks(data: DataArguments, training: TrainingArguments) -> None:
+    """A streamed mixture's shares are counted over the blocks the Trainer says it took in, so it must count them."""
+    counting = training.include_num_input_tokens_seen
+    if data.streaming and data.datasets and counting != "all":  # "non_padding" would skip GPT-2's EOS (its pad)
+        raise LmpipeError("datasets: a streamed mixture counts its trained blocks from the Trainer's input tokens; "
+                          f"set include_num_input_tokens_seen: true, got {counting!r}")
+
+
 def trained_blocks(trainer: ExactEvalTrainer, block_size: int) -> int:
-    """Blocks all ranks together trained on, earlier sessions of a resumed run included: the Trainer's count of
-    input tokens (exact, a pass's last short batch too), else steps x the global batch."""
-    state, args = trainer.state, trainer.args
-    if state.num_input_tokens_seen:
-        return state.num_input_tokens_seen // block_size
-    return state.global_step * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    """Blocks all ranks together trained on, earlier sessions of a resumed run included, from the Trainer's count of
+    input tokens: exact, a pass's last short batch too (steps x the global batch would not be)."""
+    return trainer.state.num_input_tokens_seen // block_size
 
 
 def build_pretrain_trainer(recipe: Recipe, training: TrainingArguments) -> tuple[ExactEvalTrainer, PackedCorpus]:
@@ -149,6 +154,7 @@ def pretrain(recipe: Recipe) -> dict[str, Any]:
     check_launch(training)
     restore_cpu_threads(training)
     check_sequence_length(model_positions(model_args), data_args.block_size, "block_size")
+    check_counted_blocks(data_args, training)
     hub = check_hub_push(training)  # before any data is loaded; None unless this process pushes
     with exclusive_output_dir(training), full_disk_is_one_line(training.output_dir, training.process_index == 0):
         check_output_dir(recipe, training)

@@ -118,7 +118,8 @@ class DataArguments:
         },
     )
     streaming_validation_documents: int = field(
-        default=1000, metadata={"help": "Streaming, no validation split: hold out the stream's first N documents."}
+        default=1000,
+        metadata={"help": "Streaming, no validation split: hold out the stream's first N documents (of each source of a mixture)."},
     )
 
 
