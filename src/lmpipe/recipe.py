@@ -119,7 +119,10 @@ class DataArguments:
     )
     streaming_validation_documents: int = field(
         default=1000,
-        metadata={"help": "Streaming, no validation split: hold out the stream's first N documents (of each source of a mixture)."},
+        metadata={
+            "help": "Streaming, no validation split: hold out the stream's first N documents (of each source of a "
+            "mixture)."
+        },
     )
 
 

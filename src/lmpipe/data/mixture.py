@@ -84,7 +84,9 @@ def parse_sources(values: list[Any], column_keys: tuple[str, ...] = QA_COLUMN_KE
     return sources
 
 
-def load_source(source: MixtureSource, sample_by: str = "paragraph", streaming: bool = False) -> Dataset | IterableDataset:
+def load_source(
+    source: MixtureSource, sample_by: str = "paragraph", streaming: bool = False
+) -> Dataset | IterableDataset:
     """A local file (any split expression, e.g. `train[:50%]`; `.txt` split by `sample_by`) or a Hub dataset's split;
     a lazy stream when `streaming`."""
     suffix = Path(source.path).suffix.lower()
