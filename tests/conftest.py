@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -66,3 +67,41 @@ def arm(monkeypatch, callback) -> None:
         return trainer
 
     monkeypatch.setattr(lmpipe.pretrain, "build_trainer", build_armed)
+
+
+def write_lines(path: Path, texts: list[str], column: str = "text") -> str:
+    """One JSON object a line, the text under `column`."""
+    path.write_text("".join(json.dumps({column: text}) + "\n" for text in texts), encoding="utf-8")
+    return str(path)
+
+
+def shakespeare_lines(count: int) -> list[str]:
+    """The first `count` non-empty lines of tinyshakespeare.txt: real text, a few tokens each."""
+    lines = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8").splitlines()
+    return [line for line in lines if line.strip()][:count]
+
+
+def mixed_stream_by_hand(files, weights, held_out, seed, tokenizer):
+    """A streamed mixture's train documents rebuilt without lmpipe: each (path, column) JSON Lines file streamed by
+    `datasets`, its head skipped, interleaved with the normalised weights; each document tokenised alone + EOS.
+    Returns, per token, (document number, source path), and the ids."""
+    from datasets import interleave_datasets, load_dataset
+
+    streams = [load_dataset("json", data_files=path, split="train", streaming=True).skip(held_out)
+               .map(lambda row, path=path, column=column: {"text": row[column], "source": path})
+               .select_columns(["text", "source"]) for path, column in files]
+    mixed = interleave_datasets(streams, probabilities=[w / sum(weights) for w in weights], seed=seed,
+                                stopping_strategy="all_exhausted")
+    tokens, ids = [], []
+    for number, row in enumerate(mixed):
+        doc = tokenizer(row["text"], split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+        tokens += [(number, row["source"])] * len(doc)
+        ids += doc
+    return tokens, ids
+
+
+def count_by_source(tokens):
+    """Documents (with at least one token among `tokens`) and tokens per source."""
+    from collections import Counter
+
+    return Counter(source for _, source in set(tokens)), Counter(source for _, source in tokens)

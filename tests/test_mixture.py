@@ -2,14 +2,18 @@
 errors, and one recipe key parsed from YAML exactly as from the command line."""
 
 import json
+import math
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from lmpipe.data.chat import DEFAULT_CHAT_TEMPLATE, chat_format
 from lmpipe.data.mixture import parse_sources, prepare_mixture, weighted_indices
 from lmpipe.errors import LmpipeError
 from lmpipe.recipe import FINETUNE_QA_ARGUMENTS, QAArguments, parse_recipe
+
+from conftest import count_by_source, mixed_stream_by_hand, shakespeare_lines, write_lines
 
 
 def write_qa(path, prefix, rows, question="question", answer="answer"):
@@ -119,13 +123,181 @@ def test_a_pretraining_mixture_weights_documents_and_counts_their_tokens(gpt2_fi
     assert corpus.validation.num_rows == (sum(tokens[18:20]) + sum(tokens[38:40])) // 64
 
 
-def test_a_streaming_mixture_is_refused_in_one_line(tmp_path):
+# Streaming mixtures: real text, one short line per document, so a few trained blocks hold many documents.
+def pydoc_lines(count):
+    from lmpipe.data.sources import pydoc_documents
+
+    return [line for doc in pydoc_documents() for line in doc.splitlines() if line.strip()][:count]
+
+
+def streaming_sources(tmp_path, rows=(400, 400)):
+    """A Shakespeare file (column text, weight 3) and a Python-docs file (column body, weight 1)."""
+    a = write_lines(tmp_path / "a.jsonl", shakespeare_lines(rows[0]))
+    b = write_lines(tmp_path / "b.jsonl", pydoc_lines(rows[1]), "body")
+    return a, b, [{"path": a, "weight": 3}, {"path": b, "weight": 1, "text_column": "body"}]
+
+
+def test_a_streaming_3_to_1_mixture_draws_75_and_25_percent_of_documents_seeded(tmp_path):
+    from lmpipe.data.stream_mixture import stream_mixture
+    from lmpipe.recipe import DataArguments
+
+    a = write_lines(tmp_path / "a.jsonl", [f"a {i}" for i in range(4000)])
+    b = write_lines(tmp_path / "b.jsonl", [f"b {i}" for i in range(1000)], "body")
+    data = DataArguments(datasets=[{"path": a, "weight": 3}, {"path": b, "weight": 1, "text_column": "body"}],
+                         streaming=True, streaming_validation_documents=10)
+    mixture = stream_mixture(data, seed=0)
+    head = [row["source"] for row in mixture.train.take(2000)]
+    # Each document is drawn from a with p = 0.75: over 2,000 draws the share's standard deviation is
+    # sqrt(0.75 * 0.25 / 2000) = 0.97 points; 4 of them (3.9 points) fail a fair draw once in ~16,000 seeds.
+    assert abs(head.count(a) / 2000 - 0.75) < 4 * math.sqrt(0.75 * 0.25 / 2000)
+    assert mixture.validation["text"] == [f"a {i}" for i in range(10)] + [f"b {i}" for i in range(10)]
+    assert mixture.validation["source"] == [a] * 10 + [b] * 10
+    # all_exhausted: one pass reads every train document of a once; b, drawn out first, starts again
+    texts = Counter(row["text"] for row in mixture.train)
+    assert {text: n for text, n in texts.items() if text.startswith("a")} == {f"a {i}": 1 for i in range(10, 4000)}
+    assert {text for text in texts if text.startswith("b")} == {f"b {i}" for i in range(10, 1000)}
+    assert sum(n for text, n in texts.items() if text.startswith("b")) > 990
+    assert [row["source"] for row in stream_mixture(data, seed=0).train.take(2000)] == head
+    assert [row["source"] for row in stream_mixture(data, seed=1).train.take(2000)] != head
+    data.max_train_documents = 100  # of the mixed train stream
+    assert [row["text"] for row in stream_mixture(data, seed=0).train] == [row["text"] for row in mixture.train.take(100)]
+
+
+def test_the_shares_of_a_stream_count_the_documents_of_the_blocks_the_packer_cuts(tmp_path, gpt2_tokenizer):
+    """Against the stream rebuilt by hand, for a head of blocks and for more blocks than one pass holds."""
+    from lmpipe.data.streaming import PackedStream
+    from lmpipe.data.stream_mixture import stream_mixture, trained_shares
+    from lmpipe.recipe import DataArguments
+
+    a, b, sources = streaming_sources(tmp_path, rows=(60, 30))
+    data = DataArguments(datasets=sources, streaming=True, streaming_validation_documents=5)
+    mixture = stream_mixture(data, seed=7)
+    tokens, ids = mixed_stream_by_hand([(a, "text"), (b, "body")], (3, 1), 5, 7, gpt2_tokenizer)
+    blocks = [row["input_ids"].tolist() for row in PackedStream(mixture.train, gpt2_tokenizer, "text", 16)]
+    assert np.array_equal(np.asarray(blocks).reshape(-1), ids[: len(blocks) * 16])  # what the Trainer is fed
+    whole = len(blocks)
+    for trained in (whole // 3, 2 * whole + 5):
+        passes, rest = divmod(trained, whole)
+        documents, counted = count_by_source(tokens[: rest * 16])
+        pass_documents, pass_tokens = count_by_source(tokens[: whole * 16])
+        for name in (a, b):
+            documents[name] += passes * pass_documents[name]
+            counted[name] += passes * pass_tokens[name]
+        shares = trained_shares(mixture, gpt2_tokenizer, "text", 16, trained)
+        assert {name: (s["examples"], s["learned_tokens"]) for name, s in shares.items()} == {
+            name: (documents[name], counted[name]) for name in (a, b)}
+        assert sum(s["learned_tokens"] for s in shares.values()) == trained * 16
+        assert shares[a]["example_share"] == pytest.approx(documents[a] / (documents[a] + documents[b]))
+
+
+def test_a_streaming_mixture_run_writes_the_shares_of_what_it_trained(tmp_path, gpt2_files, gpt2_tokenizer, capsys):
+    """5 steps of 4 blocks of 64 tokens from the CLI; metrics.json's shares equal the stream rebuilt by hand."""
+    from lmpipe.cli import main
+
+    a, b, sources = streaming_sources(tmp_path)
+    output = tmp_path / "out"
+    assert main(["pretrain", "--datasets", *map(json.dumps, sources), "--streaming", "true",
+                 "--streaming_validation_documents", "20", "--seed", "3", "--max_steps", "5",
+                 "--train_tokenizer", "false", "--vocab_file", gpt2_files[0], "--merges_file", gpt2_files[1], "--n_layer", "1",
+                 "--n_embd", "32",
+                 "--n_head", "2", "--block_size", "64", "--n_positions", "64", "--per_device_train_batch_size", "4",
+                 "--eval_strategy", "no", "--save_strategy", "no", "--output_dir", str(output), "--report_to", "none",
+                 "--disable_tqdm", "true"]) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["train_tokens"] == 5 * 4 * 64
+    tokens, _ = mixed_stream_by_hand([(a, "text"), (b, "body")], (3, 1), 20, 3, gpt2_tokenizer)
+    documents, counted = count_by_source(tokens[: 5 * 4 * 64])
+    assert {name: (s["examples"], s["learned_tokens"]) for name, s in metrics["mixture"].items()} == {
+        name: (documents[name], counted[name]) for name in (a, b)}
+    assert {name: s["weight"] for name, s in metrics["mixture"].items()} == {a: 3.0, b: 1.0}
+    out = capsys.readouterr().out
+    assert out.count("mixture: ") == 1 and "(the documents of the 20 trained blocks)" in out
+    assert f"{a} (weight 3): {documents[a]} examples {documents[a] / sum(documents.values()):.1%}" in out
+
+
+def test_one_streamed_source_is_the_plain_streaming_run(tmp_path, gpt2_files):
+    """`datasets:` with one source and `train_file` give the same validation, train blocks and baseline head."""
     from transformers import TrainingArguments
 
+    from lmpipe.data.packing import blocks_as_array
     from lmpipe.pretrain import prepare_corpus
     from lmpipe.recipe import DataArguments, ModelArguments, TokenizerArguments
 
-    data = DataArguments(datasets=[{"path": "a.txt"}], streaming=True)
-    with pytest.raises(LmpipeError, match="streaming mixtures are not built"):
-        prepare_corpus(data, TokenizerArguments(train_tokenizer=True), ModelArguments(),
-                       TrainingArguments(output_dir=str(tmp_path)))
+    path = write_lines(tmp_path / "a.jsonl", shakespeare_lines(300))
+    tokenizer = TokenizerArguments(vocab_file=gpt2_files[0], merges_file=gpt2_files[1])
+    training = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1)
+    corpora = [prepare_corpus(DataArguments(streaming=True, streaming_validation_documents=20, block_size=32, **source),
+                              tokenizer, ModelArguments(), training)
+               for source in ({"train_file": path}, {"datasets": [{"path": path, "weight": 2.5}]})]
+    plain, mixed = ([row["input_ids"].tolist() for row in corpus.train] for corpus in corpora)
+    assert mixed == plain and len(plain) > 50
+    assert np.array_equal(blocks_as_array(corpora[0].validation), blocks_as_array(corpora[1].validation))
+    assert np.array_equal(corpora[0].train_ids, corpora[1].train_ids)
+
+
+def write_bad_row(path, bad_row='{"text": "cut off'):
+    """Line 201 of 300, past the 20 held-out documents and the first train document, which are checked at once."""
+    lines = [f'{{"text": "document {i} of the stream"}}' for i in range(300)]
+    lines[200] = bad_row
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_a_bad_row_past_the_head_of_a_streamed_source_is_named_when_the_packer_reaches_it(tmp_path, gpt2_tokenizer):
+    """A null text parses (bad JSON fails at once, in the chunk the heads read): it is met only by the packer."""
+    from lmpipe.data.streaming import PackedStream
+    from lmpipe.data.stream_mixture import MIXTURE_NAME, stream_mixture
+    from lmpipe.recipe import DataArguments
+
+    a, _, _ = streaming_sources(tmp_path)
+    write_bad_row(tmp_path / "bad.jsonl", '{"text": null}')
+    data = DataArguments(datasets=[{"path": a}, {"path": str(tmp_path / "bad.jsonl")}], streaming=True,
+                         streaming_validation_documents=20)
+    mixture = stream_mixture(data, seed=0)  # the heads read well
+    with pytest.raises(LmpipeError) as error:
+        list(PackedStream(mixture.train, gpt2_tokenizer, "text", 64, MIXTURE_NAME, mixture.files))
+    assert str(error.value) == f"datasets[2]: {tmp_path}/bad.jsonl: line 201: column 'text' holds NoneType, not text"
+
+
+STREAMING_BAD_SOURCES = {
+    "missing file": ('{"path": "%s/missing.jsonl"}', "datasets[2]: {tmp}/missing.jsonl: data file not found"),
+    "missing column": ('{"path": "%s/b.jsonl"}', "datasets[2]: {tmp}/b.jsonl (validation): no column 'text'; columns are body"),
+    "zero weight": ('{"path": "%s/b.jsonl", "weight": 0, "text_column": "body"}', "datasets[2]: weight must be a number > 0, got 0"),
+    "bad JSON row": ('{"path": "%s/bad.jsonl"}', "datasets[2]: {tmp}/bad.jsonl: line 201 is not valid JSON"),
+    "too few documents": ('{"path": "%s/short.jsonl"}', "datasets[2]: {tmp}/short.jsonl: no training documents left after holding out 20"),
+}
+
+
+@pytest.mark.parametrize("name", STREAMING_BAD_SOURCES)
+def test_a_bad_streamed_source_is_one_line_naming_it(name, tmp_path, capsys):
+    from lmpipe.cli import main
+
+    a, _, _ = streaming_sources(tmp_path)
+    write_bad_row(tmp_path / "bad.jsonl")
+    write_lines(tmp_path / "short.jsonl", pydoc_lines(20))
+    second, message = STREAMING_BAD_SOURCES[name]
+    output = tmp_path / "out"
+    code = main(["pretrain", "--datasets", json.dumps({"path": a}), second % tmp_path, "--streaming", "true",
+                 "--streaming_validation_documents", "20", "--max_steps", "2", "--output_dir", str(output),
+                 "--report_to", "none"])
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last_line.startswith("error: " + message.format(tmp=tmp_path))
+    assert not (output / "metrics.json").exists()
+
+
+def test_a_streamed_mixture_needs_the_trainers_token_count(tmp_path, capsys):
+    from lmpipe.cli import main
+
+    _, _, sources = streaming_sources(tmp_path, rows=(40, 40))
+    assert main(["pretrain", "--datasets", *map(json.dumps, sources), "--streaming", "true", "--max_steps", "2",
+                 "--include_num_input_tokens_seen", "no", "--output_dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: datasets: a streamed mixture counts its trained blocks from the Trainer's input tokens; "
+        "set include_num_input_tokens_seen: true, got 'no'")
+
+
+def test_question_answer_fine_tuning_refuses_streaming_in_one_line(capsys):
+    from lmpipe.cli import main
+
+    assert main(["finetune-qa", "--streaming", "true", "--max_steps", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: unknown option --streaming: only pretraining streams; QA and conversation data are read in memory")

@@ -325,3 +325,29 @@ def test_a_single_cpu_process_gets_back_the_cores_accelerate_launch_took(monkeyp
         assert torch.get_num_threads() == cores
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_streamed_mixture_counts_the_blocks_of_both_ranks(tmp_path):
+    """Rank 0 reads the mixed stream for both ranks; the shares in metrics.json count the documents of every block
+    either rank trained on (Shakespeare lines 3 : NQ-open questions 1, rebuilt by hand)."""
+    from conftest import count_by_source, mixed_stream_by_hand, shakespeare_lines, write_lines
+
+    plays = write_lines(tmp_path / "plays.jsonl", shakespeare_lines(300))
+    questions = str(tmp_path / "questions.jsonl")
+    Path(questions).write_text("".join((DATA / "nq_open_efficientqa_dev.jsonl").read_text().splitlines(True)[:300]))
+    sources = [{"path": plays, "weight": 3}, {"path": questions, "weight": 1, "text_column": "question"}]
+    record = launch_two_ranks(
+        ["pretrain", "--datasets", *map(json.dumps, sources), "--streaming", "true",
+         "--streaming_validation_documents", "10", *MODEL, *TRAINING, "--save_strategy", "no", "--report_to", "none",
+         *TWO_RANKS],
+        tmp_path / "out",
+    )
+    seen = [row for both in zip(record[0]["batches"], record[1]["batches"]) for batch in both for row in batch]
+    assert len(seen) == STEPS * 8  # 2 ranks x 2 rows x 2 micro-batches a step
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    tokens, ids = mixed_stream_by_hand([(plays, "text"), (questions, "question")], (3, 1), 10, 3, tokenizer)
+    assert sum(seen, []) == ids[: len(seen) * BLOCK]
+    documents, counted = count_by_source(tokens[: len(seen) * BLOCK])
+    shares = json.loads((tmp_path / "out" / "metrics.json").read_text())["mixture"]
+    assert {name: (s["examples"], s["learned_tokens"]) for name, s in shares.items()} == {
+        name: (documents[name], counted[name]) for name in (plays, questions)}

@@ -18,6 +18,7 @@ from lmpipe.data.packing import (
 )
 from lmpipe.data.mixture import format_shares, mixed_documents, realised_shares
 from lmpipe.data.sources import check_text_column, load_corpus, split_validation
+from lmpipe.data.stream_mixture import MIXTURE_NAME, StreamMixture, stream_mixture, trained_shares
 from lmpipe.data.streaming import PackedStream, check_streaming_arguments, stream_documents, stream_texts
 from lmpipe.disk_full import full_disk_is_one_line
 from lmpipe.distributed import check_launch, on_main_process, restore_cpu_threads
@@ -43,6 +44,7 @@ class PackedCorpus:
     validation: Dataset
     train_ids: np.ndarray
     mixture: dict[str, dict[str, float]] | None = None  # realised shares per source of a `datasets:` mixture
+    stream_mixture: StreamMixture | None = None  # a streamed mixture: its shares are counted once it has trained
 
 
 def prepare_corpus(
@@ -50,9 +52,8 @@ def prepare_corpus(
 ) -> PackedCorpus:
     """Load, split, tokenise and pack; the tokenizer is trained on the train split when the recipe asks."""
     check_tokenizer_arguments(tokenizer_args, model.model_name_or_path)
-    if data.datasets and (data.streaming or data.train_file or data.validation_file):
-        raise LmpipeError("datasets: lists the sources; remove train_file / validation_file (streaming mixtures are "
-                          "not built: the sources are read in memory)")
+    if data.datasets and (data.train_file or data.validation_file):
+        raise LmpipeError("datasets: lists the sources; remove train_file / validation_file")
     if data.streaming:
         return prepare_streaming_corpus(data, tokenizer_args, model, training)
     source = "datasets" if data.datasets else data.train_file or data.dataset_name or "data"
@@ -98,18 +99,38 @@ def prepare_streaming_corpus(
 ) -> PackedCorpus:
     """Train blocks packed lazily from a stream; validation blocks in memory, so evaluation stays exact."""
     check_streaming_arguments(training)
-    source = data.train_file or data.dataset_name or "data"
-    train_documents, validation_documents = stream_documents(data, source)
-    texts = stream_texts(train_documents, data.text_column, source) if tokenizer_args.train_tokenizer else None
+    mixture, files = None, None
+    if data.datasets:
+        mixture = stream_mixture(data, training.data_seed or training.seed)
+        source, files = MIXTURE_NAME, mixture.files
+        train_documents, validation_documents = mixture.train, mixture.validation
+    else:
+        source = data.train_file or data.dataset_name or "data"
+        train_documents, validation_documents = stream_documents(data, source)
+    texts = stream_texts(train_documents, data.text_column, source, files) if tokenizer_args.train_tokenizer else None
     tokenizer = on_main_process(
         training, load_tokenizer, tokenizer_args, model.model_name_or_path, texts, model.trust_remote_code
     )
     with training.main_process_first(desc="tokenising validation"):
         validation_ids = tokenize_documents(validation_documents, tokenizer, data.text_column)
         validation = pack_blocks(validation_ids, data.block_size, "validation")
-    train = PackedStream(train_documents, tokenizer, data.text_column, data.block_size, source)
+    train = PackedStream(train_documents, tokenizer, data.text_column, data.block_size, source, files)
     head_ids = on_main_process(training, train.head_ids, UNIGRAM_SAMPLE_TOKENS)
-    return PackedCorpus(tokenizer, train, validation, head_ids)
+    return PackedCorpus(tokenizer, train, validation, head_ids, stream_mixture=mixture)
+
+
+def check_counted_blocks(data: DataArguments, training: TrainingArguments) -> None:
+    """A streamed mixture's shares are counted over the blocks the Trainer says it took in, so it must count them."""
+    counting = training.include_num_input_tokens_seen
+    if data.streaming and data.datasets and counting != "all":  # "non_padding" would skip GPT-2's EOS (its pad)
+        raise LmpipeError("datasets: a streamed mixture counts its trained blocks from the Trainer's input tokens; "
+                          f"set include_num_input_tokens_seen: true, got {counting!r}")
+
+
+def trained_blocks(trainer: ExactEvalTrainer, block_size: int) -> int:
+    """Blocks all ranks together trained on, earlier sessions of a resumed run included, from the Trainer's count of
+    input tokens: exact, a pass's last short batch too (steps x the global batch would not be)."""
+    return trainer.state.num_input_tokens_seen // block_size
 
 
 def build_pretrain_trainer(recipe: Recipe, training: TrainingArguments) -> tuple[ExactEvalTrainer, PackedCorpus]:
@@ -133,6 +154,7 @@ def pretrain(recipe: Recipe) -> dict[str, Any]:
     check_launch(training)
     restore_cpu_threads(training)
     check_sequence_length(model_positions(model_args), data_args.block_size, "block_size")
+    check_counted_blocks(data_args, training)
     hub = check_hub_push(training)  # before any data is loaded; None unless this process pushes
     with exclusive_output_dir(training), full_disk_is_one_line(training.output_dir, training.process_index == 0):
         check_output_dir(recipe, training)
@@ -149,10 +171,16 @@ def _pretrain(recipe: Recipe, hub) -> dict[str, Any]:
     if hub:
         trainer.add_callback(CheckpointPusher(hub))
     metrics = train_and_evaluate(trainer, recipe)
+    mixture = corpus.mixture
+    if corpus.stream_mixture is not None and trainer.is_world_process_zero():  # rank 0 alone read the stream
+        data = recipe.arguments[2]
+        blocks = trained_blocks(trainer, data.block_size)
+        mixture = trained_shares(corpus.stream_mixture, corpus.tokenizer, data.text_column, data.block_size, blocks)
+        print(f"{format_shares(mixture)} (the documents of the {blocks:,} trained blocks)", flush=True)
     baseline = unigram_perplexity(corpus.train_ids, blocks_as_array(corpus.validation), len(corpus.tokenizer))
     metrics = {**metrics, "unigram_perplexity": baseline}
-    if corpus.mixture:
-        metrics["mixture"] = corpus.mixture
+    if mixture:
+        metrics["mixture"] = mixture
     write_run_outputs(trainer, metrics)
     if hub:
         push_run(training.output_dir, hub)

@@ -29,6 +29,8 @@ from lmpipe.run_files import RESOLVED_RECIPE_NAME, write_text_atomically
 FORBIDDEN_KEYS = {"hub_token"}
 # The key naming a recipe's command; written first in every run's recipe.yaml so the run says what it was.
 TASK_KEY = "task"
+# Keys another task takes, refused with the reason rather than a "did you mean" guess.
+NOT_FOR_TASK = {("qa", "streaming"): "only pretraining streams; QA and conversation data are read in memory"}
 # A value such as -1e-3 or -.5 after a flag: argparse would take it for an option.
 NEGATIVE_NUMBER = re.compile(r"^-(\d|\.\d|inf$|nan$)", re.IGNORECASE)
 
@@ -111,11 +113,16 @@ class DataArguments:
         default=None,
         metadata={
             "help": "A weighted mixture instead of train_file/dataset_name: a list of {path, weight, split, config, "
-            "text_column} (JSON per source on the command line); weight > 1 repeats documents, < 1 subsamples them."
+            "text_column} (JSON per source on the command line); weight > 1 repeats documents, < 1 subsamples them; "
+            "with streaming, the weights are the sources' probabilities (interleaved, normalised)."
         },
     )
     streaming_validation_documents: int = field(
-        default=1000, metadata={"help": "Streaming, no validation split: hold out the stream's first N documents."}
+        default=1000,
+        metadata={
+            "help": "Streaming, no validation split: hold out the stream's first N documents (of each source of a "
+            "mixture)."
+        },
     )
 
 
@@ -283,6 +290,11 @@ def _closest(key: str, known: set[str], prefix: str = "") -> str:
     return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
 
 
+def _why_unknown(key: str, known: set[str], task: str | None, prefix: str = "") -> str:
+    reason = NOT_FOR_TASK.get((task, key))
+    return f": {reason}" if reason else _closest(key, known, prefix)
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML keeps the last of two equal keys silently; a recipe with both is ambiguous."""
 
@@ -368,12 +380,12 @@ def parse_recipe(
         if key in FORBIDDEN_KEYS:
             raise LmpipeError(f"{source}: '{key}' may not be set in a recipe; use HF_TOKEN or `hf auth login`")
         if key not in known:
-            raise LmpipeError(f"{source}: unknown key '{key}'{_closest(key, known)}")
+            raise LmpipeError(f"{source}: unknown key '{key}'{_why_unknown(key, known, task)}")
     for key in _flag_keys(cli):
         if key in FORBIDDEN_KEYS:
             raise LmpipeError(f"--{key} may not be given; use HF_TOKEN or `hf auth login`")
         if key not in known and not (key.startswith("no_") and key[3:] in known):
-            raise LmpipeError(f"unknown option --{key}{_closest(key, known, '--')}")
+            raise LmpipeError(f"unknown option --{key}{_why_unknown(key, known, task, '--')}")
     recipe_flags = _to_flags({**defaults, **recipe})
     try:  # with the flags first: a flag may satisfy a check the recipe alone fails (bf16 needs --use_cpu on CPU)
         arguments = _parse(parser, recipe_flags + cli)

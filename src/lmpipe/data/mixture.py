@@ -5,6 +5,7 @@ Each source is loaded and tokenised alone (a bad row is named by its own file an
 weight w over n rows gives floor(w) copies of every row plus a seeded sample, without replacement, of
 round((w - floor(w)) * n) rows, i.e. round(w * n) examples. Our own rather than `datasets.interleave_datasets`:
 that samples a stream by probability, so a 3:1 mixture is 3:1 only on average; here it is exact up to that rounding.
+Streamed sources (`streaming: true`) do use it: `stream_mixture.py`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset
+from datasets import Dataset, DatasetDict, IterableDataset, concatenate_datasets, load_dataset
 from transformers import PreTrainedTokenizerBase
 
 from lmpipe.data.chat import ChatFormat, check_messages_column, tokenize_conversations
@@ -83,18 +84,22 @@ def parse_sources(values: list[Any], column_keys: tuple[str, ...] = QA_COLUMN_KE
     return sources
 
 
-def load_source(source: MixtureSource, sample_by: str = "paragraph") -> Dataset:
-    """A local file (any split expression, e.g. `train[:50%]`; `.txt` split by `sample_by`) or a Hub dataset's split."""
+def load_source(
+    source: MixtureSource, sample_by: str = "paragraph", streaming: bool = False
+) -> Dataset | IterableDataset:
+    """A local file (any split expression, e.g. `train[:50%]`; `.txt` split by `sample_by`) or a Hub dataset's split;
+    a lazy stream when `streaming`."""
     suffix = Path(source.path).suffix.lower()
     if suffix in BUILDERS and source.split == "train":
-        return load_local_file(source.path, sample_by)
+        return load_local_file(source.path, sample_by, streaming)
     try:
         if suffix in BUILDERS:
             if not Path(source.path).is_file():
                 raise LmpipeError(f"{source.path}: data file not found")
             options = {"sample_by": sample_by} if BUILDERS[suffix] == "text" else {}
-            return load_dataset(BUILDERS[suffix], data_files={"train": source.path}, split=source.split, **options)
-        return load_dataset(source.path, source.config, split=source.split)
+            return load_dataset(BUILDERS[suffix], data_files={"train": source.path}, split=source.split,
+                                streaming=streaming, **options)
+        return load_dataset(source.path, source.config, split=source.split, streaming=streaming)
     except LmpipeError:
         raise
     except Exception as e:  # offline, unknown id or split: each library raises its own type
@@ -119,14 +124,21 @@ def realised_shares(
     for name, count in zip(row_sources, row_tokens):
         examples[name] += 1
         tokens[name] += count
+    return shares_of_counts(sources, examples, tokens)
+
+
+def shares_of_counts(
+    sources: list[MixtureSource], examples: dict[str, int], tokens: dict[str, int]
+) -> dict[str, dict[str, float]]:
+    """`realised_shares` from counts already made: examples and learned tokens per source name."""
     total_examples, total_tokens = sum(examples.values()), sum(tokens.values())
     return {
         source.name: {
             "weight": source.weight,
-            "examples": examples[source.name],
-            "example_share": examples[source.name] / total_examples,
-            "learned_tokens": tokens[source.name],
-            "learned_token_share": tokens[source.name] / total_tokens if total_tokens else 0.0,
+            "examples": examples.get(source.name, 0),
+            "example_share": examples.get(source.name, 0) / total_examples if total_examples else 0.0,
+            "learned_tokens": tokens.get(source.name, 0),
+            "learned_token_share": tokens.get(source.name, 0) / total_tokens if total_tokens else 0.0,
         }
         for source in sources
     }

@@ -16,8 +16,10 @@ def tokenize_documents(
     tokenizer: PreTrainedTokenizerBase,
     text_column: str,
     num_proc: int | None = None,
+    keep: tuple[str, ...] = (),
 ) -> Dataset | IterableDataset:
-    """Token ids of each document followed by EOS (batched; cached by `datasets`, or lazy for a stream).
+    """Token ids of each document followed by EOS (batched; cached by `datasets`, or lazy for a stream); a
+    stream's columns in `keep` (e.g. a mixture's `source`) stay beside `input_ids`.
 
     A document that quotes `<|endoftext|>` keeps it as text: the only EOS ids are the ones added here.
     """
@@ -33,7 +35,8 @@ def tokenize_documents(
         if isinstance(documents, Dataset)
         else {}
     )
-    return documents.map(encode, batched=True, remove_columns=documents.column_names or [text_column], **options)
+    removed = [column for column in documents.column_names or [text_column] if column not in keep]
+    return documents.map(encode, batched=True, remove_columns=removed, **options)
 
 
 def flat_token_ids(tokenized: Dataset) -> np.ndarray:

@@ -34,23 +34,33 @@ def check_streaming_arguments(training: TrainingArguments) -> None:
         raise LmpipeError("streaming: true needs max_steps > 0 (a stream has no length to count epochs in)")
 
 
+# A local file a stream reads, to search when the stream fails: (name in the error, path, its text column).
+ReadFile = tuple[str, str, str]
+
+
 @contextmanager
-def named_read_errors(source: str, text_column: str):
+def named_read_errors(source: str, text_column: str, files: list[ReadFile] | None = None):
     """A bad row met mid-stream, named by its line in a local JSON Lines file (datasets and pyarrow count rows
-    within a chunk), or else by the stream and the reader's own first line; never a traceback from a worker."""
+    within a chunk), or else by the stream and the reader's own first line; never a traceback from a worker.
+    `files`: the files of a stream that reads several (a mixture); by default `source` is the one file."""
     try:
         yield
     except (ValueError, TypeError, DatasetGenerationError) as e:  # pyarrow's ArrowInvalid is a ValueError
         if isinstance(e, LmpipeError):
             raise
-        path = Path(source)
-        located = path.suffix.lower() == ".jsonl" and path.is_file() and first_bad_json_line(path, text_column)
-        raise LmpipeError(f"{source}: {located or f'cannot read the stream ({first_line(e)})'}") from None
+        for name, file, column in files or [(source, source, text_column)]:
+            path = Path(file)
+            located = path.suffix.lower() == ".jsonl" and path.is_file() and first_bad_json_line(path, column)
+            if located:
+                raise LmpipeError(f"{name}: {located}") from None
+        raise LmpipeError(f"{source}: cannot read the stream ({first_line(e)})") from None
 
 
-def stream_texts(documents: IterableDataset, text_column: str, source: str) -> Iterator[str]:
+def stream_texts(
+    documents: IterableDataset, text_column: str, source: str, files: list[ReadFile] | None = None
+) -> Iterator[str]:
     """The documents' texts, e.g. to train a tokenizer on; a non-text value is named like any bad row."""
-    with named_read_errors(source, text_column):
+    with named_read_errors(source, text_column, files):
         for row in documents:
             text = row[text_column]
             if not isinstance(text, str):
@@ -107,9 +117,11 @@ class PackedStream(torch.utils.data.IterableDataset):
         text_column: str,
         block_size: int,
         source: str = "train stream",
+        files: list[ReadFile] | None = None,
     ):
         self.documents = documents
         self.source = source
+        self.files = files
         self.tokenizer = tokenizer
         self.text_column = text_column
         self.block_size = block_size
@@ -119,7 +131,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         pending: list[list[int]] = []
         pending_tokens = 0
         carry = np.empty(0, dtype=np.int32)
-        with named_read_errors(self.source, self.text_column):
+        with named_read_errors(self.source, self.text_column, self.files):
             for row in tokenize_documents(self.documents, self.tokenizer, self.text_column):
                 pending.append(row["input_ids"])
                 pending_tokens += len(row["input_ids"])
