@@ -113,6 +113,10 @@ class SaveOnSignal(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.restore_handlers()
         if self.signal_number:
+            if args.world_size > 1 and torch.distributed.is_initialized():
+                # The first rank to exit makes torchrun stop the others: none leaves before all have saved, so
+                # every rank gets to say where it saved.
+                torch.distributed.barrier()
             raise TrainingInterrupted(
                 f"stopped by {signal.Signals(self.signal_number).name} after step {state.global_step}: saved"
                 f" {args.output_dir}/checkpoint-{state.global_step}; rerun the same command to resume from it",
