@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset, concatenate_datasets, interleave_datasets
 from transformers import PreTrainedTokenizerBase
 
@@ -91,21 +92,31 @@ def as_documents(documents: Dataset | IterableDataset, column: str, text_column:
     return documents.map(lambda batch: {"source": [name] * len(batch[text_column])}, batched=True)
 
 
-def count_head(
+def read_head(
     mixture: StreamMixture, tokenizer: PreTrainedTokenizerBase, text_column: str, tokens: int
-) -> tuple[Counter, Counter, int]:
-    """Per source, the documents with a token among the first `tokens` tokens of the packed train stream and their
-    tokens there (each document's ids + EOS, concatenated, as `PackedStream` packs them); and the tokens read."""
-    documents, counted, read = Counter(), Counter(), 0
+) -> tuple[list[str], np.ndarray]:
+    """Source and token count (ids + EOS, as `PackedStream` packs them) of each document of the train stream, up to
+    the one holding its `tokens`-th token (the whole stream when it is shorter): one tokenising pass."""
+    sources, lengths, read = [], [], 0
     with named_read_errors(MIXTURE_NAME, text_column, mixture.files):
         for row in tokenize_documents(mixture.train, tokenizer, text_column, keep=("source",)):
-            if read == tokens:
+            if read >= tokens:
                 break
-            take = min(len(row["input_ids"]), tokens - read)
-            documents[row["source"]] += 1
-            counted[row["source"]] += take
-            read += take
-    return documents, counted, read
+            sources.append(row["source"])
+            lengths.append(len(row["input_ids"]))
+            read += lengths[-1]
+    return sources, np.asarray(lengths, dtype=np.int64)
+
+
+def head_counts(sources: list[str], lengths: np.ndarray, tokens: int) -> tuple[Counter, Counter]:
+    """Per source, the documents with a token among the first `tokens` tokens, and their tokens there."""
+    taken = np.clip(tokens - (np.cumsum(lengths) - lengths), 0, lengths)
+    documents, counted = Counter(), Counter()
+    for source, take in zip(sources, taken.tolist()):
+        if take:
+            documents[source] += 1
+            counted[source] += take
+    return documents, counted
 
 
 def trained_shares(
@@ -114,12 +125,15 @@ def trained_shares(
     """`realised_shares` of the first `blocks` blocks of the packed train stream (the blocks a run trained on),
     read again: the interleave is seeded, so it yields the same documents. A stream shorter than that was gone
     round again by the Trainer: its whole blocks count once per pass, then the head of the last pass."""
-    examples, tokens, read = count_head(mixture, tokenizer, text_column, blocks * block_size)
-    if read < blocks * block_size:
-        whole = read - read % block_size  # the tail after the last whole block is never trained
-        passes, rest = divmod(blocks * block_size, whole)
-        pass_examples, pass_tokens, _ = count_head(mixture, tokenizer, text_column, whole)
-        head_examples, head_tokens, _ = count_head(mixture, tokenizer, text_column, rest)
-        examples = Counter({name: passes * n for name, n in pass_examples.items()}) + head_examples
-        tokens = Counter({name: passes * n for name, n in pass_tokens.items()}) + head_tokens
+    trained = blocks * block_size
+    sources, lengths = read_head(mixture, tokenizer, text_column, trained)
+    read = int(lengths.sum())
+    if read >= trained:
+        return shares_of_counts(mixture.sources, *head_counts(sources, lengths, trained))
+    whole = read - read % block_size  # the tail after the last whole block is never trained
+    passes, rest = divmod(trained, whole)
+    pass_examples, pass_tokens = head_counts(sources, lengths, whole)
+    examples, tokens = head_counts(sources, lengths, rest)
+    examples.update({name: passes * n for name, n in pass_examples.items()})
+    tokens.update({name: passes * n for name, n in pass_tokens.items()})
     return shares_of_counts(mixture.sources, examples, tokens)
