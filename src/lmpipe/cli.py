@@ -14,12 +14,16 @@ from lmpipe.recipe import FINETUNE_QA_ARGUMENTS, TASKS, HelpRequested, parse_rec
 from lmpipe.run_files import RESOLVED_RECIPE_NAME
 
 DEFAULT_PRETRAIN_RECIPE = str(Path(__file__).with_name("default_recipe.yaml"))  # package data: any install has it
-NOT_EVALUATED = "no final evaluation (final_evaluation: false)"
 # Keys of a finished run's recipe.yaml that do not apply when its saved model and tokenizer are loaded back.
 FROM_SCRATCH_KEYS = (
     "train_tokenizer", "tokenizer_vocab_size", "tokenizer_name_or_path", "vocab_file", "merges_file",
     "n_layer", "n_embd", "n_head", "n_positions", "pad_vocab_to_multiple_of", "activation_function",
 )
+
+
+def not_evaluated(metrics: dict) -> str:
+    """The summary line of a run that asked for no final evaluation."""
+    return f"no final evaluation (final_evaluation: false) | train loss {metrics['train_loss']:.4f}"
 
 
 def pretrain_command(argv: list[str]) -> None:
@@ -29,14 +33,14 @@ def pretrain_command(argv: list[str]) -> None:
     recipe = parse_recipe(argv, default_recipe=DEFAULT_PRETRAIN_RECIPE)
     metrics = pretrain(recipe)
     training = recipe.arguments[-1]
-    if training.process_index == 0 and "eval_loss" in metrics:
-        print(
-            f"\neval loss {metrics['eval_loss']:.4f} nats/token over {metrics['eval_tokens']:,} tokens"
-            f" | perplexity {metrics['perplexity']:.2f} (unigram baseline {metrics['unigram_perplexity']:.2f})"
-            f" | {metrics['bits_per_byte']:.3f} bits/byte\nmodel saved to {training.output_dir}"
-        )
-    elif training.process_index == 0:
-        print(f"\n{NOT_EVALUATED} | train loss {metrics['train_loss']:.4f}\nmodel saved to {training.output_dir}")
+    if training.process_index != 0:
+        return
+    evaluated = (
+        f"eval loss {metrics['eval_loss']:.4f} nats/token over {metrics['eval_tokens']:,} tokens"
+        f" | perplexity {metrics['perplexity']:.2f} (unigram baseline {metrics['unigram_perplexity']:.2f})"
+        f" | {metrics['bits_per_byte']:.3f} bits/byte"
+    ) if "eval_loss" in metrics else not_evaluated(metrics)
+    print(f"\n{evaluated}\nmodel saved to {training.output_dir}")
 
 
 def _pop_task(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -146,7 +150,7 @@ def finetune_qa_command(argv: list[str]) -> None:
         evaluated = (
             f"answer-only eval loss {metrics['eval_loss']:.4f} nats/token over {metrics['eval_tokens']:,} tokens"
             f" | perplexity {metrics['perplexity']:.2f}{before}{scores}"
-        ) if "eval_loss" in metrics else f"{NOT_EVALUATED} | train loss {metrics['train_loss']:.4f}"
+        ) if "eval_loss" in metrics else not_evaluated(metrics)
         print(
             f"\n{evaluated}"
             f"\n{metrics['real_token_fraction']:.1%} of computed tokens are real ({metrics['batching']}) | {rows}"

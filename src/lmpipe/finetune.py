@@ -34,8 +34,7 @@ from lmpipe.recipe import LoraArguments, ModelArguments, QAArguments, Recipe
 from lmpipe.run_lock import exclusive_output_dir
 from lmpipe.tokenizer import load_tokenizer
 from lmpipe.train import (
-    ExactEvalTrainer, build_trainer, check_training_arguments, finished_run, train_and_evaluate, wants_final_evaluation,
-    write_run_outputs,
+    ExactEvalTrainer, build_trainer, check_training_arguments, finished_run, train_and_evaluate, write_run_outputs,
 )
 from lmpipe.train_loss import TokenWeightedLossTrainer
 
@@ -246,7 +245,7 @@ def _finetune_qa(recipe: Recipe, template: str, hub) -> dict[str, Any]:
         if lora.merge_lora:
             model = save_merged(trainer.model, tokenizer, training.output_dir)
             metrics["merged_model_dir"] = str(output_dir / MERGED_DIR)
-    answers_scored = not qa.messages_column and wants_final_evaluation(training)  # conversations: perplexity only
+    answers_scored = not qa.messages_column and training.final_evaluation  # conversations: perplexity only
     if trainer.is_world_process_zero() and answers_scored:
         qa_scores, predictions = evaluate_qa(
             model, tokenizer, data.validation, qa.generation_max_new_tokens, training.per_device_eval_batch_size,

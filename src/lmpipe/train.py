@@ -156,12 +156,7 @@ def final_evaluation(trainer: ExactEvalTrainer) -> dict[str, Any] | None:
     evaluations = [row for row in trainer.state.log_history if "eval_loss" in row]
     if evaluations and evaluations[-1]["step"] == trainer.state.global_step:
         return evaluations[-1]
-    return trainer.evaluate() if wants_final_evaluation(trainer.args) else None
-
-
-def wants_final_evaluation(args: TrainingArguments) -> bool:
-    """lmpipe's `final_evaluation` key (RunTrainingArguments); a plain TrainingArguments always evaluates."""
-    return getattr(args, "final_evaluation", True)
+    return trainer.evaluate() if trainer.args.final_evaluation else None
 
 
 def tokens_seen_at(checkpoint: str | None) -> int:
