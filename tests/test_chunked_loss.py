@@ -227,6 +227,10 @@ def test_trainer_steps_with_the_chunked_loss_and_gradient_checkpointing_equal_th
 
 def test_trainer_steps_with_the_chunked_loss_under_torch_compile_equal_the_plain_run(tmp_path):
     """`torch_compile: true` (inductor, which needs a C++ compiler on CPU) trains the same losses, fp32, 5 steps."""
+    from torch._dynamo.utils import counters  # dynamo's own tally: proves the run was compiled, not eager
+
     plain = trainer_losses(tmp_path / "plain", chunked=False)
+    graphs_before = counters["stats"]["unique_graphs"]
     compiled = trainer_losses(tmp_path / "compiled", chunked=True, torch_compile=True)
+    assert counters["stats"]["unique_graphs"] > graphs_before
     assert compiled == pytest.approx(plain, rel=1e-5) and len(compiled) == 5
