@@ -139,6 +139,12 @@ class RunTrainingArguments(TrainingArguments):
         metadata={"help": "Evaluate the validation split exactly when training ends; false: no evaluation at all "
                           "(metrics.json then has training figures only), like run_clm without --do_eval."},
     )
+    host_memory_reuse: bool = field(
+        default=True,
+        metadata={"help": "Training on a CPU under Linux: freed memory stays in the process for the next step "
+                          "instead of going back to the OS (no page faults on every step's large tensors; RSS stays "
+                          "at its peak); false: the C library's defaults."},
+    )
 
 
 PRETRAIN_ARGUMENTS = (ModelArguments, TokenizerArguments, DataArguments, RunTrainingArguments)

@@ -19,6 +19,7 @@ from lmpipe.checkpoints import TRAINER_STATE, identity_changes, resume_checkpoin
 from lmpipe.errors import LmpipeError
 from lmpipe.finite import non_finite_metrics
 from lmpipe.flops import ModelFlopsMeter, device_peak_flops, flops_per_token
+from lmpipe.host_memory import keep_freed_host_memory
 from lmpipe.metrics import NllStatistics, compute_exact_metrics
 from lmpipe.recipe import Recipe, write_resolved_recipe
 from lmpipe.run_files import METRICS_NAME, PLOT_NAME, write_text_atomically
@@ -128,7 +129,10 @@ def build_trainer(
     context_length: int | None = None,
 ) -> ExactEvalTrainer:
     """The Trainer for every lmpipe run: exact evaluation and the reliability callbacks wired in; with
-    `context_length` (block size / max length) its logs and metrics carry model FLOP/s."""
+    `context_length` (block size / max length) its logs and metrics carry model FLOP/s. On a CPU (and
+    `host_memory_reuse`) freed host memory is kept for the next step from here on."""
+    if getattr(args, "host_memory_reuse", False) and args.device.type == "cpu":  # plain TrainingArguments: off
+        keep_freed_host_memory()
     meter = None
     if context_length is not None:
         peak = device_peak_flops(args.device, args.bf16 or args.fp16)
