@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DataCollatorWithFlattening, GPT2Config, GPT2LMHeadModel
 
-from lmpipe.chunked_loss import ChunkWorkspace, LinearCrossEntropy, causal_lm_loss, linear_cross_entropy, shifted_targets
+from lmpipe.chunked_loss import (
+    ChunkWorkspace, LinearCrossEntropy, causal_lm_loss, even_chunk_tokens, linear_cross_entropy, shifted_targets,
+)
 from lmpipe.losses import IGNORE_INDEX, manual_causal_lm_loss
 from lmpipe.metrics import NllStatistics
 from lmpipe.model_loss import chunked_loss_enabled, install_chunked_loss, token_scores
@@ -234,3 +236,9 @@ def test_trainer_steps_with_the_chunked_loss_under_torch_compile_equal_the_plain
     compiled = trainer_losses(tmp_path / "compiled", chunked=True, torch_compile=True)
     assert counters["stats"]["unique_graphs"] > graphs_before
     assert compiled == pytest.approx(plain, rel=1e-5) and len(compiled) == 5
+
+
+@pytest.mark.parametrize("tokens, most, even", [(2040, 667, 510), (20, 7, 7), (20, 4, 4), (9, 10, 9), (0, 7, 1)])
+def test_chunks_are_the_fewest_of_at_most_the_budget_and_even(tokens, most, even):
+    """2,040 tokens at most 667 a chunk: 4 x 510, not 3 x 667 + 39 (the loss runs on 20 as 7 + 7 + 6)."""
+    assert even_chunk_tokens(tokens, most) == even

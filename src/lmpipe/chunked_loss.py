@@ -37,6 +37,13 @@ def default_chunk_tokens(vocab_size: int, device: torch.device) -> int:
     return max(MIN_CHUNK_TOKENS, budget // (4 * vocab_size))
 
 
+def even_chunk_tokens(tokens: int, most: int) -> int:
+    """The fewest chunks of at most `most` tokens, as even as they go: a short last chunk still reads the whole
+    weight and its gradient for a few rows (on this CPU 2,040 tokens as 4 x 510 ran 2-10 % faster than 3 x 667 + 39)."""
+    chunks = max(1, -(-tokens // most))
+    return max(1, -(-tokens // chunks))
+
+
 def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype the model's own `lm_head` would multiply in: autocast's when it is on, else the weight's."""
     device_type = hidden.device.type
@@ -63,11 +70,12 @@ class ChunkWorkspace:
     CPU_BLOCK_BYTES = 4 * 2**20
 
     def __init__(self, rows: int, weight_shape: torch.Size, dtype, accumulate, device: torch.device):
-        vocab, _ = weight_shape
+        vocab, dim = weight_shape
         self.same_dtype = dtype == accumulate
         self.product = torch.empty(rows, vocab, dtype=dtype, device=device)
         on_cpu = device.type == "cpu"
         self.block_rows = max(1, self.CPU_BLOCK_BYTES // (4 * vocab)) if on_cpu else rows
+        self.weight_rows = max(1, self.CPU_BLOCK_BYTES // (4 * dim)) if on_cpu else vocab
         self.block = None if self.same_dtype else torch.empty(self.block_rows, vocab, dtype=accumulate, device=device)
         self.weight_product = None
 
@@ -98,7 +106,10 @@ class ChunkWorkspace:
             return
         if self.weight_product is None:
             self.weight_product = torch.empty(grad_weight.shape, dtype=hidden_c.dtype, device=hidden_c.device)
-        grad_weight.add_(torch.mm(grad_logits.T, hidden_c, out=self.weight_product))
+        product = torch.mm(grad_logits.T, hidden_c, out=self.weight_product)
+        # on CPU, float32 += bf16 first converts the whole bf16 operand into a new tensor: in row blocks it stays small
+        for start in range(0, len(grad_weight), self.weight_rows):
+            grad_weight[start : start + self.weight_rows].add_(product[start : start + self.weight_rows])
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -115,6 +126,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_tokens: int, dtype: torch.dtype, with_grad: tuple[bool, bool]):
         accumulate = accumulation_dtype(dtype)
+        chunk_tokens = even_chunk_tokens(len(targets), chunk_tokens)
         grad_hidden = torch.empty_like(hidden) if with_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if with_grad[1] else None
         nll = hidden.new_empty(len(targets), dtype=accumulate)
