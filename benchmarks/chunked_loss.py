@@ -123,6 +123,7 @@ def child(spec: dict) -> dict:
             per_device_eval_batch_size=batch, learning_rate=1e-4, bf16=spec["dtype"] == "bf16",
             use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", eval_strategy="no",
             disable_tqdm=True, logging_steps=1, include_num_input_tokens_seen=True, dataloader_pin_memory=False,
+            host_memory_reuse=spec.get("host_memory_reuse", True),
         )
         trainer = build_trainer(
             model, args, train, validation, collate_blocks, tokenizer, token_byte_lengths(tokenizer, model.config.vocab_size)
@@ -164,6 +165,9 @@ def main() -> None:
     parser.add_argument("--eval_blocks", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument(
+        "--host_memory_reuse", default="true", choices=["true", "false"], help="The recipe key, in every child."
+    )
     parser.add_argument("--from_log", help="Rebuild the table from the '# {...}' lines of an interrupted run's output.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -190,7 +194,8 @@ def main() -> None:
             order = (True, False) if repeat % 2 == 0 else (False, True)
             for chunked in order:
                 spec = {**config, "chunked": chunked, "batch": args.batch, "steps": args.steps,
-                        "eval_blocks": args.eval_blocks, "tiny": args.tiny}
+                        "eval_blocks": args.eval_blocks, "tiny": args.tiny,
+                        "host_memory_reuse": args.host_memory_reuse == "true"}
                 outcome = run_child(spec)
                 results.setdefault((config["mode"], config["block"], config["dtype"], chunked), []).append(outcome)
                 print(f"# {json.dumps({**spec, **outcome})}", flush=True)
@@ -218,6 +223,7 @@ def main() -> None:
     emit_json({
         "benchmark": "chunked_loss", "model": TINY_MODEL if args.tiny else MODEL, "batch": args.batch,
         "steps": args.steps, "eval_blocks": args.eval_blocks, "repeats": args.repeats, "machine": machine(),
+        "host_memory_reuse": args.host_memory_reuse == "true",
         "from_log": args.from_log,
         "load_average": [load_start, load_average()], "rows": rows,
     })

@@ -16,6 +16,9 @@ Steady tokens/s are timed from the end of step `--warmup` to the end of the last
 measured in the same run at the same thread count (a 2048^3 `torch.matmul`), with model FLOPs per token
 counted as nanoGPT does: 6 N + 12 L H Q T (N = parameters without the position embeddings). One untimed run
 per dtype comes first, and the variants' order rotates between repetitions, so no variant always runs first.
+That first run is `ours`, whose Trainer keeps freed host memory for reuse (`host_memory_reuse`, process-wide), so
+every variant here runs with it: this script compares the training code; what the allocator setting buys shows in
+`vs_run_clm.py` (separate processes) and `profile_step.py --ablate heap:host_memory_reuse=false`.
 
     HF_HUB_OFFLINE=1 python benchmarks/train_throughput.py              # full run (about 15 minutes)
     HF_HUB_OFFLINE=1 python benchmarks/train_throughput.py --tiny       # seconds: checks the script works
