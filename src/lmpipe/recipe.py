@@ -143,7 +143,7 @@ class RunTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Training on a CPU under Linux: freed memory stays in the process for the next step "
                           "instead of going back to the OS (no page faults on every step's large tensors; RSS stays "
-                          "at its peak); false: the C library's defaults."},
+                          "at its peak, a higher one with chunked_loss: false); false: the C library's defaults."},
     )
 
 
