@@ -16,7 +16,7 @@ import lmpipe
 from lmpipe.cli import COMMANDS, DEFAULT_PRETRAIN_RECIPE, main
 from lmpipe.errors import LmpipeError
 from lmpipe.recipe import TASKS, parse_recipe
-from lmpipe.recipe_help import TRAINING_KEYS_SHOWN
+from lmpipe.recipe_help import TRAINING_KEYS_SHOWN, lmpipe_training_fields
 
 from conftest import REPO
 
@@ -24,7 +24,9 @@ PIPELINES = sorted((REPO / "pipelines").glob("*.py"))
 
 
 def _fields(types) -> list[str]:
-    return [f.name for t in types if not issubclass(t, TrainingArguments) for f in dataclasses.fields(t)]
+    """Every key lmpipe defines: its own dataclasses' and what it adds to TrainingArguments."""
+    own = [f.name for t in types if not issubclass(t, TrainingArguments) for f in dataclasses.fields(t)]
+    return own + [f.name for t in types if issubclass(t, TrainingArguments) for f in lmpipe_training_fields(t)]
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

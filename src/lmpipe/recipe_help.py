@@ -45,7 +45,14 @@ def _training_section(group: type, training_defaults: dict[str, Any]) -> str:
         " those lmpipe's recipes use:"
     ]
     lines += [_describe(fields[name], training_defaults) for name in TRAINING_KEYS_SHOWN if name in fields]
+    lines += [_describe(f, training_defaults) for f in lmpipe_training_fields(group) if f.name not in TRAINING_KEYS_SHOWN]
     return "\n".join(lines)
+
+
+def lmpipe_training_fields(group: type) -> list[dataclasses.Field]:
+    """The keys lmpipe adds to TrainingArguments (RunTrainingArguments' own): always shown."""
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return [f for f in dataclasses.fields(group) if f.name not in inherited]
 
 
 def _describe(f: dataclasses.Field, overrides: dict[str, Any] | None = None) -> str:
