@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from lmpipe.chunked_loss import default_chunk_tokens
 from lmpipe.zero_shot.requests import Request
 
+
 @dataclass(frozen=True)
 class Score:
     """A continuation's summed log-likelihood (nats) and whether greedy decoding would have produced it."""
