@@ -51,7 +51,7 @@ def loss_only(spec: dict) -> dict:
     import torch
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    from lmpipe.chunked_loss import causal_lm_loss, default_chunk_tokens, linear_cross_entropy, shifted_targets
+    from lmpipe.loss.chunked import causal_lm_loss, default_chunk_tokens, linear_cross_entropy, shifted_targets
 
     torch.manual_seed(0)
     rows, vocab = spec["batch"] * spec["block"], 50304
@@ -89,12 +89,12 @@ def child(spec: dict) -> dict:
 
     from lmpipe.data.collate import collate_blocks
     from lmpipe.data.packing import blocks_dataset
-    from lmpipe.metrics import token_byte_lengths
-    from lmpipe.model import build_model
-    from lmpipe.model_loss import install_chunked_loss
-    from lmpipe.recipe import ModelArguments, RunTrainingArguments
-    from lmpipe.tokenizer import gpt2_tokenizer_from_files
-    from lmpipe.train import build_trainer
+    from lmpipe.training.exact_eval import token_byte_lengths
+    from lmpipe.model.build.build import build_model
+    from lmpipe.loss.install import install_chunked_loss
+    from lmpipe.config.recipe import ModelArguments, RunTrainingArguments
+    from lmpipe.model.build.tokenizer import gpt2_tokenizer_from_files
+    from lmpipe.training.trainer import build_trainer
 
     class StepClock(TrainerCallback):
         def __init__(self):

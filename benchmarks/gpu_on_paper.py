@@ -33,10 +33,10 @@ from train_throughput import flops_per_token, quiet_trainer  # noqa: E402
 
 from lmpipe.data.collate import collate_blocks  # noqa: E402
 from lmpipe.data.sources import pydoc_documents  # noqa: E402
-from lmpipe.metrics import token_byte_lengths  # noqa: E402
-from lmpipe.model import build_model  # noqa: E402
-from lmpipe.recipe import parse_recipe  # noqa: E402
-from lmpipe.train import build_trainer  # noqa: E402
+from lmpipe.training.exact_eval import token_byte_lengths  # noqa: E402
+from lmpipe.model.build.build import build_model  # noqa: E402
+from lmpipe.config.recipe import parse_recipe  # noqa: E402
+from lmpipe.training.trainer import build_trainer  # noqa: E402
 
 RECIPE = REPO / "recipes" / "pretrain" / "gpt2-small.yaml"
 PEAK_BF16_TFLOPS = {"A100 (SXM/PCIe)": 312.0, "H100 SXM": 989.0}

@@ -32,12 +32,12 @@ from lmpipe.data.collate import qa_collator, real_token_fraction  # noqa: E402
 from lmpipe.data.qa import TRAINING_COLUMNS  # noqa: E402
 from lmpipe.data.sources import pydoc_documents  # noqa: E402
 from lmpipe.finetune import check_finetune_arguments, prepare_qa_data  # noqa: E402
-from lmpipe.losses import IGNORE_INDEX  # noqa: E402
-from lmpipe.metrics import token_byte_lengths  # noqa: E402
-from lmpipe.model import build_model  # noqa: E402
-from lmpipe.recipe import FINETUNE_QA_ARGUMENTS, ModelArguments, parse_recipe  # noqa: E402
-from lmpipe.tokenizer import train_bpe_tokenizer  # noqa: E402
-from lmpipe.train import build_trainer  # noqa: E402
+from lmpipe.loss.reference import IGNORE_INDEX  # noqa: E402
+from lmpipe.training.exact_eval import token_byte_lengths  # noqa: E402
+from lmpipe.model.build.build import build_model  # noqa: E402
+from lmpipe.config.recipe import FINETUNE_QA_ARGUMENTS, ModelArguments, parse_recipe  # noqa: E402
+from lmpipe.model.build.tokenizer import train_bpe_tokenizer  # noqa: E402
+from lmpipe.training.trainer import build_trainer  # noqa: E402
 
 RECIPE = REPO / "recipes" / "finetune" / "nq_open.yaml"
 

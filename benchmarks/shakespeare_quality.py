@@ -29,9 +29,9 @@ from recipe_ab import run_recipe  # noqa: E402
 
 from lmpipe.data.packing import blocks_as_array, pack_blocks, tokenize_documents  # noqa: E402
 from lmpipe.data.sources import load_corpus, split_validation  # noqa: E402
-from lmpipe.metrics import token_byte_lengths  # noqa: E402
-from lmpipe.recipe import TokenizerArguments, parse_recipe  # noqa: E402
-from lmpipe.tokenizer import load_tokenizer  # noqa: E402
+from lmpipe.training.exact_eval import token_byte_lengths  # noqa: E402
+from lmpipe.config.recipe import TokenizerArguments, parse_recipe  # noqa: E402
+from lmpipe.model.build.tokenizer import load_tokenizer  # noqa: E402
 
 RECIPE = REPO / "recipes" / "pretrain" / "shakespeare_3min.yaml"
 NANOGPT_BABY_GPT_NATS_PER_CHAR = 1.88

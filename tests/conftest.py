@@ -44,7 +44,7 @@ def gpt2_files() -> tuple[str, str]:
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer(gpt2_files):
-    from lmpipe.tokenizer import gpt2_tokenizer_from_files
+    from lmpipe.model.tokenizer import gpt2_tokenizer_from_files
 
     return gpt2_tokenizer_from_files(*gpt2_files)
 

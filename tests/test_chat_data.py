@@ -13,9 +13,9 @@ from lmpipe.data.chat import DEFAULT_CHAT_TEMPLATE, chat_format, render, tokeniz
 from lmpipe.data.collate import padded_collator, padding_free_collator
 from lmpipe.data.qa import TRAINING_COLUMNS
 from lmpipe.errors import LmpipeError
-from lmpipe.losses import shifted_token_nll
-from lmpipe.model import build_model
-from lmpipe.recipe import ModelArguments, QAArguments
+from lmpipe.loss.reference import shifted_token_nll
+from lmpipe.model.build import build_model
+from lmpipe.config.recipe import ModelArguments, QAArguments
 
 from conftest import DATA
 

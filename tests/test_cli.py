@@ -15,8 +15,8 @@ from transformers import TrainingArguments
 import lmpipe
 from lmpipe.cli import COMMANDS, DEFAULT_PRETRAIN_RECIPE, main
 from lmpipe.errors import LmpipeError
-from lmpipe.recipe import TASKS, parse_recipe
-from lmpipe.recipe_help import TRAINING_KEYS_SHOWN, lmpipe_training_fields
+from lmpipe.config.recipe import TASKS, parse_recipe
+from lmpipe.config.help import TRAINING_KEYS_SHOWN, lmpipe_training_fields
 
 from conftest import REPO
 
@@ -94,8 +94,8 @@ def test_a_missing_relative_path_names_where_it_was_resolved(tmp_path, monkeypat
 
 
 def _load_missing_model():
-    from lmpipe.model import model_positions
-    from lmpipe.recipe import ModelArguments
+    from lmpipe.model.build import model_positions
+    from lmpipe.config.recipe import ModelArguments
 
     model_positions(ModelArguments(model_name_or_path="outputs/none"))
 
@@ -104,8 +104,8 @@ def test_the_default_recipe_is_package_data_and_the_repo_recipe_is_the_same_file
     """Installed (also non-editable: CI's second step) the default recipe sits in the package, and the one users
     read under recipes/ is a link to its source."""
     installed = Path(DEFAULT_PRETRAIN_RECIPE)
-    assert installed.parent == Path(lmpipe.__file__).parent and installed.is_file()
-    source = REPO / "src" / "lmpipe" / installed.name
+    assert installed.parent == Path(lmpipe.__file__).parent / "config" and installed.is_file()
+    source = REPO / "src" / "lmpipe" / "config" / installed.name
     assert (REPO / "recipes" / "pretrain" / "default.yaml").resolve() == source.resolve()
     assert installed.read_text() == source.read_text()
 

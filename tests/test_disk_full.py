@@ -17,7 +17,7 @@ import torch
 from transformers import TrainerCallback
 
 import lmpipe.pretrain
-from lmpipe.checkpoints import checkpoint_problem
+from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.cli import main
 
 from conftest import write_pydoc_corpus

@@ -14,10 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from lmpipe.cli import main
 from lmpipe.data.sources import load_local_file
-from lmpipe.evaluation import EvaluateArguments, evaluate_file
-from lmpipe.losses import manual_causal_lm_loss
-from lmpipe.model import CAUSAL_LM_LOSS
-from lmpipe.train import build_trainer
+from lmpipe.zero_shot.perplexity import EvaluateArguments, evaluate_file
+from lmpipe.loss.reference import manual_causal_lm_loss
+from lmpipe.model.build import CAUSAL_LM_LOSS
+from lmpipe.training.trainer import build_trainer
 
 BLOCK = 32
 
@@ -105,7 +105,7 @@ def test_cli_prints_one_json_line(trained, capsys):
 
 
 BAD_FLAGS = {
-    "zero stride": (["--stride", "0"], "stride must be >= 1, got 0"),  # lmpipe.recipe_checks, before any data
+    "zero stride": (["--stride", "0"], "stride must be >= 1, got 0"),  # lmpipe.config.rules, before any data
     "stride over the block": (["--block_size", "16", "--stride", "17"], "stride=17 must be between 1 and block_size=16"),
     "block over positions": (["--block_size", "64"], "block_size=64 must be between 2 and the model's n_positions=32"),
 }

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lmpipe.cli import main
-from lmpipe.train import ExactEvalTrainer
+from lmpipe.training.trainer import ExactEvalTrainer
 
 EVALUATION_KEYS = {"eval_loss", "perplexity", "eval_tokens", "bits_per_byte", "trainer_batch_mean_eval_loss"}
 

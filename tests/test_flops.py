@@ -9,7 +9,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmpipe.cli import main
-from lmpipe.flops import ModelFlopsMeter, device_peak_flops, flops_per_token
+from lmpipe.training.flops import ModelFlopsMeter, device_peak_flops, flops_per_token
 
 
 def test_flops_per_token_is_6n_plus_12lhqt_by_hand():

@@ -22,7 +22,7 @@ STEPS, ROWS, LENGTH = 3, 8, 16
 def tiny_chunked_model():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lmpipe.model_loss import install_chunked_loss
+    from lmpipe.loss.install import install_chunked_loss
 
     torch.manual_seed(0)
     config = GPT2Config(

@@ -6,9 +6,9 @@ import torch
 from lmpipe.cli import main
 from lmpipe.errors import LmpipeError
 from lmpipe.generate import GenerationSettings, generate_completions, generation_config
-from lmpipe.model import build_model
-from lmpipe.recipe import ModelArguments
-from lmpipe.tokenizer import train_bpe_tokenizer
+from lmpipe.model.build import build_model
+from lmpipe.config.recipe import ModelArguments
+from lmpipe.model.tokenizer import train_bpe_tokenizer
 
 # Prompts of different lengths (so a batch needs padding) and the answers the trained model memorises.
 PAIRS = [

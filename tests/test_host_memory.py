@@ -14,9 +14,9 @@ import torch
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import lmpipe.train
-from lmpipe.recipe import RunTrainingArguments
-from lmpipe.train import build_trainer
+import lmpipe.training.trainer
+from lmpipe.config.recipe import RunTrainingArguments
+from lmpipe.training.trainer import build_trainer
 
 GLIBC_MALLINFO2 = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "mallinfo2")
 
@@ -24,7 +24,7 @@ GLIBC_MALLINFO2 = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None)
 ALLOCATIONS = """
 import ctypes, json
 import torch
-from lmpipe.host_memory import keep_freed_host_memory
+from lmpipe.training.host_memory import keep_freed_host_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -67,6 +67,6 @@ def tiny_trainer(tmp_path, **arguments):
 @pytest.mark.parametrize("reuse", [True, False])
 def test_cpu_training_keeps_freed_memory_unless_the_recipe_says_not(tmp_path, monkeypatch, reuse):
     calls = []
-    monkeypatch.setattr(lmpipe.train, "keep_freed_host_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(lmpipe.training.trainer, "keep_freed_host_memory", lambda: calls.append(1) or True)
     tiny_trainer(tmp_path, host_memory_reuse=reuse)
     assert len(calls) == (1 if reuse else 0)

@@ -22,10 +22,10 @@ from huggingface_hub import ModelCard, constants
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import HubStrategy
 
-from lmpipe import hub
-from lmpipe.card import render_model_card
+from lmpipe.run import hub
+from lmpipe.run.card import render_model_card
 from lmpipe.cli import main
-from lmpipe.hub import checkpoint_plan, upload_plan
+from lmpipe.run.hub import checkpoint_plan, upload_plan
 
 from conftest import DATA, write_pydoc_corpus
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lmpipe.checkpoints import checkpoint_problem
+from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.cli import main
 
 from conftest import REPO, write_pydoc_corpus

@@ -9,10 +9,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from lmpipe.cli import main
 from lmpipe.loss_check import check_losses
-from lmpipe.losses import manual_causal_lm_loss
-from lmpipe.model import CAUSAL_LM_LOSS, build_model
-from lmpipe.model_loss import chunked_loss_of
-from lmpipe.recipe import ModelArguments
+from lmpipe.loss.reference import manual_causal_lm_loss
+from lmpipe.model.build import CAUSAL_LM_LOSS, build_model
+from lmpipe.loss.install import chunked_loss_of
+from lmpipe.config.recipe import ModelArguments
 
 from conftest import REPO
 
@@ -117,13 +117,13 @@ def test_check_reports_the_chunked_loss_and_its_gradients_and_leaves_the_model_a
 
 
 def test_a_broken_chunked_loss_is_named(tmp_path, monkeypatch):
-    monkeypatch.setattr("lmpipe.model_loss.causal_lm_loss", lambda total, kept, count=None: total / (kept + 1))
+    monkeypatch.setattr("lmpipe.loss.install.causal_lm_loss", lambda total, kept, count=None: total / (kept + 1))
     check = check_losses(tiny_trainer(CAUSAL_LM_LOSS, tmp_path), micro_batches())
     assert check.first_disagreement().startswith("batch 1: chunked loss")
 
 
 def test_cli_exits_1_when_the_model_keeps_gpt2s_default_loss_type(text_file, capsys, monkeypatch):
-    monkeypatch.setattr("lmpipe.model.CAUSAL_LM_LOSS", None)  # build_model then leaves loss_type=None
+    monkeypatch.setattr("lmpipe.model.build.CAUSAL_LM_LOSS", None)  # build_model then leaves loss_type=None
     assert main(["check-loss", *tiny_recipe_flags(text_file)]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("loss check failed: batch 1: trainer loss")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmpipe.losses import manual_causal_lm_loss
-from lmpipe.metrics import NllStatistics, exact_metrics, token_byte_lengths
+from lmpipe.loss.reference import manual_causal_lm_loss
+from lmpipe.training.exact_eval import NllStatistics, exact_metrics, token_byte_lengths
 
 
 def test_manual_loss_matches_worked_example():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lmpipe.errors import LmpipeError
-from lmpipe.model import CAUSAL_LM_LOSS, build_model
-from lmpipe.recipe import ModelArguments
+from lmpipe.model.build import CAUSAL_LM_LOSS, build_model
+from lmpipe.config.recipe import ModelArguments
 
 TINY = dict(n_layer=1, n_embd=16, n_head=2, n_positions=32)
 

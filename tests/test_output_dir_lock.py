@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from lmpipe.cli import main
-from lmpipe.run_lock import LOCK_NAME
+from lmpipe.run.lock import LOCK_NAME
 
 from conftest import REPO, write_pydoc_corpus
 
@@ -79,7 +79,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_directory(corpus, tmp
 def test_two_locks_in_one_process_conflict_and_release_frees_the_directory(tmp_path):
     """flock locks belong to an open file, so this process's second attempt is refused like another process's."""
     from lmpipe.errors import LmpipeError
-    from lmpipe.run_lock import OutputDirLock
+    from lmpipe.run.lock import OutputDirLock
 
     first = OutputDirLock(str(tmp_path / "new" / "run"))
     with pytest.raises(LmpipeError, match=f"PID {os.getpid()} on host"):

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmpipe.cli import main
-from lmpipe.losses import shifted_token_nll
+from lmpipe.loss.reference import shifted_token_nll
 
 from conftest import write_pydoc_corpus
 

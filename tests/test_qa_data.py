@@ -10,8 +10,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from lmpipe.data.collate import padded_collator, padding_free_collator, real_token_fraction
 from lmpipe.data.qa import TRAINING_COLUMNS, check_qa_columns, prompt_template, tokenize_qa
 from lmpipe.errors import LmpipeError
-from lmpipe.recipe import QAArguments
-from lmpipe.tokenizer import gpt2_tokenizer_from_files
+from lmpipe.config.recipe import QAArguments
+from lmpipe.model.tokenizer import gpt2_tokenizer_from_files
 
 # A byte-level BPE with no merges: every character is one token, so every id below is known by hand.
 CHARS = ["<|endoftext|>", "Q", ":", "Ċ", "A", "Ġ", "h", "i", "y", "o", "e", "n", "a", "w", "u", "s"]
@@ -157,7 +157,7 @@ def test_context_goes_into_the_default_template(tiny_tokenizer):
 
 
 def tiny_gpt2(attn_implementation="sdpa", use_cache=False):
-    """Random weights; the cache off as `lmpipe.model.build_model` sets it for training."""
+    """Random weights; the cache off as `lmpipe.model.build.build_model` sets it for training."""
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(CHARS), n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0,
                         embd_pdrop=0, attn_pdrop=0, use_cache=use_cache, bos_token_id=EOS, eos_token_id=EOS)

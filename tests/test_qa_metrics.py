@@ -8,7 +8,7 @@ import pytest
 import lmpipe
 
 from lmpipe.errors import LmpipeError
-from lmpipe.qa_metrics import QA_METRIC_PATH, score_predictions
+from lmpipe.training.qa_scores import QA_METRIC_PATH, score_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 

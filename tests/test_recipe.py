@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from lmpipe.errors import LmpipeError
-from lmpipe.recipe import parse_recipe, write_resolved_recipe
+from lmpipe.config.recipe import parse_recipe, write_resolved_recipe
 
 
 def write(tmp_path, text):

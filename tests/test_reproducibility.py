@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lmpipe.checkpoints import checkpoint_problem
+from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.cli import DEFAULT_PRETRAIN_RECIPE, main
-from lmpipe.model import load_pretrained
-from lmpipe.recipe import ModelArguments, parse_recipe
-from lmpipe.tokenizer import load_tokenizer
+from lmpipe.model.build import load_pretrained
+from lmpipe.config.recipe import ModelArguments, parse_recipe
+from lmpipe.model.tokenizer import load_tokenizer
 
 FAKE_TOKEN = "hf_reproFakeToken0123456789abcdefQRS"
 RUN = [
@@ -113,14 +113,14 @@ def tiny_model_dir(tmp_path_factory, gpt2_tokenizer):
 
 @pytest.mark.parametrize("trust_remote_code", [False, True])
 def test_remote_code_is_off_by_default_and_warned_about_when_on(trust_remote_code, tiny_model_dir, caplog):
-    from lmpipe.recipe import TokenizerArguments
+    from lmpipe.config.recipe import TokenizerArguments
 
     assert ModelArguments().trust_remote_code is False
     with caplog.at_level(logging.WARNING, logger="lmpipe"):
         load_tokenizer(TokenizerArguments(), str(tiny_model_dir), trust_remote_code=trust_remote_code)
         load_pretrained(str(tiny_model_dir), trust_remote_code=trust_remote_code)
     warned = [r.name for r in caplog.records if "trust_remote_code is on" in r.getMessage()]
-    assert warned == (["lmpipe.tokenizer", "lmpipe.model"] if trust_remote_code else [])
+    assert warned == (["lmpipe.model.tokenizer", "lmpipe.model.build"] if trust_remote_code else [])
 
 
 class Exploit:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from lmpipe.checkpoints import checkpoint_problem
+from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.cli import main
 
 from conftest import write_pydoc_corpus, arm

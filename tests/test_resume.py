@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from lmpipe.callbacks import mean_train_loss
-from lmpipe.checkpoints import checkpoint_problem
+from lmpipe.training.callbacks import mean_train_loss
+from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.cli import main
 
 from conftest import REPO, arm
@@ -262,8 +262,8 @@ def test_mean_train_loss_weights_each_logged_window_by_its_steps():
 
 def test_generation_and_merge_settings_do_not_make_a_qa_rerun_another_run(tmp_path):
     """They act after training: changing them resumes (and re-evaluates); a data setting does not."""
-    from lmpipe.checkpoints import identity_changes
-    from lmpipe.recipe import FINETUNE_QA_ARGUMENTS, parse_recipe, write_resolved_recipe
+    from lmpipe.run.checkpoints import identity_changes
+    from lmpipe.config.recipe import FINETUNE_QA_ARGUMENTS, parse_recipe, write_resolved_recipe
 
     base = ["--model_name_or_path", "m", "--train_file", "qa.jsonl", "--use_lora", "true", "--output_dir", str(tmp_path)]
     write_resolved_recipe(parse_recipe(base, types=FINETUNE_QA_ARGUMENTS), str(tmp_path))

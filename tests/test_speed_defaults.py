@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lmpipe.errors import LmpipeError
-from lmpipe.model import build_model
-from lmpipe.recipe import ModelArguments, parse_recipe
+from lmpipe.model.build import build_model
+from lmpipe.config.recipe import ModelArguments, parse_recipe
 
 from conftest import REPO
 

@@ -1,6 +1,6 @@
 """Tokenizers: the real GPT-2 BPE from vocab+merges files, and a BPE trained on the corpus."""
 
-from lmpipe.tokenizer import EOS_TOKEN, train_bpe_tokenizer
+from lmpipe.model.tokenizer import EOS_TOKEN, train_bpe_tokenizer
 
 SENTENCE = "Are you a human or a robot?"
 

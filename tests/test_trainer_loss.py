@@ -5,8 +5,8 @@ import torch
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
-from lmpipe.losses import manual_causal_lm_loss
-from lmpipe.model import CAUSAL_LM_LOSS
+from lmpipe.loss.reference import manual_causal_lm_loss
+from lmpipe.model.build import CAUSAL_LM_LOSS
 
 VOCAB, LENGTH = 50, 12
 

@@ -23,7 +23,7 @@ RANK_1_UMASK = 0o020  # rank 0: 0o022
 
 def recording_training_step(record: dict):
     """`ExactEvalTrainer.training_step` that first notes the micro-batch: its rows without right padding, its width."""
-    from lmpipe.train import ExactEvalTrainer
+    from lmpipe.training.trainer import ExactEvalTrainer
 
     training_step = ExactEvalTrainer.training_step
 
@@ -41,7 +41,7 @@ def _record_rank() -> None:
     """Install the recorder in a launched rank; at exit it writes $LMPIPE_TEST_RECORD_DIR/record-rank{RANK}.json."""
     import atexit
 
-    from lmpipe.train import ExactEvalTrainer
+    from lmpipe.training.trainer import ExactEvalTrainer
 
     rank = os.environ.get("RANK", "0")
     os.umask(0o022 if rank == "0" else RANK_1_UMASK)
@@ -86,7 +86,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from lmpipe.data.packing import blocks_as_array, pack_blocks, tokenize_documents  # noqa: E402
 from lmpipe.data.sources import load_local_file, pydoc_documents  # noqa: E402
-from lmpipe.distributed import check_launch  # noqa: E402
+from lmpipe.run.distributed import check_launch  # noqa: E402
 from lmpipe.errors import LmpipeError  # noqa: E402
 
 from conftest import REPO, DATA  # noqa: E402
@@ -123,7 +123,7 @@ def launch_two_ranks(command: list[str], output: Path) -> dict[int, dict]:
 def run_one_rank(command: list[str], output: Path) -> dict[int, dict]:
     """The same command in this process (one rank, nothing to attribute); its micro-batches."""
     from lmpipe.cli import main
-    from lmpipe.train import ExactEvalTrainer
+    from lmpipe.training.trainer import ExactEvalTrainer
 
     record = {"batches": [], "widths": []}
     umask = os.umask(0o022)  # rank 0's, as in the launched runs
@@ -309,7 +309,7 @@ def test_fsdp_without_an_accelerator_is_refused_before_any_data(monkeypatch):
 
 def test_a_single_cpu_process_gets_back_the_cores_accelerate_launch_took(monkeypatch):
     """`accelerate launch` without a GPU sets OMP_NUM_THREADS=1; one process then uses every core again."""
-    from lmpipe.distributed import restore_cpu_threads
+    from lmpipe.run.distributed import restore_cpu_threads
 
     cores = len(os.sched_getaffinity(0))
     threads = torch.get_num_threads()

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmpipe.errors import LmpipeError
-from lmpipe.recipe import FINETUNE_QA_ARGUMENTS, TASKS, HelpRequested, parse_recipe, recipe_task
-from lmpipe.run_files import RESOLVED_RECIPE_NAME
+from lmpipe.config.recipe import FINETUNE_QA_ARGUMENTS, TASKS, HelpRequested, parse_recipe, recipe_task
+from lmpipe.run.files import RESOLVED_RECIPE_NAME
 
-DEFAULT_PRETRAIN_RECIPE = str(Path(__file__).with_name("default_recipe.yaml"))  # package data: any install has it
+DEFAULT_PRETRAIN_RECIPE = str(Path(__file__).parent / "config" / "default_recipe.yaml")  # package data: any install has it
 # Keys of a finished run's recipe.yaml that do not apply when its saved model and tokenizer are loaded back.
 FROM_SCRATCH_KEYS = (
     "train_tokenizer", "tokenizer_vocab_size", "tokenizer_name_or_path", "vocab_file", "merges_file",
@@ -113,7 +113,7 @@ def check_loss_command(argv: list[str]) -> int:
 
 def perplexity_command(argv: list[str]) -> None:
     """Rolling-window perplexity of a saved model on a text file (every token once), printed as one JSON line."""
-    from lmpipe.evaluation import EvaluateArguments, evaluate_file
+    from lmpipe.zero_shot.perplexity import EvaluateArguments, evaluate_file
 
     (args,) = parse_recipe(argv, types=(EvaluateArguments,), defaults={}).arguments
     print(json.dumps(evaluate_file(args)))
@@ -190,7 +190,7 @@ def show_data_command(argv: list[str]) -> None:
 
 def push_command(argv: list[str]) -> None:
     """Push a finished run folder to the Hub (model, tokenizer, card, recipe, metrics; checkpoints if asked)."""
-    from lmpipe.hub import PushArguments, push_output_dir
+    from lmpipe.run.hub import PushArguments, push_output_dir
 
     if "-h" in argv or "--help" in argv:
         parse_recipe(argv, types=(PushArguments,), defaults={})  # raises HelpRequested
@@ -202,7 +202,7 @@ def push_command(argv: list[str]) -> None:
 
 def launch_command(argv: list[str]) -> int:
     """`accelerate launch` that forwards SIGTERM/Ctrl-C to the training processes and returns their exit code."""
-    from lmpipe.launch import launch_command as launch
+    from lmpipe.run.launch import launch_command as launch
 
     return launch(argv)
 
@@ -243,7 +243,7 @@ def _summary(command: Command) -> str:
 def run(name: str, argv: list[str], prog: str | None = None) -> int:
     """Run a command; its own code (e.g. 1: a check failed), 0 after `--help`, or `error: ...` on stderr with the
     error's code (2 for a user mistake) — never a traceback for a mistake."""
-    from lmpipe.launch import stop_with_launcher
+    from lmpipe.run.launch import stop_with_launcher
 
     stop_with_launcher()
     command = COMMANDS[name]
@@ -254,7 +254,7 @@ def run(name: str, argv: list[str], prog: str | None = None) -> int:
         return 0
     except LmpipeError as e:
         print(f"error: {e}", file=sys.stderr)
-        return e.exit_code  # 2; 3 when a finished run failed to upload (lmpipe.hub.HubPushError)
+        return e.exit_code  # 2; 3 when a finished run failed to upload (lmpipe.run.hub.HubPushError)
 
 
 def overview() -> str:

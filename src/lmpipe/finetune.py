@@ -11,7 +11,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments, set_seed
 
-from lmpipe.checkpoints import check_output_dir
+from lmpipe.run.checkpoints import check_output_dir
 from lmpipe.data.collate import padded_collator, qa_collator, real_token_fraction
 from lmpipe.data.chat import (
     ChatFormat, chat_format, check_messages_column, resolve_chat_template, tokenize_conversations,
@@ -19,24 +19,24 @@ from lmpipe.data.chat import (
 from lmpipe.data.mixture import format_shares, parse_sources, prepare_mixture
 from lmpipe.data.qa import TRAINING_COLUMNS, QACounts, check_qa_columns, prompt_template, tokenize_qa
 from lmpipe.data.sources import load_corpus, split_validation
-from lmpipe.disk_full import full_disk_is_one_line
-from lmpipe.distributed import check_launch, restore_cpu_threads
+from lmpipe.run.disk_full import full_disk_is_one_line
+from lmpipe.run.distributed import check_launch, restore_cpu_threads
 from lmpipe.errors import LmpipeError
 from lmpipe.generate import GenerationSettings, generate_from_ids
-from lmpipe.hub import CheckpointPusher, check_hub_push, push_run
-from lmpipe.losses import IGNORE_INDEX
-from lmpipe.lora import MERGED_DIR, check_lora_arguments, save_merged, wrap_lora
-from lmpipe.metrics import token_byte_lengths
-from lmpipe.model import build_model, check_sequence_length, model_positions
-from lmpipe.model_loss import install_chunked_loss
-from lmpipe.qa_metrics import score_predictions
-from lmpipe.recipe import LoraArguments, ModelArguments, QAArguments, Recipe
-from lmpipe.run_lock import exclusive_output_dir
-from lmpipe.tokenizer import load_tokenizer
-from lmpipe.train import (
+from lmpipe.run.hub import CheckpointPusher, check_hub_push, push_run
+from lmpipe.loss.reference import IGNORE_INDEX
+from lmpipe.model.lora import MERGED_DIR, check_lora_arguments, save_merged, wrap_lora
+from lmpipe.training.exact_eval import token_byte_lengths
+from lmpipe.model.build import build_model, check_sequence_length, model_positions
+from lmpipe.loss.install import install_chunked_loss
+from lmpipe.training.qa_scores import score_predictions
+from lmpipe.config.recipe import LoraArguments, ModelArguments, QAArguments, Recipe
+from lmpipe.run.lock import exclusive_output_dir
+from lmpipe.model.tokenizer import load_tokenizer
+from lmpipe.training.trainer import (
     ExactEvalTrainer, build_trainer, check_training_arguments, finished_run, train_and_evaluate, write_run_outputs,
 )
-from lmpipe.train_loss import TokenWeightedLossTrainer
+from lmpipe.loss.train_loss import TokenWeightedLossTrainer
 
 PREDICTIONS_NAME = "predictions.jsonl"
 

@@ -15,10 +15,10 @@ from transformers import (
 
 from lmpipe.data.chat import ChatFormat, chat_format, resolve_chat_template
 from lmpipe.errors import LmpipeError
-from lmpipe.model import load_pretrained
-from lmpipe.model_checks import check_model_files, check_vocab
-from lmpipe.recipe import TokenizerArguments
-from lmpipe.tokenizer import load_tokenizer, plain_text_ids
+from lmpipe.model.build import load_pretrained
+from lmpipe.model.checks import check_model_files, check_vocab
+from lmpipe.config.recipe import TokenizerArguments
+from lmpipe.model.tokenizer import load_tokenizer, plain_text_ids
 
 
 # The sampling knobs and the values that switch them off.

@@ -2,9 +2,9 @@
 
 Per batch (one optimizer step: `gradient_accumulation_steps` micro-batches, as the Trainer groups them):
 1. `model`: the model's own loss (it shifts inside);
-2. `manual`: shift, log_softmax, gather, drop -100, average over kept tokens (`losses.shifted_token_nll`);
+2. `manual`: shift, log_softmax, gather, drop -100, average over kept tokens (`loss.reference.shifted_token_nll`);
 3. `cross_entropy`: `F.cross_entropy(ignore_index=-100)` on the flattened shifted tensors;
-4. `chunked`: the chunked linear + cross-entropy from the final hidden states (`model_loss.ChunkedLoss`);
+4. `chunked`: the chunked linear + cross-entropy from the final hidden states (`loss.install.ChunkedLoss`);
 5. `trainer`: what the Trainer optimises and logs: its own `get_batch_samples` counts `num_items_in_batch`
    and its `training_step` (compute_loss, accumulation scaling, backward) returns the step's loss, chunked or
    not as the recipe's `chunked_loss` says.
@@ -28,11 +28,11 @@ from transformers import Trainer, set_seed
 
 from lmpipe.errors import LmpipeError
 from lmpipe.finetune import build_qa_trainer, check_finetune_arguments
-from lmpipe.losses import IGNORE_INDEX, shifted_token_nll
-from lmpipe.model_loss import ChunkedLoss, chunked_loss_enabled, chunked_loss_of
+from lmpipe.loss.reference import IGNORE_INDEX, shifted_token_nll
+from lmpipe.loss.install import ChunkedLoss, chunked_loss_enabled, chunked_loss_of
 from lmpipe.pretrain import build_pretrain_trainer
-from lmpipe.recipe import QAArguments, Recipe
-from lmpipe.train import check_training_arguments
+from lmpipe.config.recipe import QAArguments, Recipe
+from lmpipe.training.trainer import check_training_arguments
 
 LOSS_NAMES = ("model", "manual", "cross_entropy", "chunked", "trainer")
 REFERENCE = "manual"

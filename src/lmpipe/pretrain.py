@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 
-from lmpipe.checkpoints import check_output_dir
+from lmpipe.run.checkpoints import check_output_dir
 from lmpipe.data.collate import collate_blocks
 from lmpipe.data.null_rows import check_no_null_text
 from lmpipe.data.packing import (
@@ -20,17 +20,17 @@ from lmpipe.data.mixture import format_shares, mixed_documents, realised_shares
 from lmpipe.data.sources import check_text_column, load_corpus, split_validation
 from lmpipe.data.stream_mixture import MIXTURE_NAME, StreamMixture, stream_mixture, trained_shares
 from lmpipe.data.streaming import PackedStream, check_streaming_arguments, stream_documents, stream_texts
-from lmpipe.disk_full import full_disk_is_one_line
-from lmpipe.distributed import check_launch, on_main_process, restore_cpu_threads
+from lmpipe.run.disk_full import full_disk_is_one_line
+from lmpipe.run.distributed import check_launch, on_main_process, restore_cpu_threads
 from lmpipe.errors import LmpipeError
-from lmpipe.hub import CheckpointPusher, check_hub_push, push_run
-from lmpipe.metrics import token_byte_lengths, unigram_perplexity
-from lmpipe.model import build_model, check_sequence_length, model_positions
-from lmpipe.model_loss import install_chunked_loss
-from lmpipe.recipe import DataArguments, ModelArguments, Recipe, TokenizerArguments
-from lmpipe.run_lock import exclusive_output_dir
-from lmpipe.tokenizer import check_tokenizer_arguments, load_tokenizer
-from lmpipe.train import (
+from lmpipe.run.hub import CheckpointPusher, check_hub_push, push_run
+from lmpipe.training.exact_eval import token_byte_lengths, unigram_perplexity
+from lmpipe.model.build import build_model, check_sequence_length, model_positions
+from lmpipe.loss.install import install_chunked_loss
+from lmpipe.config.recipe import DataArguments, ModelArguments, Recipe, TokenizerArguments
+from lmpipe.run.lock import exclusive_output_dir
+from lmpipe.model.tokenizer import check_tokenizer_arguments, load_tokenizer
+from lmpipe.training.trainer import (
     ExactEvalTrainer, build_trainer, check_training_arguments, finished_run, train_and_evaluate, write_run_outputs,
 )
 

@@ -18,9 +18,9 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from lmpipe.errors import LmpipeError
-from lmpipe.losses import IGNORE_INDEX
-from lmpipe.recipe import Recipe
-from lmpipe.run_files import write_text_atomically
+from lmpipe.loss.reference import IGNORE_INDEX
+from lmpipe.config.recipe import Recipe
+from lmpipe.run.files import write_text_atomically
 
 LEARNED_COLOUR, RESET = "\033[1;32m", "\033[0m"
 

@@ -20,9 +20,9 @@ from transformers import PreTrainedTokenizerBase
 from lmpipe.data.fingerprint import map_tokenized
 from lmpipe.data.qa import QACounts
 from lmpipe.errors import LmpipeError
-from lmpipe.losses import IGNORE_INDEX
-from lmpipe.recipe import QAArguments
-from lmpipe.tokenizer import plain_text_ids
+from lmpipe.loss.reference import IGNORE_INDEX
+from lmpipe.config.recipe import QAArguments
+from lmpipe.model.tokenizer import plain_text_ids
 
 ROLES = ("system", "user", "assistant")
 # GPT-2 has no chat template: plain-text role markers, EOS after every assistant turn, no new tokens. Each header

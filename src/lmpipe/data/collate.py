@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, PreTrainedTokenizerBase
 
-from lmpipe.losses import IGNORE_INDEX
+from lmpipe.loss.reference import IGNORE_INDEX
 
 
 def collate_blocks(features: list[dict]) -> dict[str, torch.Tensor]:

@@ -26,8 +26,8 @@ from lmpipe.data.chat import ChatFormat, check_messages_column, tokenize_convers
 from lmpipe.data.qa import QACounts, check_qa_columns, prompt_template, tokenize_qa
 from lmpipe.data.sources import BUILDERS, check_text_column, first_line, load_local_file, split_validation
 from lmpipe.errors import LmpipeError
-from lmpipe.losses import IGNORE_INDEX
-from lmpipe.recipe import QAArguments
+from lmpipe.loss.reference import IGNORE_INDEX
+from lmpipe.config.recipe import QAArguments
 
 QA_COLUMN_KEYS = ("question_column", "answer_column", "context_column", "messages_column")
 DOCUMENT_COLUMN_KEYS = ("text_column",)

@@ -8,7 +8,7 @@ from datasets import Dataset, Features, IterableDataset, List, Value
 from transformers import PreTrainedTokenizerBase
 
 from lmpipe.errors import LmpipeError
-from lmpipe.tokenizer import plain_text_ids
+from lmpipe.model.tokenizer import plain_text_ids
 
 
 def tokenize_documents(

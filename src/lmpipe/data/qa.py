@@ -15,9 +15,9 @@ from transformers import PreTrainedTokenizerBase
 from lmpipe.data.fingerprint import map_tokenized
 from lmpipe.data.sources import check_text_column
 from lmpipe.errors import LmpipeError
-from lmpipe.losses import IGNORE_INDEX
-from lmpipe.recipe import QAArguments
-from lmpipe.tokenizer import plain_text_ids
+from lmpipe.loss.reference import IGNORE_INDEX
+from lmpipe.config.recipe import QAArguments
+from lmpipe.model.tokenizer import plain_text_ids
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
 DEFAULT_CONTEXT_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"

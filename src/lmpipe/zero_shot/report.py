@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lmpipe.run_files import write_text_atomically
+from lmpipe.run.files import write_text_atomically
 
 RESULTS_FILE = "results.json"
 SAMPLES_FILE = "samples.jsonl"

@@ -10,10 +10,10 @@ from accelerate import PartialState
 
 import lmpipe
 from lmpipe.errors import LmpipeError
-from lmpipe.model import load_pretrained
-from lmpipe.model_checks import check_model_files, check_vocab
-from lmpipe.recipe import TokenizerArguments
-from lmpipe.tokenizer import load_tokenizer
+from lmpipe.model.build import load_pretrained
+from lmpipe.model.checks import check_model_files, check_vocab
+from lmpipe.config.recipe import TokenizerArguments
+from lmpipe.model.tokenizer import load_tokenizer
 from lmpipe.zero_shot import tasks
 from lmpipe.zero_shot.data import FORMATS, load_rows, task_rows
 from lmpipe.zero_shot.report import write_outputs

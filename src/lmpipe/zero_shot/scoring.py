@@ -18,7 +18,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from lmpipe.chunked_loss import default_chunk_tokens
+from lmpipe.loss.chunked import default_chunk_tokens
 from lmpipe.zero_shot.requests import Request
 
 

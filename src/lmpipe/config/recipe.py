@@ -22,8 +22,8 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.activations import ACT2FN
 
 from lmpipe.errors import LmpipeError
-from lmpipe.recipe_checks import check_nulls, check_recipe_values
-from lmpipe.run_files import RESOLVED_RECIPE_NAME, write_text_atomically
+from lmpipe.config.rules import check_nulls, check_recipe_values
+from lmpipe.run.files import RESOLVED_RECIPE_NAME, write_text_atomically
 
 # Keys that must never come from a recipe: the token is read from the environment / login cache only.
 FORBIDDEN_KEYS = {"hub_token"}
@@ -367,7 +367,7 @@ def parse_recipe(
     `adjust` rewrites the recipe file's keys before the flags apply (e.g. a finished run's recipe, loaded back).
     """
     if "-h" in argv or "--help" in argv:
-        from lmpipe.recipe_help import recipe_help
+        from lmpipe.config.help import recipe_help
 
         raise HelpRequested(recipe_help(types, defaults))
     parser = _RecipeParser(types)

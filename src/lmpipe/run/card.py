@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from lmpipe.recipe import DataArguments
-from lmpipe.run_files import CARD_NAME, RESOLVED_RECIPE_NAME, write_text_atomically
+from lmpipe.config.recipe import DataArguments
+from lmpipe.run.files import CARD_NAME, RESOLVED_RECIPE_NAME, write_text_atomically
 
 TAGS = ["lmpipe", "gpt2"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.errors import LmpipeError
-from lmpipe.finite import first_non_finite
+from lmpipe.model.finite import first_non_finite
 
 # What a part of a model directory needs: (what to call it when missing, any of these file sets present).
 PARTS = {

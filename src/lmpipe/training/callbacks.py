@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainingArguments
 
-from lmpipe.checkpoints import newest_complete_checkpoint
+from lmpipe.run.checkpoints import newest_complete_checkpoint
 from lmpipe.errors import LmpipeError
-from lmpipe.finite import live_non_finite
+from lmpipe.model.finite import live_non_finite
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A Ctrl-C reaches every process of the terminal's group, and SLURM signals every process of a job step, while the

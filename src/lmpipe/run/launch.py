@@ -22,7 +22,7 @@ import subprocess
 import sys
 
 from lmpipe.errors import LmpipeError
-from lmpipe.recipe import HelpRequested
+from lmpipe.config.recipe import HelpRequested
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 SHUTDOWN_TIMEOUT_S = "600"  # how long a signalled multi-process run may take to save before torchrun SIGKILLs it

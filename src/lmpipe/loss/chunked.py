@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from lmpipe.losses import IGNORE_INDEX
+from lmpipe.loss.reference import IGNORE_INDEX
 
 # Bytes of float32 logits one chunk may hold: this, or 1/64 of the device's memory if less.
 MAX_CHUNK_BYTES = 128 * 2**20

@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from lmpipe.losses import IGNORE_INDEX, shifted_token_nll
+from lmpipe.loss.reference import IGNORE_INDEX, shifted_token_nll
 
 NATS_PER_BIT = math.log(2)
 

@@ -25,7 +25,7 @@ Returns:
     per_example_exact_match: 0.0 or 1.0 per question.
     per_example_f1: best token F1 per question, in [0, 1].
 Examples:
-    >>> metric = evaluate.load("src/lmpipe/metric_modules/qa_exact_match_f1")
+    >>> metric = evaluate.load("src/lmpipe/training/metric_modules/qa_exact_match_f1")
     >>> metric.compute(predictions=["The Eiffel Tower."], references=[["Louvre", "eiffel tower"]])["exact_match"]
     100.0
 """

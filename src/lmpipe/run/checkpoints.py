@@ -24,9 +24,9 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import sort_checkpoints
 
 from lmpipe.errors import LmpipeError, where_relative
-from lmpipe.finite import file_non_finite
-from lmpipe.recipe import TASK_KEY, Recipe
-from lmpipe.run_files import RESOLVED_RECIPE_NAME
+from lmpipe.model.finite import file_non_finite
+from lmpipe.config.recipe import TASK_KEY, Recipe
+from lmpipe.run.files import RESOLVED_RECIPE_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from lmpipe.errors import LmpipeError
-from lmpipe.recipe import LoraArguments
+from lmpipe.config.recipe import LoraArguments
 
 MERGED_DIR = "merged"
 

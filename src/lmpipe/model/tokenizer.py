@@ -11,8 +11,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 from lmpipe.errors import LmpipeError, not_a_directory_hint, not_found
-from lmpipe.model_checks import check_model_files, check_tokenizer_vocabulary
-from lmpipe.recipe import TokenizerArguments
+from lmpipe.model.checks import check_model_files, check_tokenizer_vocabulary
+from lmpipe.config.recipe import TokenizerArguments
 
 EOS_TOKEN = "<|endoftext|>"
 

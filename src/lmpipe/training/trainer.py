@@ -13,16 +13,16 @@ import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from lmpipe.callbacks import TrainingAlreadyDone, mean_train_loss, reliability_callbacks, restore_signal_handlers
-from lmpipe.card import write_model_card
-from lmpipe.checkpoints import TRAINER_STATE, identity_changes, resume_checkpoint
+from lmpipe.training.callbacks import TrainingAlreadyDone, mean_train_loss, reliability_callbacks, restore_signal_handlers
+from lmpipe.run.card import write_model_card
+from lmpipe.run.checkpoints import TRAINER_STATE, identity_changes, resume_checkpoint
 from lmpipe.errors import LmpipeError
-from lmpipe.finite import non_finite_metrics
-from lmpipe.flops import ModelFlopsMeter, device_peak_flops, flops_per_token
-from lmpipe.host_memory import keep_freed_host_memory
-from lmpipe.metrics import NllStatistics, compute_exact_metrics
-from lmpipe.recipe import Recipe, write_resolved_recipe
-from lmpipe.run_files import METRICS_NAME, PLOT_NAME, write_text_atomically
+from lmpipe.model.finite import non_finite_metrics
+from lmpipe.training.flops import ModelFlopsMeter, device_peak_flops, flops_per_token
+from lmpipe.training.host_memory import keep_freed_host_memory
+from lmpipe.training.exact_eval import NllStatistics, compute_exact_metrics
+from lmpipe.config.recipe import Recipe, write_resolved_recipe
+from lmpipe.run.files import METRICS_NAME, PLOT_NAME, write_text_atomically
 
 
 class ExactEvalTrainer(Trainer):
@@ -108,7 +108,7 @@ def plot_history(
 
 
 def without_trainer_push(args: TrainingArguments) -> TrainingArguments:
-    """The Trainer's copy of the arguments with its own Hub push off: lmpipe.hub pushes once the run is finished."""
+    """The Trainer's copy of the arguments with its own Hub push off: lmpipe.run.hub pushes once the run is finished."""
     if not args.push_to_hub:
         return args
     local = copy.copy(args)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lmpipe.errors import LmpipeError
-from lmpipe.finite import non_finite_metrics
-from lmpipe.model_checks import check_model_files
+from lmpipe.model.finite import non_finite_metrics
+from lmpipe.model.checks import check_model_files
 from lmpipe.zero_shot.run import ZeroShotArguments, evaluate_zero_shot
 
 

@@ -40,10 +40,10 @@ from transformers.utils import (
     SAFE_WEIGHTS_NAME,
 )
 
-from lmpipe.card import write_model_card
-from lmpipe.checkpoints import newest_complete_checkpoint
+from lmpipe.run.card import write_model_card
+from lmpipe.run.checkpoints import newest_complete_checkpoint
 from lmpipe.errors import LmpipeError
-from lmpipe.run_files import CARD_NAME, METRICS_NAME, PLOT_NAME, RESOLVED_RECIPE_NAME, TENSORBOARD_DIR
+from lmpipe.run.files import CARD_NAME, METRICS_NAME, PLOT_NAME, RESOLVED_RECIPE_NAME, TENSORBOARD_DIR
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 torch reports a failed write as `RuntimeError: [enforce fail at inline_container.cc...]` with no errno (its
 message varies: "file write failed", "unexpected pos ..."), so besides ENOSPC / EDQUOT anywhere in the error's
 chain, a failed write is taken for a full disk when the disk of `output_dir` is (nearly) full afterwards.
-The checkpoint being written is removed: a rerun would skip it anyway (lmpipe.checkpoints verifies every file),
+The checkpoint being written is removed: a rerun would skip it anyway (lmpipe.run.checkpoints verifies every file),
 and removing it gives back the space it took.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers.trainer_utils import sort_checkpoints
 
-from lmpipe.checkpoints import checkpoint_problem, newest_complete_checkpoint
+from lmpipe.run.checkpoints import checkpoint_problem, newest_complete_checkpoint
 from lmpipe.errors import LmpipeError
 
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)

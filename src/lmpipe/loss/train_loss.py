@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lmpipe.train import ExactEvalTrainer
+from lmpipe.training.trainer import ExactEvalTrainer
 
 
 class TokenWeightedLossTrainer(ExactEvalTrainer):

@@ -9,8 +9,8 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.errors import LmpipeError, not_a_directory_hint
-from lmpipe.model_checks import check_finite_weights, check_model_files, check_vocab
-from lmpipe.recipe import ModelArguments
+from lmpipe.model.checks import check_finite_weights, check_model_files, check_vocab
+from lmpipe.config.recipe import ModelArguments
 
 logger = logging.getLogger(__name__)
 

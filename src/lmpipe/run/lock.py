@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
-from lmpipe.distributed import on_main_process
+from lmpipe.run.distributed import on_main_process
 from lmpipe.errors import LmpipeError
 
 LOCK_NAME = ".lmpipe.lock"

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.utils import ModelOutput
 
-from lmpipe.chunked_loss import causal_lm_loss, default_chunk_tokens, linear_cross_entropy, shifted_targets, token_nll
+from lmpipe.loss.chunked import causal_lm_loss, default_chunk_tokens, linear_cross_entropy, shifted_targets, token_nll
 from lmpipe.errors import LmpipeError
 
 ATTRIBUTE = "lmpipe_chunked_loss"
@@ -131,7 +131,7 @@ def chunked_loss_enabled(model: torch.nn.Module, enabled: bool):
 
 
 def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """What `metrics.NllStatistics` reduces: per-token NLL from the chunked loss, or else the full logits."""
+    """What `training.exact_eval.NllStatistics` reduces: per-token NLL from the chunked loss, or else the full logits."""
     chunked = chunked_loss_of(model)
     if chunked is not None and chunked.enabled:
         return model(input_ids=input_ids, labels=labels).token_nll
