@@ -92,7 +92,7 @@ def child(spec: dict) -> dict:
     from lmpipe.training.exact_eval import token_byte_lengths
     from lmpipe.model.build.build import build_model
     from lmpipe.loss.install import install_chunked_loss
-    from lmpipe.config.recipe import ModelArguments, RunTrainingArguments
+    from lmpipe.config.arguments import ModelArguments, RunTrainingArguments
     from lmpipe.model.build.tokenizer import gpt2_tokenizer_from_files
     from lmpipe.training.trainer import build_trainer
 

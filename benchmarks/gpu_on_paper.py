@@ -69,7 +69,7 @@ def dry_run(tokens: int, output_dir: str) -> dict:
         "--gradient_accumulation_steps=1", f"--block_size={tokens}", "--dataloader_num_workers=0",
         "--use_cpu=true", "--report_to=none", "--save_strategy=no", "--eval_strategy=no", "--disable_tqdm=true",
     ])
-    model_args, _, data_args, training = recipe.arguments
+    model_args, data_args, training = recipe.model, recipe.data, recipe.training
     tokenizer = gpt2_tokenizer()
     model = build_model(model_args, tokenizer, data_args.block_size)
     text = "\n\n".join(pydoc_documents()[:3])
@@ -100,12 +100,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     load = load_average()
     recipe = parse_recipe([str(RECIPE), "--output_dir", "/nonexistent", f"--use_cpu={not torch.cuda.is_available()}"])
-    training = recipe.arguments[-1]
-    block = recipe.arguments[2].block_size
+    training = recipe.training
+    block = recipe.data.block_size
     per_gpu_step = training.per_device_train_batch_size * training.gradient_accumulation_steps * block
     with tempfile.TemporaryDirectory() as tmp:
         checked = dry_run(args.dry_run_tokens, tmp)
-        model = build_model(recipe.arguments[0], gpt2_tokenizer(), block)
+        model = build_model(recipe.model, gpt2_tokenizer(), block)
     flops = flops_per_token(model, block)
     tokens_per_step = 8 * per_gpu_step  # the recipe's global batch: 8 GPUs
     estimates = gpu_estimates(flops, tokens_per_step, training.max_steps)

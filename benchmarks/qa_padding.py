@@ -35,7 +35,8 @@ from lmpipe.finetune import check_finetune_arguments, prepare_qa_data  # noqa: E
 from lmpipe.loss.reference import IGNORE_INDEX  # noqa: E402
 from lmpipe.training.exact_eval import token_byte_lengths  # noqa: E402
 from lmpipe.model.build.build import build_model  # noqa: E402
-from lmpipe.config.recipe import FINETUNE_QA_ARGUMENTS, ModelArguments, parse_recipe  # noqa: E402
+from lmpipe.config.arguments import FINETUNE_QA_GROUPS, ModelArguments  # noqa: E402
+from lmpipe.config.recipe import parse_recipe
 from lmpipe.model.build.tokenizer import train_bpe_tokenizer  # noqa: E402
 from lmpipe.training.trainer import build_trainer  # noqa: E402
 
@@ -75,8 +76,8 @@ def timed_epoch_part(model_dir: Path, train_file: str, mode: str, steps: int, wa
         str(RECIPE), "--model_name_or_path", str(model_dir), "--train_file", train_file, *MODES[mode],
         "--output_dir", str(work / mode.replace("+", "_")), "--max_steps", str(steps), "--eval_strategy", "no",
         "--eval_on_start", "false", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
-    ], types=FINETUNE_QA_ARGUMENTS)
-    model_args, _, qa, lora, training = recipe.arguments
+    ], groups=FINETUNE_QA_GROUPS)
+    model_args, qa, lora, training = recipe.model, recipe.data, recipe.lora, recipe.training
     template = check_finetune_arguments(model_args, qa, lora)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     data = prepare_qa_data(qa, tokenizer, training, template)

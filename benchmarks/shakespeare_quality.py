@@ -30,7 +30,8 @@ from recipe_ab import run_recipe  # noqa: E402
 from lmpipe.data.packing import blocks_as_array, pack_blocks, tokenize_documents  # noqa: E402
 from lmpipe.data.sources import load_corpus, split_validation  # noqa: E402
 from lmpipe.training.exact_eval import token_byte_lengths  # noqa: E402
-from lmpipe.config.recipe import TokenizerArguments, parse_recipe  # noqa: E402
+from lmpipe.config.arguments import TokenizerArguments  # noqa: E402
+from lmpipe.config.recipe import parse_recipe
 from lmpipe.model.build.tokenizer import load_tokenizer  # noqa: E402
 
 RECIPE = REPO / "recipes" / "pretrain" / "shakespeare_3min.yaml"
@@ -39,7 +40,7 @@ NANOGPT_BABY_GPT_NATS_PER_CHAR = 1.88
 
 def scored_characters(recipe: str, flags: list[str], run_dir: Path) -> dict:
     """Rebuild the run's validation blocks with its saved tokenizer; count scored tokens, bytes and EOS."""
-    _, _, data, _ = parse_recipe([recipe, *flags, "--output_dir", str(run_dir)]).arguments
+    data = parse_recipe([recipe, *flags, "--output_dir", str(run_dir)]).data
     tokenizer = load_tokenizer(TokenizerArguments(tokenizer_name_or_path=str(run_dir)))
     corpus = split_validation(
         load_corpus(None, train_file=data.train_file, sample_by=data.sample_by), data.validation_split_percentage, "data"

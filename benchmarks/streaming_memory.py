@@ -30,7 +30,7 @@ from data_prep import BLOCK_SIZE, generate_corpus, gpt2_tokenizer, peak_rss_mb, 
 
 def stream_pass(path: str) -> dict:
     from lmpipe.data.streaming import PackedStream, stream_documents
-    from lmpipe.config.recipe import DataArguments
+    from lmpipe.config.arguments import DataArguments
 
     data = DataArguments(train_file=path, streaming=True, streaming_validation_documents=100)
     train, _ = stream_documents(data, path)

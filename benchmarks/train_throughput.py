@@ -149,7 +149,7 @@ def ours(setup, dtype: str, overrides: dict[str, str]):
         *(f"--{k}={v}" for k, v in overrides.items()),
     ]
     recipe = parse_recipe(flags)
-    model_args, tokenizer_args, data_args, training = recipe.arguments
+    model_args, tokenizer_args, data_args, training = recipe.model, recipe.tokenizer, recipe.data, recipe.training
     if "ours" not in setup.cache:  # the same blocks for every run of ours
         setup.cache["ours"] = prepare_corpus(data_args, tokenizer_args, model_args, training)
     corpus = setup.cache["ours"]

@@ -15,7 +15,7 @@ from lmpipe.data.qa import TRAINING_COLUMNS
 from lmpipe.errors import LmpipeError
 from lmpipe.loss.reference import shifted_token_nll
 from lmpipe.model.build import build_model
-from lmpipe.config.recipe import ModelArguments, QAArguments
+from lmpipe.config.arguments import ModelArguments, QAArguments
 
 from conftest import DATA
 

@@ -11,7 +11,7 @@ from lmpipe.cli import main
 from lmpipe.data.chat import DEFAULT_CHAT_TEMPLATE
 from lmpipe.data.sources import pydoc_documents
 from lmpipe.model.build import build_model
-from lmpipe.config.recipe import ModelArguments
+from lmpipe.config.arguments import ModelArguments
 from lmpipe.model.tokenizer import train_bpe_tokenizer
 
 from conftest import DATA
@@ -117,7 +117,8 @@ def jsonl_examples(path) -> list[tuple[list[int], list[int]]]:
 @pytest.mark.parametrize("batching", ["padded", "packed"])
 def test_show_data_jsonl_is_what_the_trainer_receives_for_conversations(batching, root, tmp_path, capsys):
     from lmpipe.finetune import build_qa_trainer
-    from lmpipe.config.recipe import FINETUNE_QA_ARGUMENTS, parse_recipe
+    from lmpipe.config.arguments import FINETUNE_QA_GROUPS
+    from lmpipe.config.recipe import parse_recipe
 
     flags = ["--model_name_or_path", str(root / "base"), "--train_file", str(root / "chats.jsonl"),
              "--messages_column", "messages", "--max_length", "320", "--batching", batching,
@@ -131,8 +132,8 @@ def test_show_data_jsonl_is_what_the_trainer_receives_for_conversations(batching
     first = conversations(root)[0]  # the first example's answers and their EOS are bracketed, nothing else
     assert [part.split("]")[0] for part in printed.split("--- example 2")[0].split("[")[1:]] == [
         m["content"] + "<|endoftext|>" for m in first if m["role"] == "assistant"]
-    recipe = parse_recipe(flags, types=FINETUNE_QA_ARGUMENTS)
-    trainer = build_qa_trainer(recipe, recipe.arguments[-1], None)[0]
+    recipe = parse_recipe(flags, groups=FINETUNE_QA_GROUPS)
+    trainer = build_qa_trainer(recipe, recipe.training, None)[0]
     assert dataloader_examples(trainer) == shown
 
 
@@ -148,7 +149,7 @@ def test_show_data_jsonl_is_what_the_trainer_receives_for_pretraining(tmp_path):
     path = tmp_path / "shown.jsonl"
     assert main(["show-data", *flags, "--rows", "100000", "--jsonl", str(path)]) == 0
     recipe = parse_recipe(flags)
-    trainer = build_pretrain_trainer(recipe, recipe.arguments[-1])[0]
+    trainer = build_pretrain_trainer(recipe, recipe.training)[0]
     examples = dataloader_examples(trainer)
     assert examples == jsonl_examples(path) and all(ids == labels for ids, labels in examples)
 

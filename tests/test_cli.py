@@ -15,7 +15,8 @@ from transformers import TrainingArguments
 import lmpipe
 from lmpipe.cli import COMMANDS, DEFAULT_PRETRAIN_RECIPE, main
 from lmpipe.errors import LmpipeError
-from lmpipe.config.recipe import TASKS, parse_recipe
+from lmpipe.config.arguments import TASKS
+from lmpipe.config.recipe import parse_recipe
 from lmpipe.config.help import TRAINING_KEYS_SHOWN, lmpipe_training_fields
 
 from conftest import REPO
@@ -23,8 +24,9 @@ from conftest import REPO
 PIPELINES = sorted((REPO / "pipelines").glob("*.py"))
 
 
-def _fields(types) -> list[str]:
+def _fields(groups) -> list[str]:
     """Every key lmpipe defines: its own dataclasses' and what it adds to TrainingArguments."""
+    types = list(groups.values())
     own = [f.name for t in types if not issubclass(t, TrainingArguments) for f in dataclasses.fields(t)]
     return own + [f.name for t in types if issubclass(t, TrainingArguments) for f in lmpipe_training_fields(t)]
 
@@ -67,7 +69,7 @@ def test_the_help_shows_every_training_key_the_shipped_recipes_use():
 
 
 def test_a_negative_number_is_a_value_and_a_negative_learning_rate_one_line(tmp_path, capsys):
-    assert parse_recipe(["--max_steps", "-1"]).arguments[-1].max_steps == -1
+    assert parse_recipe(["--max_steps", "-1"]).training.max_steps == -1
     with pytest.raises(LmpipeError, match=r"^weight_decay must be >= 0, got -0.5$"):  # parsed, then range-checked
         parse_recipe(["--weight_decay", "-.5"])
     code = main(["pretrain", "--learning_rate", "-1e-3", "--output_dir", str(tmp_path / "run")])
@@ -95,7 +97,7 @@ def test_a_missing_relative_path_names_where_it_was_resolved(tmp_path, monkeypat
 
 def _load_missing_model():
     from lmpipe.model.build import model_positions
-    from lmpipe.config.recipe import ModelArguments
+    from lmpipe.config.arguments import ModelArguments
 
     model_positions(ModelArguments(model_name_or_path="outputs/none"))
 

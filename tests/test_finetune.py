@@ -15,7 +15,7 @@ from lmpipe.data.qa import TRAINING_COLUMNS, tokenize_qa
 from lmpipe.loss.reference import IGNORE_INDEX, manual_causal_lm_loss
 from lmpipe.model.lora import MERGED_DIR, save_merged, wrap_lora
 from lmpipe.model.build import CAUSAL_LM_LOSS, build_model
-from lmpipe.config.recipe import LoraArguments, ModelArguments, QAArguments
+from lmpipe.config.arguments import LoraArguments, ModelArguments, QAArguments
 
 from conftest import DATA, write_pydoc_corpus
 

@@ -15,7 +15,7 @@ from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lmpipe.training.trainer
-from lmpipe.config.recipe import RunTrainingArguments
+from lmpipe.config.arguments import RunTrainingArguments
 from lmpipe.training.trainer import build_trainer
 
 GLIBC_MALLINFO2 = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "mallinfo2")

@@ -12,7 +12,7 @@ from lmpipe.loss_check import check_losses
 from lmpipe.loss.reference import manual_causal_lm_loss
 from lmpipe.model.build import CAUSAL_LM_LOSS, build_model
 from lmpipe.loss.install import chunked_loss_of
-from lmpipe.config.recipe import ModelArguments
+from lmpipe.config.arguments import ModelArguments
 
 from conftest import REPO
 

@@ -11,7 +11,8 @@ import pytest
 from lmpipe.data.chat import DEFAULT_CHAT_TEMPLATE, chat_format
 from lmpipe.data.mixture import parse_sources, prepare_mixture, weighted_indices
 from lmpipe.errors import LmpipeError
-from lmpipe.config.recipe import FINETUNE_QA_ARGUMENTS, QAArguments, parse_recipe
+from lmpipe.config.arguments import FINETUNE_QA_GROUPS, QAArguments
+from lmpipe.config.recipe import parse_recipe
 
 from conftest import count_by_source, mixed_stream_by_hand, shakespeare_lines, write_lines
 
@@ -91,9 +92,9 @@ def test_a_mixture_of_conversations_and_qa_pairs_is_refused(gpt2_tokenizer, tmp_
 def test_yaml_sources_parse_like_command_line_json(tmp_path):
     recipe = tmp_path / "mix.yaml"
     recipe.write_text("datasets:\n  - path: a.jsonl\n    weight: 3\n  - {path: b.jsonl, split: 'train[:50%]'}\n")
-    from_yaml = parse_recipe([str(recipe)], types=FINETUNE_QA_ARGUMENTS).arguments[2].datasets
+    from_yaml = parse_recipe([str(recipe)], groups=FINETUNE_QA_GROUPS).data.datasets
     from_flags = parse_recipe(["--datasets", '{"path": "a.jsonl", "weight": 3}', '{"path": "b.jsonl", "split": "train[:50%]"}'],
-                              types=FINETUNE_QA_ARGUMENTS).arguments[2].datasets
+                              groups=FINETUNE_QA_GROUPS).data.datasets
     assert parse_sources(from_yaml) == parse_sources(from_flags)
     assert [(s.path, s.weight, s.split) for s in parse_sources(from_yaml)] == [("a.jsonl", 3.0, "train"),
                                                                                ("b.jsonl", 1.0, "train[:50%]")]
@@ -104,7 +105,7 @@ def test_a_pretraining_mixture_weights_documents_and_counts_their_tokens(gpt2_fi
 
     from lmpipe.data.sources import pydoc_documents
     from lmpipe.pretrain import prepare_corpus
-    from lmpipe.config.recipe import DataArguments, ModelArguments, TokenizerArguments
+    from lmpipe.config.arguments import DataArguments, ModelArguments, TokenizerArguments
 
     documents = pydoc_documents()[:40]
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
@@ -139,7 +140,7 @@ def streaming_sources(tmp_path, rows=(400, 400)):
 
 def test_a_streaming_3_to_1_mixture_draws_75_and_25_percent_of_documents_seeded(tmp_path):
     from lmpipe.data.stream_mixture import stream_mixture
-    from lmpipe.config.recipe import DataArguments
+    from lmpipe.config.arguments import DataArguments
 
     a = write_lines(tmp_path / "a.jsonl", [f"a {i}" for i in range(4000)])
     b = write_lines(tmp_path / "b.jsonl", [f"b {i}" for i in range(1000)], "body")
@@ -167,7 +168,7 @@ def test_the_shares_of_a_stream_count_the_documents_of_the_blocks_the_packer_cut
     """Against the stream rebuilt by hand, for a head of blocks and for more blocks than one pass holds."""
     from lmpipe.data.streaming import PackedStream
     from lmpipe.data.stream_mixture import stream_mixture, trained_shares
-    from lmpipe.config.recipe import DataArguments
+    from lmpipe.config.arguments import DataArguments
 
     a, b, sources = streaming_sources(tmp_path, rows=(60, 30))
     data = DataArguments(datasets=sources, streaming=True, streaming_validation_documents=5)
@@ -221,7 +222,7 @@ def test_one_streamed_source_is_the_plain_streaming_run(tmp_path, gpt2_files):
 
     from lmpipe.data.packing import blocks_as_array
     from lmpipe.pretrain import prepare_corpus
-    from lmpipe.config.recipe import DataArguments, ModelArguments, TokenizerArguments
+    from lmpipe.config.arguments import DataArguments, ModelArguments, TokenizerArguments
 
     path = write_lines(tmp_path / "a.jsonl", shakespeare_lines(300))
     tokenizer = TokenizerArguments(vocab_file=gpt2_files[0], merges_file=gpt2_files[1])
@@ -246,7 +247,7 @@ def test_a_bad_row_past_the_head_of_a_streamed_source_is_named_when_the_packer_r
     """A null text parses (bad JSON fails at once, in the chunk the heads read): it is met only by the packer."""
     from lmpipe.data.streaming import PackedStream
     from lmpipe.data.stream_mixture import MIXTURE_NAME, stream_mixture
-    from lmpipe.config.recipe import DataArguments
+    from lmpipe.config.arguments import DataArguments
 
     a, _, _ = streaming_sources(tmp_path)
     write_bad_row(tmp_path / "bad.jsonl", '{"text": null}')

@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from lmpipe.errors import LmpipeError
-from lmpipe.config.recipe import parse_recipe, write_resolved_recipe
+from lmpipe.config.recipe import parse_recipe
+from lmpipe.run.files import write_resolved_recipe
 
 
 def write(tmp_path, text):
@@ -15,7 +16,8 @@ def write(tmp_path, text):
 
 def test_yaml_values_are_typed_and_flags_override(tmp_path):
     path = write(tmp_path, "n_layer: 3\nlearning_rate: 0.01\nblock_size: 64\nbf16: false\noutput_dir: out\n")
-    model, tokenizer, data, training = parse_recipe([path, "--learning_rate", "0.5", "--n_head", "2"]).arguments
+    recipe = parse_recipe([path, "--learning_rate", "0.5", "--n_head", "2"])
+    model, data, training = recipe.model, recipe.data, recipe.training
     assert (model.n_layer, model.n_head, data.block_size) == (3, 2, 64)
     assert training.learning_rate == 0.5 and training.output_dir == "out" and training.bf16 is False
 
@@ -59,5 +61,6 @@ def test_resolved_recipe_reruns_the_same_arguments(tmp_path):
         "output_dir": "out",
         "seed": 7,
     }
-    again = parse_recipe([str(written)]).arguments
-    assert again[0].n_layer == 3 and again[3].seed == 7 and again[3].lr_scheduler_type == recipe.arguments[3].lr_scheduler_type
+    again = parse_recipe([str(written)])
+    assert again.model.n_layer == 3 and again.training.seed == 7
+    assert again.training.lr_scheduler_type == recipe.training.lr_scheduler_type

@@ -2,12 +2,14 @@
 `error: ...`, exit code 2, and nothing written to the output directory."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 import lmpipe.pretrain  # noqa: F401  imported before capsys: library loggers keep the stderr they first see
 from lmpipe.cli import main
+from lmpipe.errors import LmpipeError
 
 SMALL = ["pretrain", "--block_size", "32", "--tokenizer_vocab_size", "300", "--max_steps", "1"]
 
@@ -98,3 +100,50 @@ def test_an_unreadable_data_file_is_one_line(root, tmp_path, capsys, monkeypatch
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {corpus}: cannot read the data file (Permission denied)"
     )
+
+
+def _pretrain_with(output, change):
+    from lmpipe.cli import DEFAULT_PRETRAIN_RECIPE
+    from lmpipe.config.recipe import parse_recipe
+    from lmpipe.pretrain import pretrain
+
+    recipe = parse_recipe(["--output_dir", str(output)], default_recipe=DEFAULT_PRETRAIN_RECIPE)
+    change(recipe)
+    pretrain(recipe)
+
+
+def _finetune_with(output, change):
+    from lmpipe.config.arguments import FINETUNE_QA_GROUPS
+    from lmpipe.config.recipe import parse_recipe
+    from lmpipe.finetune import finetune_qa
+
+    recipe = parse_recipe(["--model_name_or_path", "none", "--output_dir", str(output)], groups=FINETUNE_QA_GROUPS)
+    change(recipe)
+    finetune_qa(recipe)
+
+
+def _perplexity_with(output, change):
+    from lmpipe.zero_shot.perplexity import EvaluateArguments, evaluate_file
+
+    args = EvaluateArguments(model_name_or_path=str(output), validation_file=str(output))
+    change(args)
+    evaluate_file(args)
+
+
+API_CASES = {
+    "pretrain": (_pretrain_with, lambda r: setattr(r.model, "n_layer", 0), "n_layer must be >= 1, got 0"),
+    "pretrain, training": (_pretrain_with, lambda r: setattr(r.training, "learning_rate", 0.0),
+                           "learning_rate must be > 0, got 0.0"),
+    "finetune_qa": (_finetune_with, lambda r: setattr(r.lora, "lora_r", 0), "lora_r must be >= 1, got 0"),
+    "perplexity": (_perplexity_with, lambda a: setattr(a, "batch_size", 0), "batch_size must be >= 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("name", API_CASES)
+def test_the_python_entry_points_apply_the_same_rules(name, tmp_path):
+    """A recipe built or changed in Python meets the rules the command line applies (`config.rules.RULES`), with the
+    same message, before anything is read or written."""
+    run, change, message = API_CASES[name]
+    with pytest.raises(LmpipeError, match=f"^{re.escape(message)}$"):
+        run(tmp_path / "out", change)
+    assert not (tmp_path / "out").exists()

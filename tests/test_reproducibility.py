@@ -18,7 +18,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.cli import DEFAULT_PRETRAIN_RECIPE, main
 from lmpipe.model.build import load_pretrained
-from lmpipe.config.recipe import ModelArguments, parse_recipe
+from lmpipe.config.arguments import ModelArguments
+from lmpipe.config.recipe import parse_recipe
 from lmpipe.model.tokenizer import load_tokenizer
 
 FAKE_TOKEN = "hf_reproFakeToken0123456789abcdefQRS"
@@ -98,8 +99,8 @@ def test_the_resolved_recipe_reruns_the_same_arguments(two_runs):
     again = parse_recipe([str(first / "recipe.yaml")])
     command = ["--train_file", str(first.parent / "corpus.txt"), "--output_dir", str(first), *RUN]
     original = parse_recipe(command, default_recipe=DEFAULT_PRETRAIN_RECIPE)  # as `lmpipe pretrain` parses it
-    *groups, training = again.arguments
-    *original_groups, original_training = original.arguments
+    groups, original_groups = dict(again.groups), dict(original.groups)
+    training, original_training = groups.pop("training"), original_groups.pop("training")
     assert groups == original_groups and training.to_dict() == original_training.to_dict()
 
 
@@ -113,7 +114,7 @@ def tiny_model_dir(tmp_path_factory, gpt2_tokenizer):
 
 @pytest.mark.parametrize("trust_remote_code", [False, True])
 def test_remote_code_is_off_by_default_and_warned_about_when_on(trust_remote_code, tiny_model_dir, caplog):
-    from lmpipe.config.recipe import TokenizerArguments
+    from lmpipe.config.arguments import TokenizerArguments
 
     assert ModelArguments().trust_remote_code is False
     with caplog.at_level(logging.WARNING, logger="lmpipe"):

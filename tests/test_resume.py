@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from lmpipe.training.callbacks import mean_train_loss
+from lmpipe.loss.train_loss import mean_train_loss
 from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.cli import main
 
@@ -262,12 +262,14 @@ def test_mean_train_loss_weights_each_logged_window_by_its_steps():
 
 def test_generation_and_merge_settings_do_not_make_a_qa_rerun_another_run(tmp_path):
     """They act after training: changing them resumes (and re-evaluates); a data setting does not."""
-    from lmpipe.run.checkpoints import identity_changes
-    from lmpipe.config.recipe import FINETUNE_QA_ARGUMENTS, parse_recipe, write_resolved_recipe
+    from lmpipe.run.identity import identity_changes
+    from lmpipe.config.arguments import FINETUNE_QA_GROUPS
+    from lmpipe.config.recipe import parse_recipe
+    from lmpipe.run.files import write_resolved_recipe
 
     base = ["--model_name_or_path", "m", "--train_file", "qa.jsonl", "--use_lora", "true", "--output_dir", str(tmp_path)]
-    write_resolved_recipe(parse_recipe(base, types=FINETUNE_QA_ARGUMENTS), str(tmp_path))
+    write_resolved_recipe(parse_recipe(base, groups=FINETUNE_QA_GROUPS), str(tmp_path))
     after_training = ["--generation_max_new_tokens", "32", "--merge_lora", "true", "--learning_rate", "1e-4"]
-    assert identity_changes(parse_recipe(base + after_training, types=FINETUNE_QA_ARGUMENTS), str(tmp_path)) == []
-    other_rows = parse_recipe(base + ["--max_length", "64"], types=FINETUNE_QA_ARGUMENTS)
+    assert identity_changes(parse_recipe(base + after_training, groups=FINETUNE_QA_GROUPS), str(tmp_path)) == []
+    other_rows = parse_recipe(base + ["--max_length", "64"], groups=FINETUNE_QA_GROUPS)
     assert identity_changes(other_rows, str(tmp_path)) == ["max_length 128 -> 64"]

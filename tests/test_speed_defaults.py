@@ -10,7 +10,8 @@ import torch
 
 from lmpipe.errors import LmpipeError
 from lmpipe.model.build import build_model
-from lmpipe.config.recipe import ModelArguments, parse_recipe
+from lmpipe.config.arguments import ModelArguments
+from lmpipe.config.recipe import parse_recipe
 
 from conftest import REPO
 
@@ -51,7 +52,7 @@ def test_bf16_recipe_runs_on_cpu_with_use_cpu_flag(tmp_path):
     recipe = str(REPO / "recipes" / "pretrain" / "gpt2-small.yaml")
     with pytest.raises(LmpipeError, match=r"gpt2-small.yaml: .*use_cpu"):
         parse_recipe([recipe])
-    training = parse_recipe([recipe, "--use_cpu", "true", "--output_dir", str(tmp_path)]).arguments[-1]
+    training = parse_recipe([recipe, "--use_cpu", "true", "--output_dir", str(tmp_path)]).training
     assert training.bf16 and training.use_cpu
 
 

@@ -13,7 +13,7 @@ from lmpipe.data.packing import blocks_as_array, pack_blocks, tokenize_documents
 from lmpipe.data.sources import load_local_file, pydoc_documents
 from lmpipe.data.streaming import PackedStream, stream_documents
 from lmpipe.errors import LmpipeError
-from lmpipe.config.recipe import DataArguments
+from lmpipe.config.arguments import DataArguments
 
 BLOCK = 64
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmpipe.errors import LmpipeError
-from lmpipe.config.recipe import FINETUNE_QA_ARGUMENTS, TASKS, HelpRequested, parse_recipe, recipe_task
+from lmpipe.config.arguments import FINETUNE_QA_GROUPS, TASKS
+from lmpipe.config.recipe import HelpRequested, parse_arguments, parse_recipe, recipe_task
 from lmpipe.run.files import RESOLVED_RECIPE_NAME
 
 DEFAULT_PRETRAIN_RECIPE = str(Path(__file__).parent / "config" / "default_recipe.yaml")  # package data: any install has it
@@ -32,7 +33,7 @@ def pretrain_command(argv: list[str]) -> None:
 
     recipe = parse_recipe(argv, default_recipe=DEFAULT_PRETRAIN_RECIPE)
     metrics = pretrain(recipe)
-    training = recipe.arguments[-1]
+    training = recipe.training
     if training.process_index != 0:
         return
     evaluated = (
@@ -96,7 +97,7 @@ def check_loss_command(argv: list[str]) -> int:
     default = None if loads_a_model else DEFAULT_PRETRAIN_RECIPE
     task = task or (recipe_task(argv[0]) if has_recipe and "--help" not in argv else None) or "pretrain"
     recipe = parse_recipe(
-        argv, types=(*TASKS[task], LossCheckArguments), default_recipe=default, adjust=adjust
+        argv, groups={**TASKS[task], "loss_check": LossCheckArguments}, default_recipe=default, adjust=adjust
     )
     check = run_loss_check(recipe)
     print(format_table(check))
@@ -115,8 +116,7 @@ def perplexity_command(argv: list[str]) -> None:
     """Rolling-window perplexity of a saved model on a text file (every token once), printed as one JSON line."""
     from lmpipe.zero_shot.perplexity import EvaluateArguments, evaluate_file
 
-    (args,) = parse_recipe(argv, types=(EvaluateArguments,), defaults={}).arguments
-    print(json.dumps(evaluate_file(args)))
+    print(json.dumps(evaluate_file(parse_arguments(argv, EvaluateArguments))))
 
 
 def evaluate_command(argv: list[str]) -> None:
@@ -128,7 +128,7 @@ def evaluate_command(argv: list[str]) -> None:
 
     if argv and not argv[0].startswith("-"):  # MODEL comes first, as in `lmpipe push OUTPUT_DIR`
         argv = ["--model_name_or_path", argv[0], *argv[1:]]
-    (args,) = parse_recipe(argv, types=(ZeroShotArguments,), defaults={}).arguments
+    args = parse_arguments(argv, ZeroShotArguments)
     results = evaluate_zero_shot(args)
     if PartialState().is_main_process:
         print(format_table(results))
@@ -140,9 +140,9 @@ def finetune_qa_command(argv: list[str]) -> None:
     """Fine-tune a pretrained model on question-answer pairs (full or LoRA); answer-only perplexity, EM and F1."""
     from lmpipe.finetune import finetune_qa
 
-    recipe = parse_recipe(argv, types=FINETUNE_QA_ARGUMENTS)
+    recipe = parse_recipe(argv, groups=FINETUNE_QA_GROUPS)
     metrics = finetune_qa(recipe)
-    training = recipe.arguments[-1]
+    training = recipe.training
     if training.process_index == 0:
         before = f", {metrics['initial_perplexity']:.2f} before" if "initial_perplexity" in metrics else ""
         rows = " | ".join(f"{name}: " + ", ".join(f"{v:,} {k}" for k, v in c.items()) for name, c in metrics["examples"].items())
@@ -163,7 +163,8 @@ def generate_command(argv: list[str]) -> None:
     with `--do_sample`)."""
     from lmpipe.generate import GenerateArguments, GenerationSettings, chat_from_pretrained, generate_from_pretrained
 
-    args, settings = parse_recipe(argv, types=(GenerateArguments, GenerationSettings), defaults={}).arguments
+    groups = parse_recipe(argv, {"generate": GenerateArguments, "settings": GenerationSettings}, defaults={}).groups
+    args, settings = groups["generate"], groups["settings"]
     if args.chat:
         for message in chat_from_pretrained(args, settings):
             print(f"{message['role']}: {message['content']}")
@@ -176,16 +177,13 @@ def show_data_command(argv: list[str]) -> None:
     write their exact input_ids and labels (pretraining, QA or conversation recipes; no model is loaded).
 
     The task is the recipe's `task` key or `--task`, as for check-loss; without either, pretraining."""
-    import dataclasses
-
     from lmpipe.show_data import ShowDataArguments, show_data
 
     task, argv = _pop_task(argv)
     has_recipe = bool(argv) and not argv[0].startswith("-")
     task = task or (recipe_task(argv[0]) if has_recipe and "--help" not in argv else None) or "pretrain"
     default = DEFAULT_PRETRAIN_RECIPE if task == "pretrain" else None
-    recipe = parse_recipe(argv, types=(*TASKS[task], ShowDataArguments), default_recipe=default)
-    show_data(dataclasses.replace(recipe, arguments=recipe.arguments[:-1]), recipe.arguments[-1], task == "qa")
+    show_data(parse_recipe(argv, groups={**TASKS[task], "show_data": ShowDataArguments}, default_recipe=default))
 
 
 def push_command(argv: list[str]) -> None:
@@ -193,11 +191,10 @@ def push_command(argv: list[str]) -> None:
     from lmpipe.run.hub import PushArguments, push_output_dir
 
     if "-h" in argv or "--help" in argv:
-        parse_recipe(argv, types=(PushArguments,), defaults={})  # raises HelpRequested
+        parse_arguments(argv, PushArguments)  # raises HelpRequested
     if not argv or argv[0].startswith("-"):
         raise LmpipeError(f"usage: lmpipe push {COMMANDS['push'].usage}")
-    (args,) = parse_recipe(argv[1:], types=(PushArguments,), defaults={}).arguments
-    push_output_dir(argv[0], args)
+    push_output_dir(argv[0], parse_arguments(argv[1:], PushArguments))
 
 
 def launch_command(argv: list[str]) -> int:

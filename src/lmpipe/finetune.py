@@ -11,32 +11,28 @@ from typing import Any
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments, set_seed
 
-from lmpipe.run.checkpoints import check_output_dir
-from lmpipe.data.collate import padded_collator, qa_collator, real_token_fraction
+from lmpipe.config.arguments import LoraArguments, ModelArguments, QAArguments
+from lmpipe.config.recipe import Recipe
 from lmpipe.data.chat import (
     ChatFormat, chat_format, check_messages_column, resolve_chat_template, tokenize_conversations,
 )
+from lmpipe.data.collate import padded_collator, qa_collator, real_token_fraction
 from lmpipe.data.mixture import format_shares, parse_sources, prepare_mixture
 from lmpipe.data.qa import TRAINING_COLUMNS, QACounts, check_qa_columns, prompt_template, tokenize_qa
 from lmpipe.data.sources import load_corpus, split_validation
-from lmpipe.run.disk_full import full_disk_is_one_line
-from lmpipe.run.distributed import check_launch, restore_cpu_threads
 from lmpipe.errors import LmpipeError
 from lmpipe.generate import GenerationSettings, generate_from_ids
-from lmpipe.run.hub import CheckpointPusher, check_hub_push, push_run
-from lmpipe.loss.reference import IGNORE_INDEX
-from lmpipe.model.lora import MERGED_DIR, check_lora_arguments, save_merged, wrap_lora
-from lmpipe.training.exact_eval import token_byte_lengths
-from lmpipe.model.build import build_model, check_sequence_length, model_positions
 from lmpipe.loss.install import install_chunked_loss
-from lmpipe.training.qa_scores import score_predictions
-from lmpipe.config.recipe import LoraArguments, ModelArguments, QAArguments, Recipe
-from lmpipe.run.lock import exclusive_output_dir
+from lmpipe.loss.reference import IGNORE_INDEX
+from lmpipe.model.build import build_model, check_sequence_length, model_positions
+from lmpipe.model.lora import MERGED_DIR, check_lora_arguments, save_merged, wrap_lora
 from lmpipe.model.tokenizer import load_tokenizer
-from lmpipe.training.trainer import (
-    ExactEvalTrainer, build_trainer, check_training_arguments, finished_run, train_and_evaluate, write_run_outputs,
-)
-from lmpipe.loss.train_loss import TokenWeightedLossTrainer
+from lmpipe.run.hub import CheckpointPusher, HubTarget, push_run
+from lmpipe.run.session import run_session
+from lmpipe.training.exact_eval import token_byte_lengths
+from lmpipe.training.loop import train_and_evaluate, write_run_outputs
+from lmpipe.training.qa_scores import score_predictions
+from lmpipe.training.trainer import ExactEvalTrainer, TokenWeightedLossTrainer, build_trainer
 
 PREDICTIONS_NAME = "predictions.jsonl"
 
@@ -63,21 +59,16 @@ def check_lengths_fit(model: ModelArguments, qa: QAArguments) -> None:
 
 
 def check_finetune_arguments(model: ModelArguments, qa: QAArguments, lora: LoraArguments) -> str | None:
-    """Everything checkable from the recipe and the model's config, before any data; returns the prompt template
+    """Fine-tuning's own checks from the recipe and the model's config, before any data (the keys' ranges are
+    `config.rules`', checked by `run.session.check_run`); returns the prompt template
     (None for conversations: their chat template needs the tokenizer)."""
     if not model.model_name_or_path:
         raise LmpipeError("model_name_or_path is required: a pretrained model directory or Hub id")
-    if qa.max_length < 2:
-        raise LmpipeError(f"max_length must be >= 2 (one prompt token and EOS), got {qa.max_length}")
-    if qa.generation_max_new_tokens < 1:
-        raise LmpipeError(f"generation_max_new_tokens must be >= 1, got {qa.generation_max_new_tokens}")
     if qa.datasets:
         parse_sources(qa.datasets)  # a malformed entry fails before the model is read
         chosen = [key for key in ("train_file", "validation_file", "dataset_name") if getattr(qa, key)]
         if chosen:
             raise LmpipeError(f"datasets: lists the sources; remove {' / '.join(chosen)} (or the datasets list)")
-    if not 0 <= qa.max_dropped_share <= 1:
-        raise LmpipeError(f"max_dropped_share must be in [0, 1], got {qa.max_dropped_share}")
     check_lora_arguments(lora)
     check_lengths_fit(model, qa)
     return None if qa.messages_column else prompt_template(qa)
@@ -166,8 +157,8 @@ def prepare_finetune_data(
 ) -> tuple[PreTrainedTokenizerBase, QAData]:
     """The tokenizer and the tokenised rows a fine-tuning recipe trains on (no model): training, the loss check
     and `show-data` all read their examples from here. Conversations get their chat template first."""
-    model_args, tokenizer_args, qa = recipe.arguments[:3]
-    tokenizer = load_tokenizer(tokenizer_args, model_args.model_name_or_path, None, model_args.trust_remote_code)
+    model_args, qa = recipe.model, recipe.data
+    tokenizer = load_tokenizer(recipe.tokenizer, model_args.model_name_or_path, None, model_args.trust_remote_code)
     if qa.messages_column:  # saved with the run's tokenizer, so generate --chat and a later fine-tune use it
         tokenizer.chat_template = resolve_chat_template(qa.chat_template, tokenizer)
         template = chat_format(tokenizer, tokenizer.chat_template)
@@ -179,7 +170,7 @@ def build_qa_trainer(
 ) -> tuple[ExactEvalTrainer, PreTrainedTokenizerBase, QAData]:
     """Tokenizer, QA rows, the pretrained model (LoRA-wrapped when asked) and its Trainer: fine-tuning and the
     loss check train on exactly this."""
-    model_args, _, qa, lora = recipe.arguments[:4]
+    model_args, qa, lora = recipe.model, recipe.data, recipe.lora
     tokenizer, data = prepare_finetune_data(recipe, training, template)
     model = build_model(model_args, tokenizer, qa.max_length)
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
@@ -202,22 +193,18 @@ def build_qa_trainer(
 
 
 def finetune_qa(recipe: Recipe) -> dict[str, Any]:
-    """Run the recipe, then push when it says `push_to_hub`; returns the metrics written to `metrics.json`
-    (EM / F1 on the main process only)."""
-    model_args, _, qa, lora, training = recipe.arguments
-    check_training_arguments(training)
-    check_launch(training)
-    restore_cpu_threads(training)
-    template = check_finetune_arguments(model_args, qa, lora)
-    hub = check_hub_push(training)  # before any data is loaded; None unless this process pushes
-    with exclusive_output_dir(training), full_disk_is_one_line(training.output_dir, training.process_index == 0):
-        check_output_dir(recipe, training)
-        return finished_run(recipe, training) or _finetune_qa(recipe, template, hub)
+    """Run the recipe (`run.session`'s steps), then push when it says `push_to_hub`; returns the metrics written to
+    `metrics.json` (EM / F1 on the main process only)."""
+    return run_session(
+        recipe,
+        check=lambda: check_finetune_arguments(recipe.model, recipe.data, recipe.lora),
+        train=lambda template, hub: train_finetune(recipe, template, hub),
+    )
 
 
-def _finetune_qa(recipe: Recipe, template: str, hub) -> dict[str, Any]:
-    """The run itself, with output_dir held and checked."""
-    _, _, qa, lora, training = recipe.arguments
+def train_finetune(recipe: Recipe, template: str | None, hub: HubTarget | None) -> dict[str, Any]:
+    """The run itself, with output_dir held and checked: rows, model, Trainer, training, EM / F1, outputs, push."""
+    qa, lora, training = recipe.data, recipe.lora, recipe.training
     set_seed(training.seed)
     trainer, tokenizer, data = build_qa_trainer(recipe, training, template)
     if data.mixture and trainer.is_world_process_zero():

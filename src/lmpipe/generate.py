@@ -14,10 +14,11 @@ from transformers import (
 )
 
 from lmpipe.data.chat import ChatFormat, chat_format, resolve_chat_template
+from lmpipe.config.rules import check_values
 from lmpipe.errors import LmpipeError
 from lmpipe.model.build import load_pretrained
 from lmpipe.model.checks import check_model_files, check_vocab
-from lmpipe.config.recipe import TokenizerArguments
+from lmpipe.config.arguments import TokenizerArguments
 from lmpipe.model.tokenizer import load_tokenizer, plain_text_ids
 
 
@@ -55,15 +56,10 @@ class GenerationSettings:
     greedy: bool = field(default=False, metadata={"help": "Greedy decoding (the default); contradicts --do_sample."})
 
     def check(self) -> None:
-        """Raise LmpipeError on a value `generate` would reject or silently ignore."""
-        if self.max_new_tokens < 1:
-            raise LmpipeError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        """Raise LmpipeError on a value `generate` would reject or silently ignore (ranges: `config.rules`)."""
+        check_values(self)
         if self.greedy and self.do_sample:
             raise LmpipeError("--greedy and --do_sample contradict each other: choose one")
-        if self.top_k < 0:
-            raise LmpipeError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise LmpipeError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.do_sample and not self.temperature > 0:
             raise LmpipeError(f"temperature must be > 0 when sampling, got {self.temperature}")
         ignored = [f"{name}={getattr(self, name)}" for name, off in SAMPLING_OFF.items() if getattr(self, name) != off]

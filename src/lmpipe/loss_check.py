@@ -31,8 +31,9 @@ from lmpipe.finetune import build_qa_trainer, check_finetune_arguments
 from lmpipe.loss.reference import IGNORE_INDEX, shifted_token_nll
 from lmpipe.loss.install import ChunkedLoss, chunked_loss_enabled, chunked_loss_of
 from lmpipe.pretrain import build_pretrain_trainer
-from lmpipe.config.recipe import QAArguments, Recipe
-from lmpipe.training.trainer import check_training_arguments
+from lmpipe.config.arguments import QAArguments
+from lmpipe.config.recipe import Recipe
+from lmpipe.run.session import check_run
 
 LOSS_NAMES = ("model", "manual", "cross_entropy", "chunked", "trainer")
 REFERENCE = "manual"
@@ -275,22 +276,19 @@ def check_trainer(recipe: Recipe, output_dir: str) -> Trainer:
 
     It writes nothing of the run's: `output_dir` replaces the recipe's, with no reporting and no Hub push.
     """
-    model_args, _, data_args, *_, training, _ = recipe.arguments
-    check_training_arguments(training)
-    training = dataclasses.replace(training, output_dir=output_dir, report_to="none", push_to_hub=False)
-    if isinstance(data_args, QAArguments):
-        template = check_finetune_arguments(model_args, data_args, recipe.arguments[3])
-        set_seed(training.seed)
-        return build_qa_trainer(recipe, training, template)[0]
+    fine_tuning = isinstance(recipe.data, QAArguments)
+    check = (lambda: check_finetune_arguments(recipe.model, recipe.data, recipe.lora)) if fine_tuning else lambda: None
+    template = check_run(recipe, check)
+    training = dataclasses.replace(recipe.training, output_dir=output_dir, report_to="none", push_to_hub=False)
     set_seed(training.seed)
+    if fine_tuning:
+        return build_qa_trainer(recipe, training, template)[0]
     return build_pretrain_trainer(recipe, training)[0]
 
 
 def run_loss_check(recipe: Recipe) -> LossCheck:
     """The check on the first `batches` training batches of the recipe, drawn by the Trainer's own dataloader."""
-    check_args = recipe.arguments[-1]
-    if check_args.batches < 1:
-        raise LmpipeError(f"batches must be >= 1, got {check_args.batches}")
+    check_args = recipe.groups["loss_check"]
     with tempfile.TemporaryDirectory(prefix="lmpipe-check-loss-") as output_dir:
         trainer = check_trainer(recipe, output_dir)
         count = check_args.batches * trainer.args.gradient_accumulation_steps

@@ -10,29 +10,27 @@ import pyarrow.compute as pc
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 
-from lmpipe.run.checkpoints import check_output_dir
+from lmpipe.config.arguments import DataArguments, ModelArguments, TokenizerArguments
+from lmpipe.config.recipe import Recipe
 from lmpipe.data.collate import collate_blocks
+from lmpipe.data.mixture import format_shares, mixed_documents, realised_shares
 from lmpipe.data.null_rows import check_no_null_text
 from lmpipe.data.packing import (
     blocks_as_array, blocks_dataset, flat_token_ids, pack_blocks, tokenize_documents, whole_blocks,
 )
-from lmpipe.data.mixture import format_shares, mixed_documents, realised_shares
 from lmpipe.data.sources import check_text_column, load_corpus, split_validation
 from lmpipe.data.stream_mixture import MIXTURE_NAME, StreamMixture, stream_mixture, trained_shares
 from lmpipe.data.streaming import PackedStream, check_streaming_arguments, stream_documents, stream_texts
-from lmpipe.run.disk_full import full_disk_is_one_line
-from lmpipe.run.distributed import check_launch, on_main_process, restore_cpu_threads
 from lmpipe.errors import LmpipeError
-from lmpipe.run.hub import CheckpointPusher, check_hub_push, push_run
-from lmpipe.training.exact_eval import token_byte_lengths, unigram_perplexity
-from lmpipe.model.build import build_model, check_sequence_length, model_positions
 from lmpipe.loss.install import install_chunked_loss
-from lmpipe.config.recipe import DataArguments, ModelArguments, Recipe, TokenizerArguments
-from lmpipe.run.lock import exclusive_output_dir
+from lmpipe.model.build import build_model, check_sequence_length, model_positions
 from lmpipe.model.tokenizer import check_tokenizer_arguments, load_tokenizer
-from lmpipe.training.trainer import (
-    ExactEvalTrainer, build_trainer, check_training_arguments, finished_run, train_and_evaluate, write_run_outputs,
-)
+from lmpipe.run.distributed import on_main_process
+from lmpipe.run.hub import CheckpointPusher, HubTarget, push_run
+from lmpipe.run.session import run_session
+from lmpipe.training.exact_eval import token_byte_lengths, unigram_perplexity
+from lmpipe.training.loop import train_and_evaluate, write_run_outputs
+from lmpipe.training.trainer import ExactEvalTrainer, build_trainer
 
 
 @dataclass
@@ -135,8 +133,8 @@ def trained_blocks(trainer: ExactEvalTrainer, block_size: int) -> int:
 
 def build_pretrain_trainer(recipe: Recipe, training: TrainingArguments) -> tuple[ExactEvalTrainer, PackedCorpus]:
     """Corpus, tokenizer, model and Trainer of a pretraining recipe: pretraining and the loss check train on this."""
-    model_args, tokenizer_args, data_args = recipe.arguments[:3]
-    corpus = prepare_corpus(data_args, tokenizer_args, model_args, training)
+    model_args, data_args = recipe.model, recipe.data
+    corpus = prepare_corpus(data_args, recipe.tokenizer, model_args, training)
     model = build_model(model_args, corpus.tokenizer, data_args.block_size)
     install_chunked_loss(model, model_args.chunked_loss, model_args.chunked_loss_tokens)
     byte_lengths = token_byte_lengths(corpus.tokenizer, model.config.vocab_size)
@@ -148,22 +146,20 @@ def build_pretrain_trainer(recipe: Recipe, training: TrainingArguments) -> tuple
 
 
 def pretrain(recipe: Recipe) -> dict[str, Any]:
-    """Run the recipe, then push when it says `push_to_hub`; returns the metrics written to `metrics.json`."""
-    model_args, _, data_args, training = recipe.arguments
-    check_training_arguments(training)
-    check_launch(training)
-    restore_cpu_threads(training)
-    check_sequence_length(model_positions(model_args), data_args.block_size, "block_size")
-    check_counted_blocks(data_args, training)
-    hub = check_hub_push(training)  # before any data is loaded; None unless this process pushes
-    with exclusive_output_dir(training), full_disk_is_one_line(training.output_dir, training.process_index == 0):
-        check_output_dir(recipe, training)
-        return finished_run(recipe, training) or _pretrain(recipe, hub)
+    """Run the recipe (`run.session`'s steps), then push when it says `push_to_hub`; returns the metrics written to
+    `metrics.json`."""
+    return run_session(recipe, check=lambda: check_pretrain(recipe), train=lambda _, hub: train_pretrain(recipe, hub))
 
 
-def _pretrain(recipe: Recipe, hub) -> dict[str, Any]:
-    """The run itself, with output_dir held and checked."""
-    training = recipe.arguments[-1]
+def check_pretrain(recipe: Recipe) -> None:
+    """Pretraining's own checks before any data: the blocks fit the model, a streamed mixture can count its blocks."""
+    check_sequence_length(model_positions(recipe.model), recipe.data.block_size, "block_size")
+    check_counted_blocks(recipe.data, recipe.training)
+
+
+def train_pretrain(recipe: Recipe, hub: HubTarget | None) -> dict[str, Any]:
+    """The run itself, with output_dir held and checked: corpus, model, Trainer, training, outputs, push."""
+    training = recipe.training
     set_seed(training.seed)
     trainer, corpus = build_pretrain_trainer(recipe, training)
     if corpus.mixture and trainer.is_world_process_zero():
@@ -173,7 +169,7 @@ def _pretrain(recipe: Recipe, hub) -> dict[str, Any]:
     metrics = train_and_evaluate(trainer, recipe)
     mixture = corpus.mixture
     if corpus.stream_mixture is not None and trainer.is_world_process_zero():  # rank 0 alone read the stream
-        data = recipe.arguments[2]
+        data = recipe.data
         blocks = trained_blocks(trainer, data.block_size)
         mixture = trained_shares(corpus.stream_mixture, corpus.tokenizer, data.text_column, data.block_size, blocks)
         print(f"{format_shares(mixture)} (the documents of the {blocks:,} trained blocks)", flush=True)

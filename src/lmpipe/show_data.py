@@ -17,7 +17,7 @@ from pathlib import Path
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from lmpipe.errors import LmpipeError
+from lmpipe.config.rules import check_values
 from lmpipe.loss.reference import IGNORE_INDEX
 from lmpipe.config.recipe import Recipe
 from lmpipe.run.files import write_text_atomically
@@ -54,8 +54,8 @@ def pretraining_examples(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, Itera
     """Packed blocks: the collator's labels are the inputs (the model shifts them)."""
     from lmpipe.pretrain import prepare_corpus
 
-    model, tokenizer_args, data, training = recipe.arguments[:4]
-    corpus = prepare_corpus(data, tokenizer_args, model, training)
+    data = recipe.data
+    corpus = prepare_corpus(data, recipe.tokenizer, recipe.model, recipe.training)
     source = "mixture" if data.datasets else data.train_file or data.dataset_name or "data"  # blocks span documents
     blocks = (list(map(int, row["input_ids"])) for row in corpus.train)
     return corpus.tokenizer, (Example(ids, list(ids), source) for ids in blocks)
@@ -66,8 +66,8 @@ def finetuning_examples(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, Iterat
     from lmpipe.finetune import prepare_finetune_data
     from lmpipe.data.qa import prompt_template
 
-    qa, training = recipe.arguments[2], recipe.arguments[-1]
-    tokenizer, data = prepare_finetune_data(recipe, training, None if qa.messages_column else prompt_template(qa))
+    qa = recipe.data
+    tokenizer, data = prepare_finetune_data(recipe, recipe.training, None if qa.messages_column else prompt_template(qa))
     default_source = qa.train_file or qa.dataset_name or "data"
     sources = data.train["source"] if "source" in data.train.column_names else itertools.repeat(default_source)
     rows = data.train.select_columns(["input_ids", "labels"])
@@ -92,15 +92,16 @@ def write_jsonl(examples: Iterable[Example], path: str) -> None:
     write_text_atomically(Path(path), "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def show_data(recipe: Recipe, args: ShowDataArguments, finetuning: bool, out=None) -> list[Example]:
-    """Print the first `args.rows` examples with learned tokens marked; write them to `args.jsonl` if asked."""
-    if args.rows < 1:
-        raise LmpipeError(f"--rows must be >= 1, got {args.rows}")
+def show_data(recipe: Recipe, out=None) -> list[Example]:
+    """Print the recipe's first `rows` examples with learned tokens marked; write them to `jsonl` if asked (the
+    recipe's `show_data` group, `ShowDataArguments`)."""
+    args: ShowDataArguments = recipe.groups["show_data"]
+    check_values(args)
     out = out or sys.stdout
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # the examples are the output
     try:
-        tokenizer, examples = (finetuning_examples if finetuning else pretraining_examples)(recipe)
+        tokenizer, examples = (finetuning_examples if recipe.task == "qa" else pretraining_examples)(recipe)
         shown = list(itertools.islice(examples, args.rows))
     finally:
         if bars:

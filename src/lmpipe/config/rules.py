@@ -3,7 +3,9 @@
 The parser checks types only; transformers and torch accept many values that cannot train (a 0-layer model, a
 negative dropout, an infinite learning rate), fail only after the corpus is tokenised, or ignore them (0 for
 `save_total_limit` or `max_train_documents`). The rules hold by key name, for whichever command's dataclasses
-have that key; a rule for an optional key applies only when it is set.
+have that key; a rule for an optional key applies only when it is set. These are the only copies: `parse_recipe`
+applies them to every command line, and the library's entry points (`pretrain`, `finetune_qa`, the loss check,
+`evaluate_file`, ...) apply them again through `check_values`, so a recipe built in Python is held to the same rules.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ PROBABILITY: Rule = (lambda v: 0 <= v < 1), "in [0, 1)"
 SEED: Rule = (lambda v: 0 <= v < 2**32), "in [0, 2**32)"  # numpy's seeding range
 
 
+NOT_EMPTY: Rule = (lambda v: len(v) > 0), "a non-empty list"
+
+
 def _one_of(choices: Iterable[str]) -> Rule:
     allowed = sorted(choices)
     return (lambda v: v in allowed), f"one of {', '.join(allowed)}"
@@ -43,12 +48,13 @@ RULES: dict[str, Rule] = {
             "preprocessing_num_workers", "streaming_validation_documents", "generation_max_new_tokens", "lora_r",
             "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
             "eval_accumulation_steps", "save_total_limit", "batch_size", "max_new_tokens", "stride",
-            "dataloader_prefetch_factor", "torch_empty_cache_steps",
+            "dataloader_prefetch_factor", "torch_empty_cache_steps", "chunked_loss_tokens", "batches", "rows",
+            "limit",
         ],
         _at_least(1),
     ),
     "block_size": _at_least(2),  # one input and one label
-    "max_length": _at_least(2),  # one prompt token and EOS
+    "max_length": (lambda v: v >= 2, ">= 2 (one prompt token and EOS)"),
     "tokenizer_vocab_size": (lambda v: v >= 257, ">= 257 (256 byte tokens and <|endoftext|>)"),
     **dict.fromkeys(["learning_rate", "adam_epsilon", "logging_steps", "eval_steps", "save_steps", "lora_alpha"], POSITIVE),
     **dict.fromkeys(
@@ -57,10 +63,12 @@ RULES: dict[str, Rule] = {
         NON_NEGATIVE,
     ),
     **dict.fromkeys(["dropout", "lora_dropout", "adam_beta1", "adam_beta2", "label_smoothing_factor"], PROBABILITY),
-    "warmup_ratio": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "top_p": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    **dict.fromkeys(["warmup_ratio", "max_dropped_share"], ((lambda v: 0 <= v <= 1), "in [0, 1]")),
     "validation_split_percentage": ((lambda v: 0 <= v < 100), "in [0, 100)"),
-    "max_steps": ((lambda v: v >= -1), ">= -1 (-1: train num_train_epochs)"),  # 0: train.check_training_arguments
+    "max_steps": ((lambda v: v >= -1), ">= -1 (-1: train num_train_epochs)"),  # 0: check_training_length
     **dict.fromkeys(["seed", "data_seed"], SEED),
+    "lora_target_modules": NOT_EMPTY,
     "attn_implementation": _one_of({"eager", *(key for key in ALL_ATTENTION_FUNCTIONS.valid_keys() if "|" not in key)}),
 }
 
@@ -97,3 +105,16 @@ def check_recipe_values(arguments: Iterable[Any], from_file: set[str], source: s
     output_dir = next((getattr(g, "output_dir") for g in arguments if hasattr(g, "output_dir")), None)
     if output_dir and Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise LmpipeError(f"output_dir {output_dir}: is a file, not a directory")
+
+
+def check_values(*groups: Any) -> None:
+    """The same rules for argument groups built in Python (the library's entry points call this)."""
+    check_recipe_values(groups, set(), None)
+
+
+def check_training_length(training: Any) -> None:
+    """`max_steps: 0`, or no steps and no epochs, would start a run that trains nothing."""
+    if training.max_steps == 0 or (training.max_steps < 0 and not training.num_train_epochs > 0):
+        raise LmpipeError(
+            f"nothing to train: max_steps={training.max_steps}, num_train_epochs={training.num_train_epochs}"
+        )

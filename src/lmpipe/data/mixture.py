@@ -27,7 +27,7 @@ from lmpipe.data.qa import QACounts, check_qa_columns, prompt_template, tokenize
 from lmpipe.data.sources import BUILDERS, check_text_column, first_line, load_local_file, split_validation
 from lmpipe.errors import LmpipeError
 from lmpipe.loss.reference import IGNORE_INDEX
-from lmpipe.config.recipe import QAArguments
+from lmpipe.config.arguments import QAArguments
 
 QA_COLUMN_KEYS = ("question_column", "answer_column", "context_column", "messages_column")
 DOCUMENT_COLUMN_KEYS = ("text_column",)

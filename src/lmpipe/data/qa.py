@@ -16,7 +16,7 @@ from lmpipe.data.fingerprint import map_tokenized
 from lmpipe.data.sources import check_text_column
 from lmpipe.errors import LmpipeError
 from lmpipe.loss.reference import IGNORE_INDEX
-from lmpipe.config.recipe import QAArguments
+from lmpipe.config.arguments import QAArguments
 from lmpipe.model.tokenizer import plain_text_ids
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"

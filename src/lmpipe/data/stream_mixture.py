@@ -23,7 +23,7 @@ from lmpipe.data.packing import tokenize_documents
 from lmpipe.data.sources import check_text_column
 from lmpipe.data.streaming import ReadFile, named_read_errors
 from lmpipe.errors import LmpipeError
-from lmpipe.config.recipe import DataArguments
+from lmpipe.config.arguments import DataArguments
 
 STOPPING_STRATEGY = "all_exhausted"
 # The name of the mixed stream in errors that no one source's file explains (a Hub stream failing mid-way).

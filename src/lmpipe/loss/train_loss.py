@@ -3,18 +3,20 @@
 The Trainer logs the mean of per-step losses; each step's loss is already total NLL / learned tokens of that step
 (`num_items_in_batch`), but steps with 40 learned tokens and with 4 count the same. Here every logged `loss` is the
 total NLL / total learned tokens since the previous log, and each log row carries `learned_tokens`, so the run's
-`train_loss` (callbacks.mean_train_loss) weights every step by its learned tokens, across resumes too.
+`train_loss` (`mean_train_loss`) weights every step by its learned tokens, across resumes too.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
-from lmpipe.training.trainer import ExactEvalTrainer
 
-
-class TokenWeightedLossTrainer(ExactEvalTrainer):
-    """ExactEvalTrainer whose logged train loss weights steps by their learned (non -100, shifted) label tokens."""
+class TokenWeightedTrainLoss:
+    """A `transformers.Trainer` mixin (put it first among the bases) whose logged train loss weights steps by their
+    learned (non -100, shifted) label tokens; `training.trainer.TokenWeightedLossTrainer` is the one lmpipe runs."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -49,3 +51,23 @@ class TokenWeightedLossTrainer(ExactEvalTrainer):
             self._nll_since_log.zero_()
             self._tokens_since_log.zero_()
         super().log(logs, *args, **kwargs)
+
+
+def mean_train_loss(log_history: list[dict[str, Any]]) -> float | None:
+    """The mean train loss over the whole run, across resumes (None: nothing logged): weighted by each log row's
+    `learned_tokens` when every row has them (`TokenWeightedTrainLoss`), else by its steps.
+
+    The Trainer's own `train_loss` averages only the steps of the current `train()` call.
+    """
+    rows = [row for row in log_history if "loss" in row and "step" in row]
+    if not rows:
+        return None
+    if all("learned_tokens" in row for row in rows):
+        tokens = sum(row["learned_tokens"] for row in rows)
+        total = sum(row["loss"] * row["learned_tokens"] for row in rows)
+        return total / tokens if tokens and math.isfinite(total) else None
+    total, previous_step = 0.0, 0
+    for row in rows:
+        total += row["loss"] * (row["step"] - previous_step)
+        previous_step = row["step"]
+    return total / previous_step if previous_step and math.isfinite(total) else None

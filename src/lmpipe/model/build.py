@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 
 from lmpipe.errors import LmpipeError, not_a_directory_hint
 from lmpipe.model.checks import check_finite_weights, check_model_files, check_vocab
-from lmpipe.config.recipe import ModelArguments
+from lmpipe.config.arguments import ModelArguments
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,7 @@ def build_model(args: ModelArguments, tokenizer: PreTrainedTokenizerBase, block_
 
 def model_positions(args: ModelArguments) -> int:
     """The model's n_positions from the recipe or the pretrained config alone, so a bad length fails before data;
-    a from-scratch shape and the loss chunk are checked here too."""
-    if args.chunked_loss_tokens is not None and args.chunked_loss_tokens < 1:
-        raise LmpipeError(f"chunked_loss_tokens must be >= 1, got {args.chunked_loss_tokens}")
+    a from-scratch shape is checked here too."""
     if not args.model_name_or_path:
         if args.n_embd % args.n_head:
             raise LmpipeError(f"n_embd={args.n_embd} must be divisible by n_head={args.n_head}")

@@ -9,25 +9,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from lmpipe.errors import LmpipeError
-from lmpipe.config.recipe import LoraArguments
+from lmpipe.config.arguments import LoraArguments
 
 MERGED_DIR = "merged"
 
 
 def check_lora_arguments(lora: LoraArguments) -> None:
-    """Values peft would accept late or not at all, caught with the recipe."""
+    """A merged adapter needs an adapter (the keys' ranges are `config.rules`')."""
     if lora.merge_lora and not lora.use_lora:
         raise LmpipeError("merge_lora: true needs use_lora: true")
-    if not lora.use_lora:
-        return
-    if lora.lora_r < 1:
-        raise LmpipeError(f"lora_r must be >= 1, got {lora.lora_r}")
-    if not lora.lora_alpha > 0:
-        raise LmpipeError(f"lora_alpha must be > 0, got {lora.lora_alpha}")
-    if not 0 <= lora.lora_dropout < 1:
-        raise LmpipeError(f"lora_dropout must be in [0, 1), got {lora.lora_dropout}")
-    if not lora.lora_target_modules:
-        raise LmpipeError("lora_target_modules is empty")
 
 
 def wrap_lora(model: PreTrainedModel, lora: LoraArguments) -> PeftModel:

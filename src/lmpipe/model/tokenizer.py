@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 from lmpipe.errors import LmpipeError, not_a_directory_hint, not_found
 from lmpipe.model.checks import check_model_files, check_tokenizer_vocabulary
-from lmpipe.config.recipe import TokenizerArguments
+from lmpipe.config.arguments import TokenizerArguments
 
 EOS_TOKEN = "<|endoftext|>"
 

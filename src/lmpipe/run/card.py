@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from lmpipe.config.recipe import DataArguments
+from lmpipe.config.arguments import DataArguments
 from lmpipe.run.files import CARD_NAME, RESOLVED_RECIPE_NAME, write_text_atomically
 
 TAGS = ["lmpipe", "gpt2"]

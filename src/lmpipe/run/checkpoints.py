@@ -1,4 +1,4 @@
-"""Resuming: which `checkpoint-N` of an output directory a run may continue from, and whose run the directory holds.
+"""Resuming: which `checkpoint-N` of an output directory a run may continue from (whose run it is: `run.identity`).
 
 The Trainer writes `checkpoint-N/` in place, file by file, and silently skips a missing optimizer, scheduler or
 RNG file on resume; a kill or a full disk can leave a torn checkpoint. We verify a checkpoint before resuming
@@ -9,7 +9,6 @@ directory + rename, huggingface/transformers#27820, and dropped it after multi-n
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import pickle
@@ -18,24 +17,19 @@ import shutil
 import zipfile
 from pathlib import Path
 
-import yaml
 from safetensors import safe_open
 from transformers import TrainingArguments
 from transformers.trainer_utils import sort_checkpoints
 
-from lmpipe.errors import LmpipeError, where_relative
+from lmpipe.errors import where_relative
 from lmpipe.model.finite import file_non_finite
-from lmpipe.config.recipe import TASK_KEY, Recipe
-from lmpipe.run.files import RESOLVED_RECIPE_NAME
+from lmpipe.run.identity import identity_changes
+from lmpipe.config.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 STEP = re.compile(r"checkpoint-(\d+)$")
-# Identity of a run: every recipe group but TrainingArguments, and its seeds. Schedule, optimiser and logging
-# may change between resumes (a longer run, a lower learning rate after a loss spike), as the Trainer allows.
-IDENTITY_TRAINING_KEYS = ("seed", "data_seed")
-NOT_IDENTITY_KEYS = {"preprocessing_num_workers", "generation_max_new_tokens", "merge_lora"}
 # What a checkpoint needs, as (what, test on a file name); the training state unless `save_only_model`.
 NEEDS_WEIGHTS = (
     "model weights (*.safetensors)", lambda n: n.endswith(".safetensors") or n.startswith("pytorch_model_fsdp")
@@ -119,60 +113,6 @@ def newest_complete_checkpoint(output_dir: str, save_only_model: bool = False) -
             return checkpoint
         logger.warning("ignoring checkpoint %s: %s", checkpoint, problem)
     return None
-
-
-def identity_changes(recipe: Recipe, output_dir: str) -> list[str]:
-    """How this recipe differs from the run already in `output_dir` (empty: the same run, or no run there).
-
-    Compares the written `recipe.yaml` key by key (absent keys take the dataclass default) without parsing it:
-    building a second `TrainingArguments` would reset the process's Accelerate state under a live Trainer.
-    """
-    previous = Path(output_dir) / RESOLVED_RECIPE_NAME
-    if not previous.is_file():
-        has_checkpoints = Path(output_dir).is_dir() and sort_checkpoints(output_dir)
-        return [f"checkpoints but no {RESOLVED_RECIPE_NAME}"] if has_checkpoints else []
-    try:
-        before = yaml.safe_load(previous.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        return [f"an unreadable {RESOLVED_RECIPE_NAME} ({type(e).__name__})"]
-    if not isinstance(before, dict):
-        return [f"a {RESOLVED_RECIPE_NAME} that is not a mapping"]
-    fields = {f.name: (group, f) for group in recipe.arguments for f in dataclasses.fields(group)}
-    foreign = sorted(key for key in before if key not in fields and key != TASK_KEY)
-    changes = [f"keys of another command: {', '.join(foreign)}"] if foreign else []
-    if before.get(TASK_KEY, recipe.task) != recipe.task:
-        changes.append(f"{TASK_KEY} {before[TASK_KEY]!r} -> {recipe.task!r}")
-    for name, (group, field) in fields.items():
-        is_training = isinstance(group, TrainingArguments)
-        if name in NOT_IDENTITY_KEYS or (is_training and name not in IDENTITY_TRAINING_KEYS):
-            continue
-        old, new = before.get(name, _default(field)), getattr(group, name)
-        if old != new:
-            changes.append(f"{name} {old!r} -> {new!r}")
-    return changes
-
-
-def _default(field: dataclasses.Field):
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return None if field.default is dataclasses.MISSING else field.default
-
-
-def check_output_dir(recipe: Recipe, args: TrainingArguments) -> None:
-    """Before any data is loaded: refuse another run's output_dir (unless overwriting) or a damaged named checkpoint."""
-    if args.resume_from_checkpoint:
-        problem = checkpoint_problem(args.resume_from_checkpoint, args.save_only_model)
-        if problem:
-            raise LmpipeError(f"resume_from_checkpoint: {problem}")
-        return
-    if getattr(args, "overwrite_output_dir", False):  # plain TrainingArguments have no such key: never overwrite
-        return
-    changes = identity_changes(recipe, args.output_dir)
-    if changes:
-        raise LmpipeError(
-            f"{Path(args.output_dir) / RESOLVED_RECIPE_NAME}: output_dir holds another run ({'; '.join(changes)});"
-            " use another output_dir, or set overwrite_output_dir: true to replace it"
-        )
 
 
 def resume_checkpoint(recipe: Recipe, args: TrainingArguments) -> str | None:

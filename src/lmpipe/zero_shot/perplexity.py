@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lmpipe.config.rules import check_values
 from lmpipe.errors import LmpipeError
 from lmpipe.model.finite import non_finite_metrics
 from lmpipe.model.checks import check_model_files
@@ -52,8 +53,7 @@ def evaluate_file(args: EvaluateArguments) -> dict[str, float | int]:
     for name in ("model_name_or_path", "validation_file"):
         if not getattr(args, name):
             raise LmpipeError(f"--{name} is required")
-    if args.batch_size < 1:
-        raise LmpipeError(f"batch_size must be >= 1, got {args.batch_size}")
+    check_values(args)
     check_model_files(args.model_name_or_path, ("config", "weights", "tokenizer"))
     try:
         config = AutoConfig.from_pretrained(args.model_name_or_path)

@@ -9,10 +9,11 @@ import torch
 from accelerate import PartialState
 
 import lmpipe
+from lmpipe.config.rules import check_values
 from lmpipe.errors import LmpipeError
 from lmpipe.model.build import load_pretrained
 from lmpipe.model.checks import check_model_files, check_vocab
-from lmpipe.config.recipe import TokenizerArguments
+from lmpipe.config.arguments import TokenizerArguments
 from lmpipe.model.tokenizer import load_tokenizer
 from lmpipe.zero_shot import tasks
 from lmpipe.zero_shot.data import FORMATS, load_rows, task_rows
@@ -72,10 +73,7 @@ def check_arguments(args: ZeroShotArguments) -> None:
     for name in ("model_name_or_path", "task", "data"):
         if not getattr(args, name):
             raise LmpipeError(f"--{name} is required" if name != "model_name_or_path" else "a MODEL is required")
-    for name in ("batch_size", "limit", "stride"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise LmpipeError(f"{name} must be >= 1, got {value}")
+    check_values(args)
 
 
 def evaluate_zero_shot(args: ZeroShotArguments, show_progress: bool = True) -> dict[str, Any]:

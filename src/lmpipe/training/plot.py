@@ -1,0 +1,42 @@
+"""`loss.png`: train/eval loss and eval perplexity against tokens seen, written at the end of every run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+
+def plot_history(
+    log_history: list[dict[str, Any]], path: Path, title: str, baseline_loss: float | None = None
+) -> None:
+    """Train/eval loss and eval perplexity against tokens seen (steps when tokens were not tracked), with the
+    unigram baseline's loss dashed when there is one: the model must be far below it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
+
+    def series(key):
+        rows = [row for row in log_history if key in row and math.isfinite(row[key])]
+        return [row.get("num_input_tokens_seen", row.get("step", 0)) for row in rows], [row[key] for row in rows]
+
+    x_label = "tokens seen" if any("num_input_tokens_seen" in row for row in log_history) else "step"
+    figure, (loss_axis, ppl_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss (exact)")):
+        x, y = series(key)
+        loss_axis.plot(x, y, marker="." if key == "eval_loss" else None, label=label)
+    if baseline_loss is not None:
+        loss_axis.axhline(baseline_loss, linestyle="--", color="gray", label="unigram baseline")
+    x, y = series("eval_perplexity")
+    ppl_axis.plot(x, y, marker=".", color="tab:orange")
+    loss_axis.set(xlabel=x_label, ylabel="nats / token", title="loss")
+    ppl_axis.set(xlabel=x_label, ylabel="perplexity", title="eval perplexity", yscale="log")
+    for axis in (loss_axis, ppl_axis):
+        axis.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, 1.5M: plain integers run into each other
+    loss_axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
