@@ -50,6 +50,18 @@ def test_lmpipe_help_lists_every_command_and_no_command_is_an_error(capsys):
     assert main([]) == 2
 
 
+def test_python_m_lmpipe_runs_the_commands(monkeypatch, capsys):
+    """`python -m lmpipe COMMAND` (in this process, as runpy runs it) is the console script: usage, exit code."""
+    monkeypatch.setattr(sys, "argv", ["lmpipe", "check-loss", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("lmpipe", run_name="__main__")
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: lmpipe check-loss")
+    monkeypatch.setattr(sys, "argv", ["lmpipe", "no-such-command"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("lmpipe", run_name="__main__")
+    assert exit_.value.code == 2
+
+
 @pytest.mark.parametrize("script", PIPELINES, ids=lambda path: path.name)
 def test_every_pipeline_script_answers_help(script, monkeypatch, capsys):
     """Run as `python pipelines/X.py --help` runs it (in this process: a new interpreter per script costs ~5 s)."""

@@ -25,6 +25,8 @@ TINY = [
     "--validation_split_percentage", "25", "--eval_strategy", "no", "--use_cpu", "true", "--seed", "1",
 ]
 LAUNCH = {1: ["--num_processes", "1"], 2: ["--config_file", str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml")]}
+# What the launcher starts: a script of pipelines/, or a command by name (`python -m lmpipe pretrain` per process).
+SCRIPT = {1: "pipelines/pretrain.py", 2: "pretrain"}
 
 
 def descendants(pid: int) -> set[int]:
@@ -54,7 +56,7 @@ def alive(pid: int) -> bool:
 def launch(processes, args, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "lmpipe.cli", "launch", *LAUNCH[processes], "pipelines/pretrain.py", *args],
+        [sys.executable, "-m", "lmpipe.cli", "launch", *LAUNCH[processes], SCRIPT[processes], *args],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kwargs,
     )
 
@@ -107,10 +109,11 @@ def test_a_signal_to_the_launcher_saves_on_every_rank_and_returns_their_code(pro
         assert metrics["resumed_from"] == str(output / f"checkpoint-{step}") and metrics["train_steps"] == step + 1
 
 
-def test_an_error_under_the_launcher_keeps_its_code_and_one_line(tmp_path, capfd):
-    """The launcher runs in this test's process (the trainer is a real child), to spare a second interpreter."""
-    argv = ["launch", *LAUNCH[1], str(REPO / "pipelines" / "pretrain.py"), "--n_layer", "-1", "--output_dir",
-            str(tmp_path / "out")]
+@pytest.mark.parametrize("script", [str(REPO / "pipelines" / "pretrain.py"), "pretrain"])
+def test_an_error_under_the_launcher_keeps_its_code_and_one_line(script, tmp_path, capfd):
+    """The launcher runs in this test's process (the trainer is a real child), to spare a second interpreter; the
+    script is a pipelines/ file or the command's name."""
+    argv = ["launch", *LAUNCH[1], script, "--n_layer", "-1", "--output_dir", str(tmp_path / "out")]
     assert main(argv) == 2
     err = capfd.readouterr().err
     assert err.strip().splitlines()[-1] == "error: n_layer must be >= 1, got -1"

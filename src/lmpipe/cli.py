@@ -198,10 +198,11 @@ def push_command(argv: list[str]) -> None:
 
 
 def launch_command(argv: list[str]) -> int:
-    """`accelerate launch` that forwards SIGTERM/Ctrl-C to the training processes and returns their exit code."""
+    """`accelerate launch` that forwards SIGTERM/Ctrl-C to the training processes and returns their exit code; it
+    runs a script or an lmpipe command by name (`lmpipe launch --num_processes 2 pretrain RECIPE`)."""
     from lmpipe.run.launch import launch_command as launch
 
-    return launch(argv)
+    return launch(argv, commands=[name for name in COMMANDS if name != "launch"])
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ class Command:
 
 
 COMMANDS = {
-    "launch": Command(launch_command, "[accelerate launch options] SCRIPT [script arguments ...]"),
+    "launch": Command(launch_command, "[accelerate launch options] COMMAND|SCRIPT [arguments ...]"),
     "pretrain": Command(pretrain_command, "[RECIPE.yaml] [--key value ...]"),
     "finetune-qa": Command(finetune_qa_command, "RECIPE.yaml [--key value ...]"),
     "check-loss": Command(

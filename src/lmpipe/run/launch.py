@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Collection
 
 from lmpipe.errors import LmpipeError
 from lmpipe.config.recipe import HelpRequested
@@ -34,15 +35,23 @@ def exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def launch_command(argv: list[str]) -> int:
-    """Parse `accelerate launch` options, start the training processes, forward signals, return their exit code."""
+def launch_command(argv: list[str], commands: Collection[str] = ()) -> int:
+    """Parse `accelerate launch` options, start the training processes, forward signals, return their exit code.
+
+    The script may be one of `commands` (lmpipe's command names): each process then runs `python -m lmpipe COMMAND`,
+    so an installed package launches without a clone of the repository's pipelines/.
+    """
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
     if not argv:
-        raise LmpipeError("usage: lmpipe launch [accelerate launch options] SCRIPT [script arguments ...]")
+        raise LmpipeError("usage: lmpipe launch [accelerate launch options] COMMAND|SCRIPT [arguments ...]")
     if argv[0] in ("-h", "--help"):  # after the script, --help is the script's
         raise HelpRequested("accelerate launch options:\n" + launch_command_parser().format_help())
-    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    parsed = launch_command_parser().parse_args(argv)
+    if parsed.training_script in commands and not os.path.exists(parsed.training_script):
+        parsed.training_script_args = [parsed.training_script, *parsed.training_script_args]
+        parsed.training_script, parsed.module = "lmpipe", True
+    args, defaults, _ = _validate_launch_command(parsed)
     sagemaker = defaults is not None and defaults.compute_environment == "AMAZON_SAGEMAKER"
     if not args.cpu and (args.use_deepspeed or args.tpu or sagemaker):
         raise LmpipeError("lmpipe launch runs one or several local processes (DDP, FSDP); use accelerate launch for "
