@@ -39,7 +39,7 @@ def default_chunk_tokens(vocab_size: int, device: torch.device) -> int:
 
 def even_chunk_tokens(tokens: int, most: int) -> int:
     """The fewest chunks of at most `most` tokens, as even as they go: a short last chunk still reads the whole
-    weight and its gradient for a few rows (on this CPU 2,040 tokens as 4 x 510 ran 2-10 % faster than 3 x 667 + 39)."""
+    weight and its gradient for a few rows (2,040 tokens as 4 x 510, not 3 x 667 + 39; benchmarks/README.md)."""
     chunks = max(1, -(-tokens // most))
     return max(1, -(-tokens // chunks))
 

@@ -23,7 +23,7 @@ def plain_text_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list
     """Token ids of each text with no special token recognised: a quoted `<|endoftext|>` or chat marker is text.
 
     transformers' `split_special_tokens`; with a Rust tokenizer the backend is called directly (the same ids
-    without the offsets, masks and Python wrapping that `tokenizer(...)` builds: ~1.3x faster on big corpora).
+    without the offsets, masks and Python wrapping that `tokenizer(...)` builds; speed: benchmarks/README.md).
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:

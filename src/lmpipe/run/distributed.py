@@ -41,7 +41,7 @@ def restore_cpu_threads(training: TrainingArguments) -> None:
     """Give a single CPU process every core that `accelerate launch` took away.
 
     Without a GPU, `--cpu` or `--num_cpu_threads_per_process`, `accelerate launch` sets OMP_NUM_THREADS=1: the
-    README's one-process CPU run would use one core of many (measured: half the speed on 2 cores). The launcher's
+    README's one-process CPU run would use one core of many (docs/scaling.md has the cost). The launcher's
     default and a user's own OMP_NUM_THREADS=1 look the same; `python pipelines/...` is never changed.
     """
     launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ

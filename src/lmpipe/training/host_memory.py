@@ -2,11 +2,10 @@
 
 Why: glibc serves every allocation above its mmap threshold (32 MB at most) with a fresh `mmap` and unmaps it on
 `free`, so on a CPU every step's vocabulary-sized tensors (GPT-2's 50,304 x 384 weight gradient is 77 MB) arrive as
-new pages: a page fault and zeroing per 4 KB, every step. Measured here: `torch.zeros(50304, 384)` 36 ms -> 2.5 ms,
-the training step of the 6-layer GPT-2 with GPT-2's vocabulary 1.11-1.33x faster in bf16, 0.94-1.08x in fp32. It is
-PyTorch's CPU tuning advice (preload jemalloc or tcmalloc) done with the C library already loaded, through glibc's
-documented `mallopt`. The cost: RSS no longer shrinks after a peak, and the peak is higher where freed holes are
-not reused (up to 8 % with the chunked loss, 1.4-1.5x without). Ours because neither torch nor transformers sets it.
+new pages: a page fault and zeroing per 4 KB, every step. It is PyTorch's CPU tuning advice (preload jemalloc or
+tcmalloc) done with the C library already loaded, through glibc's documented `mallopt`. The cost: RSS no longer
+shrinks after a peak, and the peak is higher where freed holes are not reused. Both, measured, are in
+benchmarks/README.md ("Host memory reuse"). Ours because neither torch nor transformers sets it.
 """
 
 from __future__ import annotations
