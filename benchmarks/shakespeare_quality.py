@@ -32,7 +32,7 @@ from lmpipe.data.sources import load_corpus, split_validation  # noqa: E402
 from lmpipe.training.exact_eval import token_byte_lengths  # noqa: E402
 from lmpipe.config.arguments import TokenizerArguments  # noqa: E402
 from lmpipe.config.recipe import parse_recipe
-from lmpipe.model.build.tokenizer import load_tokenizer  # noqa: E402
+from lmpipe.model.tokenizer import load_tokenizer  # noqa: E402
 
 RECIPE = REPO / "recipes" / "pretrain" / "shakespeare_3min.yaml"
 NANOGPT_BABY_GPT_NATS_PER_CHAR = 1.88

