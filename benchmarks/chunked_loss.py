@@ -87,13 +87,13 @@ def child(spec: dict) -> dict:
     import torch
     from transformers import TrainerCallback, set_seed
 
+    from lmpipe.config.arguments import ModelArguments, RunTrainingArguments
     from lmpipe.data.collate import collate_blocks
     from lmpipe.data.packing import blocks_dataset
-    from lmpipe.training.exact_eval import token_byte_lengths
-    from lmpipe.model.build import build_model
     from lmpipe.loss.install import install_chunked_loss
-    from lmpipe.config.arguments import ModelArguments, RunTrainingArguments
+    from lmpipe.model.build import build_model
     from lmpipe.model.tokenizer import gpt2_tokenizer_from_files
+    from lmpipe.training.exact_eval import token_byte_lengths
     from lmpipe.training.trainer import build_trainer
 
     class StepClock(TrainerCallback):

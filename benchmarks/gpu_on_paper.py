@@ -27,16 +27,17 @@ import torch
 from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, emit_json, load_average, machine, print_table  # noqa: E402
 from data_prep import gpt2_tokenizer, peak_rss_mb  # noqa: E402
 from train_throughput import flops_per_token, quiet_trainer  # noqa: E402
 
+from lmpipe.config.recipe import parse_recipe  # noqa: E402
 from lmpipe.data.collate import collate_blocks  # noqa: E402
 from lmpipe.data.sources import pydoc_documents  # noqa: E402
-from lmpipe.training.exact_eval import token_byte_lengths  # noqa: E402
 from lmpipe.model.build import build_model  # noqa: E402
-from lmpipe.config.recipe import parse_recipe  # noqa: E402
+from lmpipe.training.exact_eval import token_byte_lengths  # noqa: E402
 from lmpipe.training.trainer import build_trainer  # noqa: E402
+
+from common import REPO, emit_json, load_average, machine, print_table  # noqa: E402
 
 RECIPE = REPO / "recipes" / "pretrain" / "gpt2-small.yaml"
 PEAK_BF16_TFLOPS = {"A100 (SXM/PCIe)": 312.0, "H100 SXM": 989.0}

@@ -23,8 +23,9 @@ from torch.profiler import ProfilerActivity, profile, schedule
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit_json, load_average, machine, print_table  # noqa: E402
 from train_throughput import Setup, flops_per_token, matmul_rate, ours, parse_ablation, quiet_trainer  # noqa: E402
+
+from common import emit_json, load_average, machine, print_table  # noqa: E402
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
 NORMS = ("aten::_foreach_norm", "aten::linalg_vector_norm", "aten::_foreach_mul", "aten::clamp", "aten::stack")

@@ -25,20 +25,21 @@ import transformers
 from datasets import disable_progress_bars
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, DATA, emit_json, fmt, load_average, machine, print_table, summary  # noqa: E402
 from train_throughput import StepClock, quiet_trainer  # noqa: E402
 
+from lmpipe.config.arguments import FINETUNE_QA_GROUPS, ModelArguments  # noqa: E402
+from lmpipe.config.recipe import parse_recipe
 from lmpipe.data.collate import qa_collator, real_token_fraction  # noqa: E402
 from lmpipe.data.qa import TRAINING_COLUMNS  # noqa: E402
 from lmpipe.data.sources import pydoc_documents  # noqa: E402
 from lmpipe.finetune import check_finetune_arguments, prepare_qa_data  # noqa: E402
 from lmpipe.loss.reference import IGNORE_INDEX  # noqa: E402
-from lmpipe.training.exact_eval import token_byte_lengths  # noqa: E402
 from lmpipe.model.build import build_model  # noqa: E402
-from lmpipe.config.arguments import FINETUNE_QA_GROUPS, ModelArguments  # noqa: E402
-from lmpipe.config.recipe import parse_recipe
 from lmpipe.model.tokenizer import train_bpe_tokenizer  # noqa: E402
+from lmpipe.training.exact_eval import token_byte_lengths  # noqa: E402
 from lmpipe.training.trainer import build_trainer  # noqa: E402
+
+from common import DATA, REPO, emit_json, fmt, load_average, machine, print_table, summary  # noqa: E402
 
 RECIPE = REPO / "recipes" / "finetune" / "nq_open.yaml"
 

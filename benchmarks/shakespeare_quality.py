@@ -24,15 +24,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, DATA, emit_json, fmt, load_average, machine, print_table, summary  # noqa: E402
 from recipe_ab import run_recipe  # noqa: E402
 
-from lmpipe.data.packing import blocks_as_array, pack_blocks, tokenize_documents  # noqa: E402
-from lmpipe.data.sources import load_corpus, split_validation  # noqa: E402
-from lmpipe.training.exact_eval import token_byte_lengths  # noqa: E402
 from lmpipe.config.arguments import TokenizerArguments  # noqa: E402
 from lmpipe.config.recipe import parse_recipe
+from lmpipe.data.packing import blocks_as_array, pack_blocks, tokenize_documents  # noqa: E402
+from lmpipe.data.sources import load_corpus, split_validation  # noqa: E402
 from lmpipe.model.tokenizer import load_tokenizer  # noqa: E402
+from lmpipe.training.exact_eval import token_byte_lengths  # noqa: E402
+
+from common import DATA, REPO, emit_json, fmt, load_average, machine, print_table, summary  # noqa: E402
 
 RECIPE = REPO / "recipes" / "pretrain" / "shakespeare_3min.yaml"
 NANOGPT_BABY_GPT_NATS_PER_CHAR = 1.88

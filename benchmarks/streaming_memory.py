@@ -24,13 +24,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit_json, load_average, machine, print_table  # noqa: E402
 from data_prep import BLOCK_SIZE, generate_corpus, gpt2_tokenizer, peak_rss_mb, prepare_ours  # noqa: E402
+
+from common import emit_json, load_average, machine, print_table  # noqa: E402
 
 
 def stream_pass(path: str) -> dict:
-    from lmpipe.data.streaming import PackedStream, stream_documents
     from lmpipe.config.arguments import DataArguments
+    from lmpipe.data.streaming import PackedStream, stream_documents
 
     data = DataArguments(train_file=path, streaming=True, streaming_validation_documents=100)
     train, _ = stream_documents(data, path)

@@ -56,17 +56,17 @@ from transformers import (  # noqa: E402
 from transformers.trainer_callback import PrinterCallback, ProgressCallback  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit_json, fmt, load_average, machine, print_table, summary  # noqa: E402
-
+from lmpipe.config.recipe import parse_recipe  # noqa: E402
 from lmpipe.data.collate import collate_blocks  # noqa: E402
 from lmpipe.data.sources import pydoc_documents  # noqa: E402
-from lmpipe.training.exact_eval import token_byte_lengths  # noqa: E402
-from lmpipe.model.build import build_model  # noqa: E402
 from lmpipe.loss.install import install_chunked_loss  # noqa: E402
-from lmpipe.pretrain import prepare_corpus  # noqa: E402
-from lmpipe.config.recipe import parse_recipe  # noqa: E402
+from lmpipe.model.build import build_model  # noqa: E402
 from lmpipe.model.tokenizer import gpt2_tokenizer_from_files, train_bpe_tokenizer  # noqa: E402
+from lmpipe.pretrain import prepare_corpus  # noqa: E402
+from lmpipe.training.exact_eval import token_byte_lengths  # noqa: E402
 from lmpipe.training.trainer import build_trainer  # noqa: E402
+
+from common import emit_json, fmt, load_average, machine, print_table, summary  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

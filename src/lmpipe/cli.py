@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmpipe.errors import LmpipeError
 from lmpipe.config.arguments import FINETUNE_QA_GROUPS, TASKS
 from lmpipe.config.recipe import HelpRequested, parse_arguments, parse_recipe, recipe_task
+from lmpipe.errors import LmpipeError
 from lmpipe.run.files import RESOLVED_RECIPE_NAME
 
 DEFAULT_PRETRAIN_RECIPE = str(Path(__file__).parent / "config" / "default_recipe.yaml")  # package data: any install has it

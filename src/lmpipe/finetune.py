@@ -14,7 +14,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArgum
 from lmpipe.config.arguments import LoraArguments, ModelArguments, QAArguments
 from lmpipe.config.recipe import Recipe
 from lmpipe.data.chat import (
-    ChatFormat, chat_format, check_messages_column, resolve_chat_template, tokenize_conversations,
+    ChatFormat,
+    chat_format,
+    check_messages_column,
+    resolve_chat_template,
+    tokenize_conversations,
 )
 from lmpipe.data.collate import padded_collator, qa_collator, real_token_fraction
 from lmpipe.data.mixture import format_shares, parse_sources, prepare_mixture

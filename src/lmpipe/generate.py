@@ -10,17 +10,20 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import (
-    GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
 )
 
-from lmpipe.data.chat import ChatFormat, chat_format, resolve_chat_template
+from lmpipe.config.arguments import TokenizerArguments
 from lmpipe.config.rules import check_values
+from lmpipe.data.chat import ChatFormat, chat_format, resolve_chat_template
 from lmpipe.errors import LmpipeError
 from lmpipe.model.build import load_pretrained
 from lmpipe.model.checks import check_model_files, check_vocab
-from lmpipe.config.arguments import TokenizerArguments
 from lmpipe.model.tokenizer import load_tokenizer, plain_text_ids
-
 
 # The sampling knobs and the values that switch them off.
 SAMPLING_OFF = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}

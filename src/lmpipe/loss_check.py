@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, set_seed
 
-from lmpipe.errors import LmpipeError
-from lmpipe.finetune import build_qa_trainer, check_finetune_arguments
-from lmpipe.loss.reference import IGNORE_INDEX, shifted_token_nll
-from lmpipe.loss.install import ChunkedLoss, chunked_loss_enabled, chunked_loss_of
-from lmpipe.pretrain import build_pretrain_trainer
 from lmpipe.config.arguments import QAArguments
 from lmpipe.config.recipe import Recipe
+from lmpipe.errors import LmpipeError
+from lmpipe.finetune import build_qa_trainer, check_finetune_arguments
+from lmpipe.loss.install import ChunkedLoss, chunked_loss_enabled, chunked_loss_of
+from lmpipe.loss.reference import IGNORE_INDEX, shifted_token_nll
+from lmpipe.pretrain import build_pretrain_trainer
 from lmpipe.run.session import check_run
 
 LOSS_NAMES = ("model", "manual", "cross_entropy", "chunked", "trainer")

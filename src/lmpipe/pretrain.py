@@ -16,7 +16,12 @@ from lmpipe.data.collate import collate_blocks
 from lmpipe.data.mixture import format_shares, mixed_documents, realised_shares
 from lmpipe.data.null_rows import check_no_null_text
 from lmpipe.data.packing import (
-    blocks_as_array, blocks_dataset, flat_token_ids, pack_blocks, tokenize_documents, whole_blocks,
+    blocks_as_array,
+    blocks_dataset,
+    flat_token_ids,
+    pack_blocks,
+    tokenize_documents,
+    whole_blocks,
 )
 from lmpipe.data.sources import check_text_column, load_corpus, split_validation
 from lmpipe.data.stream_mixture import MIXTURE_NAME, StreamMixture, stream_mixture, trained_shares

@@ -17,9 +17,9 @@ from pathlib import Path
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+from lmpipe.config.recipe import Recipe
 from lmpipe.config.rules import check_values
 from lmpipe.loss.reference import IGNORE_INDEX
-from lmpipe.config.recipe import Recipe
 from lmpipe.run.files import write_text_atomically
 
 LEARNED_COLOUR, RESET = "\033[1;32m", "\033[0m"
@@ -63,8 +63,8 @@ def pretraining_examples(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, Itera
 
 def finetuning_examples(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, Iterator[Example]]:
     """QA pairs or conversations, with their -100 labels."""
-    from lmpipe.finetune import prepare_finetune_data
     from lmpipe.data.qa import prompt_template
+    from lmpipe.finetune import prepare_finetune_data
 
     qa = recipe.data
     tokenizer, data = prepare_finetune_data(recipe, recipe.training, None if qa.messages_column else prompt_template(qa))

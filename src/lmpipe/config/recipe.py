@@ -21,7 +21,13 @@ import yaml
 from transformers import HfArgumentParser
 
 from lmpipe.config.arguments import (
-    PRETRAIN_GROUPS, TASKS, DataArguments, LoraArguments, ModelArguments, QAArguments, RunTrainingArguments,
+    PRETRAIN_GROUPS,
+    TASKS,
+    DataArguments,
+    LoraArguments,
+    ModelArguments,
+    QAArguments,
+    RunTrainingArguments,
     TokenizerArguments,
 )
 from lmpipe.config.rules import check_nulls, check_recipe_values

@@ -17,11 +17,11 @@ from datasets import Dataset, DatasetDict
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from lmpipe.config.arguments import QAArguments
 from lmpipe.data.fingerprint import map_tokenized
 from lmpipe.data.qa import QACounts
 from lmpipe.errors import LmpipeError
 from lmpipe.loss.reference import IGNORE_INDEX
-from lmpipe.config.arguments import QAArguments
 from lmpipe.model.tokenizer import plain_text_ids
 
 ROLES = ("system", "user", "assistant")

@@ -22,12 +22,12 @@ import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, IterableDataset, concatenate_datasets, load_dataset
 from transformers import PreTrainedTokenizerBase
 
+from lmpipe.config.arguments import QAArguments
 from lmpipe.data.chat import ChatFormat, check_messages_column, tokenize_conversations
 from lmpipe.data.qa import QACounts, check_qa_columns, prompt_template, tokenize_qa
 from lmpipe.data.sources import BUILDERS, check_text_column, first_line, load_local_file, split_validation
 from lmpipe.errors import LmpipeError
 from lmpipe.loss.reference import IGNORE_INDEX
-from lmpipe.config.arguments import QAArguments
 
 QA_COLUMN_KEYS = ("question_column", "answer_column", "context_column", "messages_column")
 DOCUMENT_COLUMN_KEYS = ("text_column",)

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
+from lmpipe.config.arguments import QAArguments
 from lmpipe.data.fingerprint import map_tokenized
 from lmpipe.data.sources import check_text_column
 from lmpipe.errors import LmpipeError
 from lmpipe.loss.reference import IGNORE_INDEX
-from lmpipe.config.arguments import QAArguments
 from lmpipe.model.tokenizer import plain_text_ids
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"

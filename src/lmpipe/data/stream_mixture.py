@@ -18,12 +18,12 @@ import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset, concatenate_datasets, interleave_datasets
 from transformers import PreTrainedTokenizerBase
 
+from lmpipe.config.arguments import DataArguments
 from lmpipe.data.mixture import DOCUMENT_COLUMN_KEYS, MixtureSource, load_source, parse_sources, shares_of_counts
 from lmpipe.data.packing import tokenize_documents
 from lmpipe.data.sources import check_text_column
 from lmpipe.data.streaming import ReadFile, named_read_errors
 from lmpipe.errors import LmpipeError
-from lmpipe.config.arguments import DataArguments
 
 STOPPING_STRATEGY = "all_exhausted"
 # The name of the mixed stream in errors that no one source's file explains (a Hub stream failing mid-way).

@@ -19,10 +19,10 @@ from datasets import Dataset, DatasetDict, IterableDataset
 from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase, TrainingArguments
 
+from lmpipe.config.arguments import DataArguments
 from lmpipe.data.packing import tokenize_documents
 from lmpipe.data.sources import check_text_column, first_bad_json_line, first_line, load_corpus
 from lmpipe.errors import LmpipeError
-from lmpipe.config.arguments import DataArguments
 
 # Tokens gathered before cutting blocks: big enough for vectorised cuts, small enough to keep memory flat.
 FLUSH_TOKENS = 1 << 16

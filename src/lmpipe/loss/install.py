@@ -17,8 +17,8 @@ from transformers import PreTrainedModel
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.utils import ModelOutput
 
-from lmpipe.loss.chunked import causal_lm_loss, default_chunk_tokens, linear_cross_entropy, shifted_targets, token_nll
 from lmpipe.errors import LmpipeError
+from lmpipe.loss.chunked import causal_lm_loss, default_chunk_tokens, linear_cross_entropy, shifted_targets, token_nll
 
 ATTRIBUTE = "lmpipe_chunked_loss"
 

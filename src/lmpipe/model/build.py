@@ -6,11 +6,18 @@ import logging
 import math
 
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
+from lmpipe.config.arguments import ModelArguments
 from lmpipe.errors import LmpipeError, not_a_directory_hint
 from lmpipe.model.checks import check_finite_weights, check_model_files, check_vocab
-from lmpipe.config.arguments import ModelArguments
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from lmpipe.errors import LmpipeError
 from lmpipe.config.arguments import LoraArguments
+from lmpipe.errors import LmpipeError
 
 MERGED_DIR = "merged"
 

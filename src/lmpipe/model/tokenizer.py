@@ -10,9 +10,9 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
+from lmpipe.config.arguments import TokenizerArguments
 from lmpipe.errors import LmpipeError, not_a_directory_hint, not_found
 from lmpipe.model.checks import check_model_files, check_tokenizer_vocabulary
-from lmpipe.config.arguments import TokenizerArguments
 
 EOS_TOKEN = "<|endoftext|>"
 

@@ -21,10 +21,10 @@ from safetensors import safe_open
 from transformers import TrainingArguments
 from transformers.trainer_utils import sort_checkpoints
 
+from lmpipe.config.recipe import Recipe
 from lmpipe.errors import where_relative
 from lmpipe.model.finite import file_non_finite
 from lmpipe.run.identity import identity_changes
-from lmpipe.config.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 

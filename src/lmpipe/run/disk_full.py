@@ -17,8 +17,8 @@ from pathlib import Path
 
 from transformers.trainer_utils import sort_checkpoints
 
-from lmpipe.run.checkpoints import checkpoint_problem, newest_complete_checkpoint
 from lmpipe.errors import LmpipeError
+from lmpipe.run.checkpoints import checkpoint_problem, newest_complete_checkpoint
 
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 NEARLY_FULL_BYTES = 64 << 20  # or 1% of the disk, whichever is smaller

@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import (
-    CommitOperationAdd, HfApi, constants, get_session, get_token, hf_raise_for_status, is_offline_mode,
+    CommitOperationAdd,
+    HfApi,
+    constants,
+    get_session,
+    get_token,
+    hf_raise_for_status,
+    is_offline_mode,
 )
 from huggingface_hub.errors import HfHubHTTPError, HTTPError
 from huggingface_hub.utils import build_hf_headers
@@ -40,9 +46,9 @@ from transformers.utils import (
     SAFE_WEIGHTS_NAME,
 )
 
+from lmpipe.errors import LmpipeError
 from lmpipe.run.card import write_model_card
 from lmpipe.run.checkpoints import newest_complete_checkpoint
-from lmpipe.errors import LmpipeError
 from lmpipe.run.files import CARD_NAME, METRICS_NAME, PLOT_NAME, RESOLVED_RECIPE_NAME, TENSORBOARD_DIR
 
 logger = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ import subprocess
 import sys
 from collections.abc import Collection
 
-from lmpipe.errors import LmpipeError
 from lmpipe.config.recipe import HelpRequested
+from lmpipe.errors import LmpipeError
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 SHUTDOWN_TIMEOUT_S = "600"  # how long a signalled multi-process run may take to save before torchrun SIGKILLs it

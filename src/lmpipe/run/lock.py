@@ -18,8 +18,8 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
-from lmpipe.run.distributed import on_main_process
 from lmpipe.errors import LmpipeError
+from lmpipe.run.distributed import on_main_process
 
 LOCK_NAME = ".lmpipe.lock"
 

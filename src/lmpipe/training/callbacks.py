@@ -9,10 +9,11 @@ from collections.abc import Mapping
 import torch
 from transformers import TrainerCallback, TrainerControl
 
-from lmpipe.run.checkpoints import newest_complete_checkpoint
 from lmpipe.errors import LmpipeError
 from lmpipe.model.finite import live_non_finite
+from lmpipe.run.checkpoints import newest_complete_checkpoint
 from lmpipe.run.signals import SaveOnSignal, StepVote, on_any_rank
+
 
 class StopOnNonFinite(TrainerCallback):
     """A NaN or infinite training loss, weight or optimizer state stops the run before anything is saved.

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from lmpipe.config.rules import check_values
 from lmpipe.errors import LmpipeError
-from lmpipe.model.finite import non_finite_metrics
 from lmpipe.model.checks import check_model_files
+from lmpipe.model.finite import non_finite_metrics
 from lmpipe.zero_shot.run import ZeroShotArguments, evaluate_zero_shot
 
 

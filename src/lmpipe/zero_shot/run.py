@@ -9,11 +9,11 @@ import torch
 from accelerate import PartialState
 
 import lmpipe
+from lmpipe.config.arguments import TokenizerArguments
 from lmpipe.config.rules import check_values
 from lmpipe.errors import LmpipeError
 from lmpipe.model.build import load_pretrained
 from lmpipe.model.checks import check_model_files, check_vocab
-from lmpipe.config.arguments import TokenizerArguments
 from lmpipe.model.tokenizer import load_tokenizer
 from lmpipe.zero_shot import tasks
 from lmpipe.zero_shot.data import FORMATS, load_rows, task_rows
