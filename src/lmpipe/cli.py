@@ -14,7 +14,8 @@ from lmpipe.config.recipe import HelpRequested, parse_arguments, parse_recipe, r
 from lmpipe.errors import LmpipeError
 from lmpipe.run.files import RESOLVED_RECIPE_NAME
 
-DEFAULT_PRETRAIN_RECIPE = str(Path(__file__).parent / "config" / "default_recipe.yaml")  # package data: any install has it
+# Package data: any install has it.
+DEFAULT_PRETRAIN_RECIPE = str(Path(__file__).parent / "config" / "default_recipe.yaml")
 # Keys of a finished run's recipe.yaml that do not apply when its saved model and tokenizer are loaded back.
 FROM_SCRATCH_KEYS = (
     "train_tokenizer", "tokenizer_vocab_size", "tokenizer_name_or_path", "vocab_file", "merges_file",
@@ -145,7 +146,9 @@ def finetune_qa_command(argv: list[str]) -> None:
     training = recipe.training
     if training.process_index == 0:
         before = f", {metrics['initial_perplexity']:.2f} before" if "initial_perplexity" in metrics else ""
-        rows = " | ".join(f"{name}: " + ", ".join(f"{v:,} {k}" for k, v in c.items()) for name, c in metrics["examples"].items())
+        rows = " | ".join(
+            f"{name}: " + ", ".join(f"{v:,} {k}" for k, v in c.items()) for name, c in metrics["examples"].items()
+        )
         scores = f" | exact match {metrics['exact_match']:.2f} | F1 {metrics['f1']:.2f}" if "f1" in metrics else ""
         evaluated = (
             f"answer-only eval loss {metrics['eval_loss']:.4f} nats/token over {metrics['eval_tokens']:,} tokens"
@@ -222,11 +225,13 @@ COMMANDS = {
     ),
     "perplexity": Command(perplexity_command, "--model_name_or_path DIR --validation_file FILE [--key value ...]"),
     "evaluate": Command(
-        evaluate_command, "MODEL --task multiple_choice|lambada|perplexity --data FILE [--output_dir DIR] [--key value ...]"
+        evaluate_command,
+        "MODEL --task multiple_choice|lambada|perplexity --data FILE [--output_dir DIR] [--key value ...]",
     ),
     "push": Command(push_command, "OUTPUT_DIR [--hub_model_id ID] [--private] [--hub_strategy STRATEGY]"),
     "generate": Command(
-        generate_command, "--model_name_or_path DIR (--prompt TEXT | --chat MESSAGE ... [--system TEXT]) [--key value ...]"
+        generate_command,
+        "--model_name_or_path DIR (--prompt TEXT | --chat MESSAGE ... [--system TEXT]) [--key value ...]",
     ),
     "show-data": Command(
         show_data_command, "[RECIPE.yaml] [--task pretrain|qa] [--rows N] [--jsonl PATH] [--key value ...]"

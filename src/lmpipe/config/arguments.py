@@ -41,7 +41,8 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with a Hub model."})
     chunked_loss: bool = field(
         default=True,
-        metadata={"help": "Loss from the hidden states a chunk of tokens at a time, never the full logits; false: the model's own."},
+        metadata={"help": "Loss from the hidden states a chunk of tokens at a time, never the full logits; "
+                  "false: the model's own."},
     )
     chunked_loss_tokens: int | None = field(
         default=None,
@@ -109,7 +110,8 @@ class RunTrainingArguments(TrainingArguments):
 
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Replace another run (a different recipe.yaml) in output_dir; the same recipe always resumes."},
+        metadata={"help": "Replace another run (a different recipe.yaml) in output_dir; "
+                  "the same recipe always resumes."},
     )
     final_evaluation: bool = field(
         default=True,
@@ -144,16 +146,20 @@ class QAArguments:
     context_column: str | None = field(default=None, metadata={"help": "Optional column holding a passage."})
     prompt_template: str | None = field(
         default=None,
-        metadata={"help": "Python format string with {question} (and {context}); default 'Question: {question}\\nAnswer:'."},
+        metadata={"help": "Python format string with {question} (and {context}); "
+                  "default 'Question: {question}\\nAnswer:'."},
     )
     answer_prefix: str = field(default=" ", metadata={"help": "Text put before the answer (GPT-2 BPE: a space)."})
-    max_length: int = field(default=128, metadata={"help": "Tokens per example: prompt (left-truncated) + answer + EOS."})
+    max_length: int = field(
+        default=128, metadata={"help": "Tokens per example: prompt (left-truncated) + answer + EOS."}
+    )
     validation_split_percentage: float = field(
         default=10.0, metadata={"help": "Without a validation split: the last this-% of examples."}
     )
     batching: str = field(
         default="padded",
-        metadata={"help": "padded: dynamic padding per batch; packed: padding-free rows.", "choices": ["padded", "packed"]},
+        metadata={"help": "padded: dynamic padding per batch; packed: padding-free rows.",
+                  "choices": ["padded", "packed"]},
     )
     generation_max_new_tokens: int = field(default=16, metadata={"help": "Greedy answer length for exact match / F1."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for map()."})
@@ -163,7 +169,8 @@ class QAArguments:
     )
     chat_template: str | None = field(
         default=None,
-        metadata={"help": "Jinja chat template (text or a .jinja file); default: the tokenizer's, else lmpipe's plain one."},
+        metadata={"help": "Jinja chat template (text or a .jinja file); "
+                  "default: the tokenizer's, else lmpipe's plain one."},
     )
     learn_assistant_turns: str = field(
         default="all",

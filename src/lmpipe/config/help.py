@@ -45,7 +45,9 @@ def _training_section(group: type, training_defaults: dict[str, Any]) -> str:
         " those lmpipe's recipes use:"
     ]
     lines += [_describe(fields[name], training_defaults) for name in TRAINING_KEYS_SHOWN if name in fields]
-    lines += [_describe(f, training_defaults) for f in lmpipe_training_fields(group) if f.name not in TRAINING_KEYS_SHOWN]
+    lines += [
+        _describe(f, training_defaults) for f in lmpipe_training_fields(group) if f.name not in TRAINING_KEYS_SHOWN
+    ]
     return "\n".join(lines)
 
 

@@ -222,7 +222,10 @@ def parse_recipe(
     task = task_of(groups)
     if task is not None and TASK_KEY in recipe:
         if recipe[TASK_KEY] != task:
-            raise LmpipeError(f"{source}: a '{recipe.pop(TASK_KEY)}' recipe, not '{task}'; pretraining recipes run with `lmpipe pretrain`, qa ones with `lmpipe finetune-qa`")
+            raise LmpipeError(
+                f"{source}: a '{recipe.pop(TASK_KEY)}' recipe, not '{task}'; "
+                "pretraining recipes run with `lmpipe pretrain`, qa ones with `lmpipe finetune-qa`"
+            )
         del recipe[TASK_KEY]
     if adjust is not None:
         recipe = adjust(recipe)

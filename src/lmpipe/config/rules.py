@@ -56,7 +56,9 @@ RULES: dict[str, Rule] = {
     "block_size": _at_least(2),  # one input and one label
     "max_length": (lambda v: v >= 2, ">= 2 (one prompt token and EOS)"),
     "tokenizer_vocab_size": (lambda v: v >= 257, ">= 257 (256 byte tokens and <|endoftext|>)"),
-    **dict.fromkeys(["learning_rate", "adam_epsilon", "logging_steps", "eval_steps", "save_steps", "lora_alpha"], POSITIVE),
+    **dict.fromkeys(
+        ["learning_rate", "adam_epsilon", "logging_steps", "eval_steps", "save_steps", "lora_alpha"], POSITIVE
+    ),
     **dict.fromkeys(
         ["warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers", "top_k", "eval_delay",
          "neftune_noise_alpha", "num_train_epochs"],
@@ -102,7 +104,7 @@ def check_recipe_values(arguments: Iterable[Any], from_file: set[str], source: s
         test, description = rule
         if not test(value):
             raise LmpipeError(f"{where}{name} must be {description}, got {value}")
-    output_dir = next((getattr(g, "output_dir") for g in arguments if hasattr(g, "output_dir")), None)
+    output_dir = next((g.output_dir for g in arguments if hasattr(g, "output_dir")), None)
     if output_dir and Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise LmpipeError(f"output_dir {output_dir}: is a file, not a directory")
 
