@@ -38,8 +38,9 @@ class GenerateArguments:
     prompt: str | None = field(default=None, metadata={"help": "Text to continue."})
     chat: list[str] | None = field(
         default=None,
-        metadata={"help": "User messages instead of --prompt: each is answered in turn, rendered with the model's saved "
-                  "chat template (lmpipe's plain one if it has none); a reply stops at the assistant turn's end."},
+        metadata={"help": "User messages instead of --prompt: each is answered in turn, rendered with the model's "
+                  "saved chat template (lmpipe's plain one if it has none); "
+                  "a reply stops at the assistant turn's end."},
     )
     system: str | None = field(default=None, metadata={"help": "A system message before the --chat turns."})
 

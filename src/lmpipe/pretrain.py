@@ -66,7 +66,9 @@ def prepare_corpus(
             data.datasets, data.text_column, data.sample_by, data.validation_split_percentage, seed
         )
     else:
-        corpus = load_corpus(data.dataset_name, data.dataset_config_name, data.train_file, data.validation_file, data.sample_by)
+        corpus = load_corpus(
+            data.dataset_name, data.dataset_config_name, data.train_file, data.validation_file, data.sample_by
+        )
     if data.max_train_documents:
         corpus["train"] = corpus["train"].select(range(min(data.max_train_documents, len(corpus["train"]))))
     check_no_null_text(corpus, data.text_column, {"train": source, "validation": data.validation_file or source})
@@ -85,7 +87,9 @@ def prepare_corpus(
         for name, split_ids in ids.items():
             if len(split_ids) == 0:
                 raise LmpipeError(f"{source} ({name}): no tokens after tokenisation")
-        packed = {name: blocks_dataset(whole_blocks(split_ids, data.block_size, name)) for name, split_ids in ids.items()}
+        packed = {
+            name: blocks_dataset(whole_blocks(split_ids, data.block_size, name)) for name, split_ids in ids.items()
+        }
     mixture = None
     if data.datasets:  # every token of a document (and its EOS) is learned
         lengths = pc.list_value_length(tokenized["train"].data.column("input_ids")).to_pylist()

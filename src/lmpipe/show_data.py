@@ -31,7 +31,8 @@ class ShowDataArguments:
 
     rows: int = field(default=3, metadata={"help": "Processed training examples to show (and to write with --jsonl)."})
     jsonl: str | None = field(
-        default=None, metadata={"help": "Also write those examples as JSON lines: input_ids, labels (-100 kept), source."}
+        default=None,
+        metadata={"help": "Also write those examples as JSON lines: input_ids, labels (-100 kept), source."},
     )
     colour: str = field(
         default="auto",
@@ -67,7 +68,9 @@ def finetuning_examples(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, Iterat
     from lmpipe.finetune import prepare_finetune_data
 
     qa = recipe.data
-    tokenizer, data = prepare_finetune_data(recipe, recipe.training, None if qa.messages_column else prompt_template(qa))
+    tokenizer, data = prepare_finetune_data(
+        recipe, recipe.training, None if qa.messages_column else prompt_template(qa)
+    )
     default_source = qa.train_file or qa.dataset_name or "data"
     sources = data.train["source"] if "source" in data.train.column_names else itertools.repeat(default_source)
     rows = data.train.select_columns(["input_ids", "labels"])
@@ -78,7 +81,9 @@ def marked_text(tokenizer: PreTrainedTokenizerBase, example: Example, colour: bo
     """The example's text with each run of learned tokens marked; runs are decoded whole, so a character split
     over two tokens is shown once."""
     parts = []
-    for learned, run in itertools.groupby(zip(example.input_ids, example.labels), key=lambda pair: pair[1] != IGNORE_INDEX):
+    for learned, run in itertools.groupby(
+        zip(example.input_ids, example.labels), key=lambda pair: pair[1] != IGNORE_INDEX
+    ):
         text = tokenizer.decode([token for token, _ in run], clean_up_tokenization_spaces=False)
         if learned:
             text = f"{LEARNED_COLOUR}{text}{RESET}" if colour else f"[{text}]"
@@ -109,7 +114,10 @@ def show_data(recipe: Recipe, out=None) -> list[Example]:
     colour = args.colour == "always" or (args.colour == "auto" and out.isatty())
     for number, example in enumerate(shown, start=1):
         learned = sum(label != IGNORE_INDEX for label in example.labels)
-        print(f"--- example {number} | {example.source} | {len(example.input_ids)} tokens, {learned} learned ---", file=out)
+        print(
+            f"--- example {number} | {example.source} | {len(example.input_ids)} tokens, {learned} learned ---",
+            file=out,
+        )
         print(marked_text(tokenizer, example, colour), file=out)
     if args.jsonl:
         write_jsonl(shown, args.jsonl)

@@ -11,7 +11,9 @@ from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
 
-def tokenized_fingerprint(split: Dataset, tokenizer: PreTrainedTokenizerBase, code_file: str, *settings: Any) -> str | None:
+def tokenized_fingerprint(
+    split: Dataset, tokenizer: PreTrainedTokenizerBase, code_file: str, *settings: Any
+) -> str | None:
     """A fingerprint for `split.map(...)` that changes with the data, the tokenizer, the code and the settings;
     None (datasets hashes as usual) for a tokenizer with no Rust backend to serialise."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -69,7 +69,10 @@ def parse_sources(values: list[Any], column_keys: tuple[str, ...] = QA_COLUMN_KE
         if not isinstance(entry.get("path"), str) or not entry["path"]:
             raise LmpipeError(f"{where}: needs a path (a local file or a Hub dataset id)")
         weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight > 0):
+        if (
+            isinstance(weight, bool) or not isinstance(weight, (int, float))
+            or not (math.isfinite(weight) and weight > 0)
+        ):
             raise LmpipeError(f"{where}: weight must be a number > 0, got {weight!r}")
         for key in ("split", "config", *column_keys):
             if key in entry and not isinstance(entry[key], str):
@@ -79,7 +82,9 @@ def parse_sources(values: list[Any], column_keys: tuple[str, ...] = QA_COLUMN_KE
         sources.append(MixtureSource(entry["path"], float(weight), split, config, columns))
     names = [source.name for source in sources]
     if len(set(names)) != len(names):
-        raise LmpipeError(f"datasets: {next(n for n in names if names.count(n) > 1)} is listed twice; give it one weight")
+        raise LmpipeError(
+            f"datasets: {next(n for n in names if names.count(n) > 1)} is listed twice; give it one weight"
+        )
     if not sources:
         raise LmpipeError("datasets: the list is empty")
     return sources
@@ -189,7 +194,8 @@ def prepare_mixture(
         validations.append(held["validation"])
     train = concatenate_datasets(trains)
     return Mixture(
-        train, concatenate_datasets(validations), counts, realised_shares(sources, train["source"], learned_per_row(train))
+        train, concatenate_datasets(validations), counts,
+        realised_shares(sources, train["source"], learned_per_row(train)),
     )
 
 

@@ -25,7 +25,9 @@ TRAINING_COLUMNS = ["input_ids", "labels"]
 
 
 def prompt_template(qa: QAArguments) -> str:
-    """The recipe's template (or the default): {question} is required, {context} exactly when a context column is set."""
+    """The recipe's template (or the default).
+
+    {question} is required, {context} exactly when a context column is set."""
     template = qa.prompt_template or (DEFAULT_CONTEXT_TEMPLATE if qa.context_column else DEFAULT_TEMPLATE)
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}

@@ -1,8 +1,8 @@
 """Causal-LM cross-entropy straight from the final hidden states, a chunk of tokens at a time.
 
 The `[tokens x vocab]` logits are never held whole: each chunk's logits give that chunk's NLL and, in training, its
-share of the gradients, and are freed before the next chunk. Our own because cut-cross-entropy's kernels need CUDA (Triton) and its
-portable `torch_compile` path still builds the full logits.
+share of the gradients, and are freed before the next chunk. Our own because cut-cross-entropy's kernels need CUDA
+(Triton) and its portable `torch_compile` path still builds the full logits.
 """
 
 from __future__ import annotations

@@ -77,7 +77,9 @@ class ChunkedLoss:
         self._hidden = hidden
         return (hidden[..., :0, :],)
 
-    def _loss(self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs):
+    def _loss(
+        self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs
+    ):
         """The model's `loss_function`: chunked when armed, else transformers' ForCausalLMLoss on the logits."""
         if self._hidden is None:
             return ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels, **kwargs)
@@ -129,7 +131,9 @@ def chunked_loss_enabled(model: torch.nn.Module, enabled: bool):
 
 
 def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """What `training.exact_eval.NllStatistics` reduces: per-token NLL from the chunked loss, or else the full logits."""
+    """What `training.exact_eval.NllStatistics` reduces.
+
+    Per-token NLL from the chunked loss, or else the full logits."""
     chunked = chunked_loss_of(model)
     if chunked is not None and chunked.enabled:
         return model(input_ids=input_ids, labels=labels).token_nll

@@ -59,7 +59,8 @@ def file_non_finite(file: Path) -> str | None:
     """'tensor NAME holds NaN or inf' for a safetensors or torch file (loaded with `weights_only`), else None."""
     if file.suffix == ".safetensors":
         with safe_open(str(file), framework="pt") as weights:
-            bad = first_non_finite((key, weights.get_tensor(key)) for key in weights.keys())
+            # safetensors' safe_open has keys() but is not iterable, so `key in weights` would fail
+            bad = first_non_finite((key, weights.get_tensor(key)) for key in weights.keys())  # noqa: SIM118
     elif file.suffix in (".pt", ".pth", ".bin") and file.name.startswith(("optimizer", "pytorch_model")):
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         bad = first_non_finite(_nested_tensors(state, ""))

@@ -83,7 +83,8 @@ def full_disk_is_one_line(output_dir: str, is_main_process: bool) -> Iterator[No
         good = newest_complete_checkpoint(output_dir)
         usage = _disk_usage(directory)
         raise DiskFullError(
-            f"disk full: cannot write {path} ({'unknown' if usage is None else f'{usage.free:,} bytes'} free on its disk)"
+            f"disk full: cannot write {path} "
+            f"({'unknown' if usage is None else f'{usage.free:,} bytes'} free on its disk)"
             + (f"; removed the unfinished {', '.join(torn)}" if torn else "")
             + f"; free some space, then rerun to {f'resume from {good}' if good else 'start over'}"
         ) from None

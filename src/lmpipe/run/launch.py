@@ -15,6 +15,7 @@ code of the first failed rank, or 128 + the signal. The launcher returns only on
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -69,10 +70,8 @@ def launch_one(args) -> int:
     child = subprocess.Popen(command, env=environment, start_new_session=True)
 
     def forward(signal_number, frame):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, signal_number)  # the trainer only: it stops its own data-loader workers
-        except ProcessLookupError:
-            pass
 
     previous = {number: signal.signal(number, forward) for number in FORWARDED_SIGNALS}
     try:
@@ -91,7 +90,9 @@ def launch_several(args) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     environment = prepare_multi_gpu_env(args)
-    environment.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S))
+    environment.setdefault(
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S)
+    )
     torchrun_args = _filter_args(
         args,
         torchrun.get_args_parser(),

@@ -29,7 +29,9 @@ def _holder(lock_file: Path) -> str:
         recorded = lock_file.read_text(encoding="utf-8").split()
     except OSError:
         recorded = []
-    return f"PID {recorded[0]} on host {recorded[1]}" if len(recorded) == 2 else "another process (PID not recorded yet)"
+    return (
+        f"PID {recorded[0]} on host {recorded[1]}" if len(recorded) == 2 else "another process (PID not recorded yet)"
+    )
 
 
 def _open_output_dir(output_dir: Path) -> bool:

@@ -82,7 +82,9 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, A
     }
     not_finite = non_finite_metrics(metrics)
     if not_finite:  # metrics.json would hold NaN, which is not JSON: the run does not count as finished
-        raise LmpipeError(f"{output_dir}: the final {', '.join(not_finite)} is not finite (NaN or inf); no metrics.json")
+        raise LmpipeError(
+            f"{output_dir}: the final {', '.join(not_finite)} is not finite (NaN or inf); no metrics.json"
+        )
     return metrics
 
 
