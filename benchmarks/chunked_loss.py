@@ -126,7 +126,8 @@ def child(spec: dict) -> dict:
             host_memory_reuse=spec.get("host_memory_reuse", True),
         )
         trainer = build_trainer(
-            model, args, train, validation, collate_blocks, tokenizer, token_byte_lengths(tokenizer, model.config.vocab_size)
+            model, args, train, validation, collate_blocks, tokenizer,
+            token_byte_lengths(tokenizer, model.config.vocab_size),
         )
         rss_before = peak_rss_mb()
         clock = StepClock()
@@ -151,7 +152,9 @@ def run_child(spec: dict) -> dict:
         [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=os.environ.copy()
     )
     if result.returncode != 0:
-        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"}
+        return {
+            "error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+        }
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -95,7 +95,7 @@ def prepare_run_clm(path: str, tokenizer, num_proc: int | None) -> dict:
     tokenised = time.perf_counter()
 
     def group_texts(examples):
-        concatenated_examples = {k: list(chain(*examples[k])) for k in examples.keys()}
+        concatenated_examples = {k: list(chain(*examples[k])) for k in examples}
         total_length = len(concatenated_examples[list(examples.keys())[0]])
         total_length = (total_length // BLOCK_SIZE) * BLOCK_SIZE
         result = {
@@ -189,7 +189,8 @@ def main(argv=None) -> None:
                              fmt(e["peak_rss_mb"], 0)])
             rows.append([f"{size:g} MB", "ours/run_clm", "", fmt(entry["ours_over_run_clm_tokens_per_s"], 2), "", "",
                          fmt(entry["ours_over_run_clm_peak_rss"], 2)])
-    print_table(["corpus", "pipeline", "packed tokens", "tokens/s", "wall s", "load / tokenise / pack s", "peak RSS MB"], rows)
+    print_table(["corpus", "pipeline", "packed tokens", "tokens/s", "wall s", "load / tokenise / pack s",
+                 "peak RSS MB"], rows)
     emit_json({"benchmark": "data_prep", "block_size": BLOCK_SIZE, "repeats": args.repeats, "num_proc": args.num_proc,
                "tokenizer": "GPT-2 BPE", "machine": machine(), "load_average": {"start": load, "end": load_average()},
                "results": results})

@@ -77,7 +77,8 @@ def dry_run(tokens: int, output_dir: str) -> dict:
     ids = np.asarray(tokenizer(text)["input_ids"][: 2 * tokens], dtype=np.int32)
     blocks = Dataset(pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids), tokens)}))
     trainer = quiet_trainer(build_trainer(
-        model, training, blocks, blocks, collate_blocks, tokenizer, token_byte_lengths(tokenizer, model.config.vocab_size)
+        model, training, blocks, blocks, collate_blocks, tokenizer,
+        token_byte_lengths(tokenizer, model.config.vocab_size),
     ))
     start = time.perf_counter()
     output = trainer.train()

@@ -103,7 +103,9 @@ def profile_steps(setup, dtype: str, overrides: dict, active: int) -> dict:
         "tokens_per_s": active * setup.batch * setup.block / active_wall,
         "flops_per_token": flops_per_token(trainer.model, setup.block),
         "groups_s_per_step": {k: v / active for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
-        "top_ops_s_per_step": [[g, name, v / active] for (g, name), v in sorted(ops.items(), key=lambda kv: -kv[1])[:15]],
+        "top_ops_s_per_step": [
+            [g, name, v / active] for (g, name), v in sorted(ops.items(), key=lambda kv: -kv[1])[:15]
+        ],
     }
 
 
@@ -130,10 +132,14 @@ def main(argv=None) -> None:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
         rate = matmul_rate(dtype, 2048, 2048, 2048)
     step = result["step_s"]
-    rows = [[group, f"{seconds * 1e3:,.1f}", f"{100 * seconds / step:.1f}"] for group, seconds in result["groups_s_per_step"].items()]
+    rows = [
+        [group, f"{seconds * 1e3:,.1f}", f"{100 * seconds / step:.1f}"]
+        for group, seconds in result["groups_s_per_step"].items()
+    ]
     print_table(["where", "ms/step", "% of step"], rows)
     print()
-    print_table(["operator", "ms/step", "group"], [[n, f"{v * 1e3:,.1f}", g] for g, n, v in result["top_ops_s_per_step"]])
+    print_table(["operator", "ms/step", "group"],
+                [[n, f"{v * 1e3:,.1f}", g] for g, n, v in result["top_ops_s_per_step"]])
     fraction = result["tokens_per_s"] * result["flops_per_token"] / rate
     print(f"{args.dtype} {overrides or ''}: {step * 1e3:.0f} ms/step, {result['tokens_per_s']:.0f} tok/s under the"
           f" profiler = {100 * fraction:.1f}% of the {rate / 1e9:.0f} GFLOP/s {args.dtype} matmul rate")

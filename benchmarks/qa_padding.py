@@ -11,7 +11,7 @@ Python's docs, saved from scratch: throughput does not depend on the weights, so
 - answer tokens/s: label tokens (the answer and its EOS; prompts are -100) trained per second, steady state.
 
     HF_HUB_OFFLINE=1 python benchmarks/qa_padding.py [--train_file data/nq_open_efficientqa_dev.jsonl]
-"""
+"""  # noqa: E501 (the first line is argparse's --help description, printed as is)
 
 from __future__ import annotations
 
@@ -123,7 +123,9 @@ def main(argv=None) -> None:
         modes = list(MODES)
         for repeat in range(args.repeats):
             for mode in modes[repeat % len(modes) :] + modes[: repeat % len(modes)]:  # each mode first in turn
-                runs[mode].append(timed_epoch_part(model_dir, args.train_file, mode, args.steps, args.warmup, Path(tmp)))
+                runs[mode].append(
+                    timed_epoch_part(model_dir, args.train_file, mode, args.steps, args.warmup, Path(tmp))
+                )
                 print(f"# {mode}: {runs[mode][-1]}", file=sys.stderr, flush=True)
     results, rows = {}, []
     for mode in MODES:

@@ -60,8 +60,8 @@ def main(argv=None) -> None:
         for name, flags in variants:
             runs[name].append(run_recipe(args.recipe, common + flags))
             r = runs[name][-1]
-            print(f"# {name}: wall {r['wall_s']:.1f} s, train {r['train_runtime_s']:.1f} s, eval loss {r['eval_loss']:.4f}",
-                  file=sys.stderr, flush=True)
+            print(f"# {name}: wall {r['wall_s']:.1f} s, train {r['train_runtime_s']:.1f} s, "
+                  f"eval loss {r['eval_loss']:.4f}", file=sys.stderr, flush=True)
     first = variants[0][0]
     results, rows = {}, []
     for name, flags in variants:
@@ -82,9 +82,10 @@ def main(argv=None) -> None:
             )
             entry[f"wall_over_{first}"] = summary([b["wall_s"] / a["wall_s"] for a, b in pairs])
         results[name] = entry
-        rows.append([name, fmt(entry["wall_s"], 1), fmt(entry["train_runtime_s"], 1), fmt(entry["train_tokens_per_s"], 0),
-                     fmt(entry.get(f"train_tokens_per_s_over_{first}", {"median": None}), 2), fmt(entry["eval_loss"], 4),
-                     fmt(entry["bits_per_byte"], 3)])
+        rows.append([name, fmt(entry["wall_s"], 1), fmt(entry["train_runtime_s"], 1),
+                     fmt(entry["train_tokens_per_s"], 0),
+                     fmt(entry.get(f"train_tokens_per_s_over_{first}", {"median": None}), 2),
+                     fmt(entry["eval_loss"], 4), fmt(entry["bits_per_byte"], 3)])
     print_table(["variant", "wall s", "train s", "train tok/s", f"tok/s / {first}", "eval loss", "bits/byte"], rows)
     emit_json({"benchmark": "recipe_ab", "recipe": args.recipe, "common_flags": common, "repeats": args.repeats,
                "machine": machine(), "load_average": {"start": load, "end": load_average()}, "results": results})

@@ -44,7 +44,8 @@ def scored_characters(recipe: str, flags: list[str], run_dir: Path) -> dict:
     data = parse_recipe([recipe, *flags, "--output_dir", str(run_dir)]).data
     tokenizer = load_tokenizer(TokenizerArguments(tokenizer_name_or_path=str(run_dir)))
     corpus = split_validation(
-        load_corpus(None, train_file=data.train_file, sample_by=data.sample_by), data.validation_split_percentage, "data"
+        load_corpus(None, train_file=data.train_file, sample_by=data.sample_by),
+        data.validation_split_percentage, "data",
     )
     tokenized = tokenize_documents(corpus["validation"], tokenizer, data.text_column)
     stream_length = sum(len(ids) for ids in tokenized["input_ids"])
@@ -100,8 +101,8 @@ def main(argv=None) -> None:
     }
     print_table(
         ["what", "nats/char", "nats/token", "train s", "wall s"],
-        [["ours: " + Path(args.recipe).name, fmt(result["nats_per_char"], 3), fmt(result["eval_loss_nats_per_token"], 3),
-          fmt(result["train_runtime_s"], 0), fmt(result["wall_s"], 0)],
+        [["ours: " + Path(args.recipe).name, fmt(result["nats_per_char"], 3),
+          fmt(result["eval_loss_nats_per_token"], 3), fmt(result["train_runtime_s"], 0), fmt(result["wall_s"], 0)],
          ["nanoGPT baby GPT (README, char-level)", f"{NANOGPT_BABY_GPT_NATS_PER_CHAR:.2f}", "", "~180 (laptop)", ""]],
     )
     emit_json({"benchmark": "shakespeare_quality", "recipe": str(Path(args.recipe).resolve().relative_to(REPO)),

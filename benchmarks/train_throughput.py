@@ -171,10 +171,12 @@ def group_texts_dataset(setup):
     block_size = setup.block
 
     def group_texts(examples):
-        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+        concatenated = {k: list(chain(*examples[k])) for k in examples}
         total_length = len(concatenated[list(examples.keys())[0]])
         total_length = (total_length // block_size) * block_size
-        result = {k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()}
+        result = {
+            k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()
+        }
         result["labels"] = result["input_ids"].copy()
         return result
 
@@ -369,7 +371,8 @@ def report(args, variants, dtypes, results, matmul, shape_rate, load_before) -> 
             rows.append([
                 dtype, name, fmt(entry[name]["tokens_per_s"], 0), fmt(entry[name]["fraction_of_matmul"], 1, 100),
                 fmt(entry[name]["wall_s"], 1),
-                fmt(entry[name]["ours_over_this_tokens_per_s"], 2) if "ours_over_this_tokens_per_s" in entry[name] else "",
+                fmt(entry[name]["ours_over_this_tokens_per_s"], 2)
+                if "ours_over_this_tokens_per_s" in entry[name] else "",
             ])
         payload[dtype] = entry
     if {"fp32", "bf16"} <= set(dtypes):

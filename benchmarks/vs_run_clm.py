@@ -143,7 +143,9 @@ def main() -> None:
             ({r["tool"]: r for r in runs if r["dtype"] == dtype and r["repeat"] == repeat})
             for repeat in range(args.repeats)
         ]
-        speed = summary([p["lmpipe"]["train_tokens_per_second"] / p["run_clm"]["train_tokens_per_second"] for p in pairs])
+        speed = summary(
+            [p["lmpipe"]["train_tokens_per_second"] / p["run_clm"]["train_tokens_per_second"] for p in pairs]
+        )
         wall = summary([p["run_clm"]["wall_s"] / p["lmpipe"]["wall_s"] for p in pairs])
         results[dtype] = {"lmpipe_over_run_clm_train_tokens_per_second": speed, "run_clm_over_lmpipe_wall": wall}
         for tool in ("lmpipe", "run_clm"):

@@ -61,7 +61,8 @@ def main() -> None:
     from lmpipe.zero_shot.scoring import score_requests
 
     start_load = load_average()
-    rows = [json.loads(line) for line in open(args.data, encoding="utf-8")][: args.rows]
+    with open(args.data, encoding="utf-8") as lines:
+        rows = [json.loads(line) for line in lines][: args.rows]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or str(gpt2_bpe_model(Path(tmp) / "model", args.n_layer, args.n_embd))
         harness = HFLM(pretrained=model_dir, batch_size=args.batch_size, device="cpu")

@@ -22,7 +22,9 @@ def conversations(rows: list[dict]) -> list[dict]:
         group = rows[start : start + GROUP_SIZES[turn % len(GROUP_SIZES)]]
         messages = [{"role": "system", "content": SYSTEM}]
         for row in group:
-            messages += [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"][0]}]
+            messages += [
+                {"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"][0]}
+            ]
         out.append({"messages": messages})
         start, turn = start + len(group), turn + 1
     return out
