@@ -75,6 +75,7 @@ def rolling_by_hand(trained, stride: int) -> tuple[float, int, int, int]:
     return total_nll, total_tokens, total_words, total_bytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stride", [None, 11])
 def test_rolling_perplexity_equals_a_hand_loop_over_every_document(trained, stride):
     nll, tokens, words, n_bytes = rolling_by_hand(trained, stride or BLOCK)
@@ -91,12 +92,14 @@ def test_rolling_perplexity_equals_a_hand_loop_over_every_document(trained, stri
     assert result["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_smaller_stride_never_gives_a_higher_perplexity(trained):
     """More context per scored token gives a lower perplexity here."""
     perplexities = [evaluate(trained, stride=stride)["perplexity"] for stride in (BLOCK, 16, 8)]
     assert perplexities == sorted(perplexities, reverse=True)
 
 
+@pytest.mark.slow
 def test_cli_prints_one_json_line(trained, capsys):
     flags = ["--model_name_or_path", str(trained / "run"), "--validation_file", str(trained / "valid.txt")]
     assert main(["perplexity", *flags, "--block_size", str(BLOCK), "--stride", "16", "--batch_size", "16"]) == 0
@@ -111,6 +114,7 @@ BAD_FLAGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BAD_FLAGS)
 def test_bad_window_is_a_one_line_error(trained, name, capsys):
     flags, message = BAD_FLAGS[name]

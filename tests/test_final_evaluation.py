@@ -9,6 +9,8 @@ import pytest
 from lmpipe.cli import main
 from lmpipe.training.trainer import ExactEvalTrainer
 
+pytestmark = pytest.mark.slow  # every test trains a tiny pretraining run
+
 EVALUATION_KEYS = {"eval_loss", "perplexity", "eval_tokens", "bits_per_byte", "trainer_batch_mean_eval_loss"}
 
 

@@ -28,6 +28,7 @@ def test_rates_and_mfu():
     assert device_peak_flops(torch.device("cpu"), True) is None
 
 
+@pytest.mark.slow
 def test_a_run_logs_model_tflops_and_writes_them_to_metrics(text_file, tmp_path):
     output = tmp_path / "run"
     assert main([

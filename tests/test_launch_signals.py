@@ -18,6 +18,8 @@ from lmpipe.cli import main
 
 from conftest import REPO, write_pydoc_corpus
 
+pytestmark = pytest.mark.slow  # lmpipe launch subprocesses, signalled
+
 TINY = [
     "--train_tokenizer", "true", "--tokenizer_vocab_size", "300", "--block_size", "32", "--n_positions", "32",
     "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--per_device_train_batch_size", "4",

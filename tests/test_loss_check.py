@@ -128,6 +128,7 @@ def test_cli_exits_1_when_the_model_keeps_gpt2s_default_loss_type(text_file, cap
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("loss check failed: batch 1: trainer loss")
 
 
+@pytest.mark.slow
 def test_cli_checks_a_saved_model_with_its_own_tokenizer(gpt2_tokenizer, text_file, tmp_path, capsys):
     saved = tmp_path / "model"
     build_model(ModelArguments(n_layer=1, n_embd=16, n_head=2, n_positions=32), gpt2_tokenizer, 32).save_pretrained(saved)
@@ -143,6 +144,7 @@ def test_a_trained_tokenizer_with_a_saved_model_is_refused(tmp_path, capsys):
     assert "add --train_tokenizer false" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pipeline_script_exits_2_with_one_line():
     result = subprocess.run(
         [sys.executable, str(REPO / "pipelines" / "check_loss.py"), "--batches", "0"],

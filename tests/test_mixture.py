@@ -190,6 +190,7 @@ def test_the_shares_of_a_stream_count_the_documents_of_the_blocks_the_packer_cut
         assert shares[a]["example_share"] == pytest.approx(documents[a] / (documents[a] + documents[b]))
 
 
+@pytest.mark.slow
 def test_a_streaming_mixture_run_writes_the_shares_of_what_it_trained(tmp_path, gpt2_files, gpt2_tokenizer, capsys):
     """5 steps of 4 blocks of 64 tokens from the CLI; metrics.json's shares equal the stream rebuilt by hand."""
     from lmpipe.cli import main

@@ -48,6 +48,7 @@ def corpus(tmp_path):
     return write_pydoc_corpus(tmp_path / "corpus.txt", 12)
 
 
+@pytest.mark.slow
 def test_a_second_run_is_refused_while_the_first_holds_the_directory(corpus, tmp_path, capsys):
     output = tmp_path / "run"
     args = ["--train_file", str(corpus), "--output_dir", str(output), *TINY]

@@ -12,6 +12,8 @@ from lmpipe.loss.reference import shifted_token_nll
 
 from conftest import write_pydoc_corpus
 
+pytestmark = pytest.mark.slow  # a 160-step pretraining run
+
 TINY_RUN = [
     "--train_tokenizer", "true", "--tokenizer_vocab_size", "512", "--block_size", "64", "--n_positions", "64",
     "--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--dropout", "0", "--max_steps", "160",

@@ -60,6 +60,7 @@ def step_losses(output):
     return [(row["step"], row["loss"]) for row in history if "loss" in row]
 
 
+@pytest.mark.slow
 def test_same_recipe_and_seed_give_identical_losses_and_weights(two_runs):
     first, second, _ = two_runs
     assert step_losses(first) == step_losses(second) and len(step_losses(first)) == 8
@@ -70,6 +71,7 @@ def test_same_recipe_and_seed_give_identical_losses_and_weights(two_runs):
     assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
 
 
+@pytest.mark.slow
 def test_a_different_seed_changes_the_run(two_runs, tmp_path):
     """Otherwise the test above could pass with a seed that is ignored."""
     first, _, _ = two_runs
@@ -81,6 +83,7 @@ def test_a_different_seed_changes_the_run(two_runs, tmp_path):
     assert history[0]["loss"] != step_losses(first)[0][1]
 
 
+@pytest.mark.slow
 def test_the_hub_token_appears_in_no_output_file_and_no_log(two_runs):
     _, with_token, console = two_runs
     assert "***** Running training *****" in console  # info-level logs were on
@@ -93,6 +96,7 @@ def test_the_hub_token_appears_in_no_output_file_and_no_log(two_runs):
     assert leaks == []
 
 
+@pytest.mark.slow
 def test_the_resolved_recipe_reruns_the_same_arguments(two_runs):
     first, _, _ = two_runs
     again = parse_recipe([str(first / "recipe.yaml")])
@@ -133,6 +137,7 @@ class Exploit:
         return (open, (str(self.marker), "w"))
 
 
+@pytest.mark.slow
 def test_checking_a_checkpoint_never_unpickles_it(two_runs, tmp_path):
     first, _, _ = two_runs
     checkpoint = shutil.copytree(first / "checkpoint-8", tmp_path / "checkpoint-8")

@@ -137,6 +137,7 @@ def killed_run(corpus, output, mode, step):
     assert not (output / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_after_a_checkpoint_resumes_to_the_same_result(corpus, reference, tmp_path):
     output = tmp_path / "run"
     killed_run(corpus, output, "after-checkpoint", step=SAVE_STEPS + 2)  # steps 5 and 6 are lost and redone
@@ -146,6 +147,7 @@ def test_sigkill_after_a_checkpoint_resumes_to_the_same_result(corpus, reference
     assert_same_run(output, reference)
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_a_checkpoint_falls_back_to_the_previous_one(corpus, reference, tmp_path, caplog):
     output = tmp_path / "run"
     torn = output / f"checkpoint-{2 * SAVE_STEPS}"
@@ -157,6 +159,7 @@ def test_sigkill_while_writing_a_checkpoint_falls_back_to_the_previous_one(corpu
     assert_same_run(output, reference)
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_another_run_and_the_same_recipe_still_resumes(corpus, reference_run, tmp_path, caplog):
     output = shutil.copytree(reference_run, tmp_path / "run")  # another run: 2 layers, checkpoints 12 and 14
     args = ["pretrain", *command(corpus, output), "--n_layer", "1", "--max_steps", "4"]
@@ -179,6 +182,7 @@ class SendSignalAt(TrainerCallback):
             os.kill(os.getpid(), self.signal_number)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_step_boundary_and_the_rerun_matches(corpus, reference, tmp_path, monkeypatch, capsys):
     output = tmp_path / "run"
     arm(monkeypatch, SendSignalAt(signal.SIGTERM, step=6))  # during step 7, which is not a save step
@@ -195,6 +199,7 @@ def test_sigterm_saves_at_the_step_boundary_and_the_rerun_matches(corpus, refere
     assert_same_run(output, reference)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(corpus, tmp_path, monkeypatch):
     output = tmp_path / "run"
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN when started as a background job
@@ -216,6 +221,7 @@ class PoisonWeightsAfter(TrainerCallback):
                 model.transformer.ln_f.weight.fill_(math.nan)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
     output = tmp_path / "run"
     arm(monkeypatch, PoisonWeightsAfter(step=5))
@@ -240,6 +246,7 @@ DAMAGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_a_damaged_checkpoint_is_named_as_incomplete(damage, reference_run, tmp_path):
     checkpoint = shutil.copytree(reference_run / f"checkpoint-{MAX_STEPS}", tmp_path / f"checkpoint-{MAX_STEPS}")
