@@ -14,7 +14,7 @@ from lmpipe.model.build import build_model
 from lmpipe.config.recipe import ModelArguments
 from lmpipe.model.tokenizer import train_bpe_tokenizer
 
-from conftest import DATA
+from conftest import DATA, tiny_run
 
 CONVERSATIONS, HELD_OUT = 40, 4
 HEADERS = {"system": "System:\n", "user": "User:\n", "assistant": "Assistant:\n"}
@@ -144,9 +144,7 @@ def test_show_data_jsonl_is_what_the_trainer_receives_for_pretraining(tmp_path):
     from conftest import write_pydoc_corpus
 
     corpus = write_pydoc_corpus(tmp_path / "corpus.txt", 8)
-    flags = ["--train_file", str(corpus), "--train_tokenizer", "true", "--tokenizer_vocab_size", "300",
-             "--block_size", "32", "--n_positions", "32", "--n_layer", "1", "--n_embd", "16", "--n_head", "2",
-             "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    flags = ["--train_file", str(corpus), *tiny_run(n_embd=16, output_dir=tmp_path / "out", disable_tqdm=None)]
     path = tmp_path / "shown.jsonl"
     assert main(["show-data", *flags, "--rows", "100000", "--jsonl", str(path)]) == 0
     recipe = parse_recipe(flags)

@@ -19,6 +19,8 @@ from lmpipe.loss.reference import manual_causal_lm_loss
 from lmpipe.model.build import CAUSAL_LM_LOSS
 from lmpipe.training.trainer import build_trainer
 
+from conftest import tiny_run
+
 BLOCK = 32
 
 
@@ -38,11 +40,12 @@ def trained(tmp_path_factory):
     (root / "valid.txt").write_text("\n\n".join(documents_with_own_vocabularies(20, seed=2)), encoding="utf-8")
     flags = [
         "--train_file", str(root / "train.txt"), "--validation_file", str(root / "valid.txt"),
-        "--output_dir", str(root / "run"), "--train_tokenizer", "true", "--tokenizer_vocab_size", "512",
-        "--block_size", str(BLOCK), "--n_positions", str(BLOCK), "--n_layer", "1", "--n_embd", "64", "--n_head", "2",
-        "--dropout", "0", "--max_steps", "400", "--per_device_train_batch_size", "16", "--learning_rate", "0.003",
-        "--warmup_steps", "10", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
-        "--disable_tqdm", "true", "--seed", "1",
+        "--output_dir", str(root / "run"),
+        *tiny_run(
+            tokenizer_vocab_size=512, block_size=BLOCK, n_positions=BLOCK, n_embd=64, dropout=0, max_steps=400,
+            per_device_train_batch_size=16, learning_rate=0.003, warmup_steps=10, eval_strategy="no",
+            save_strategy="no", seed=1,
+        ),
     ]
     assert main(["pretrain", *flags]) == 0
     return root

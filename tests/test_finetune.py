@@ -17,7 +17,7 @@ from lmpipe.model.lora import MERGED_DIR, save_merged, wrap_lora
 from lmpipe.model.build import CAUSAL_LM_LOSS, build_model
 from lmpipe.config.recipe import LoraArguments, ModelArguments, QAArguments
 
-from conftest import DATA, write_pydoc_corpus
+from conftest import DATA, tiny_run, write_pydoc_corpus
 
 NQ_OPEN = DATA / "nq_open_efficientqa_dev.jsonl"
 QA_PAIRS = {
@@ -156,12 +156,10 @@ def test_nested_answer_column_and_context(gpt2_tokenizer, tmp_path):
 
 # --- end to end: pretrain a tiny model with lmpipe, fine-tune it on 300 real NQ-open questions -------------------
 
-PRETRAIN = [
-    "--train_tokenizer", "true", "--tokenizer_vocab_size", "512", "--block_size", "64", "--n_positions", "96",
-    "--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--dropout", "0", "--max_steps", "20",
-    "--per_device_train_batch_size", "8", "--learning_rate", "0.003", "--warmup_steps", "5",
-    "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--seed", "1",
-]
+PRETRAIN = tiny_run(
+    tokenizer_vocab_size=512, block_size=64, n_positions=96, n_layer=2, n_embd=64, dropout=0, max_steps=20,
+    per_device_train_batch_size=8, learning_rate=0.003, warmup_steps=5, save_strategy="no", seed=1,
+)
 FINETUNE = [
     "--max_length", "96", "--generation_max_new_tokens", "8", "--max_steps", "30", "--learning_rate", "0.003",
     "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--eval_strategy", "steps",

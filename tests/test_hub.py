@@ -27,16 +27,11 @@ from lmpipe.run.card import render_model_card
 from lmpipe.cli import main
 from lmpipe.run.hub import checkpoint_plan, upload_plan
 
-from conftest import DATA, write_pydoc_corpus
+from conftest import DATA, tiny_run, write_pydoc_corpus
 
 FAKE_TOKEN = "hf_lmpipeFakeToken0123456789abcdefXYZ"
 WRITER = {"name": "tester", "auth": {"accessToken": {"role": "write"}}}
-TINY_RUN = [
-    "--train_tokenizer", "true", "--tokenizer_vocab_size", "300", "--block_size", "32", "--n_positions", "32",
-    "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--max_steps", "4", "--save_steps", "2",
-    "--per_device_train_batch_size", "4", "--logging_steps", "2", "--report_to", "tensorboard",
-    "--disable_tqdm", "true", "--seed", "3",
-]
+TINY_RUN = tiny_run(max_steps=4, save_steps=2, logging_steps=2, report_to="tensorboard", seed=3)
 MODEL_AND_TOKENIZER = {
     "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
 }

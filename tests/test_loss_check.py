@@ -14,7 +14,7 @@ from lmpipe.model.build import CAUSAL_LM_LOSS, build_model
 from lmpipe.loss.install import chunked_loss_of
 from lmpipe.config.recipe import ModelArguments
 
-from conftest import REPO
+from conftest import REPO, tiny_run
 
 VOCAB, LENGTH = 50, 12
 
@@ -82,10 +82,8 @@ def test_bf16_model_agrees_within_the_bf16_tolerance(tmp_path):
 
 def tiny_recipe_flags(corpus) -> list[str]:
     return [
-        "--train_file", str(corpus), "--train_tokenizer", "true", "--tokenizer_vocab_size", "300",
-        "--block_size", "32", "--n_positions", "32", "--n_layer", "1", "--n_embd", "32", "--n_head", "2",
-        "--dropout", "0.1", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
-        "--batches", "2",
+        "--train_file", str(corpus),
+        *tiny_run(dropout=0.1, gradient_accumulation_steps=2, batches=2, report_to=None, disable_tqdm=None),
     ]
 
 

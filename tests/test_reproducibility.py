@@ -21,15 +21,14 @@ from lmpipe.model.build import load_pretrained
 from lmpipe.config.recipe import ModelArguments, parse_recipe
 from lmpipe.model.tokenizer import load_tokenizer
 
+from conftest import tiny_run
+
 FAKE_TOKEN = "hf_reproFakeToken0123456789abcdefQRS"
-RUN = [
-    "--train_tokenizer", "true", "--tokenizer_vocab_size", "300", "--block_size", "32", "--n_positions", "32",
-    "--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--dropout", "0.1", "--max_steps", "8",
-    "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16", "--learning_rate", "0.003",
-    "--eval_strategy", "steps", "--eval_steps", "4", "--save_steps", "4", "--logging_steps", "1",
-    "--report_to", "tensorboard", "--disable_tqdm", "true", "--seed", "11", "--validation_split_percentage", "25",
-    "--log_level", "info",
-]  # dropout on: the seed must fix the dropout masks as well as the initial weights and the data order; info logs
+RUN = tiny_run(
+    n_layer=2, dropout=0.1, max_steps=8, per_device_eval_batch_size=16, learning_rate=0.003, eval_strategy="steps",
+    eval_steps=4, save_steps=4, logging_steps=1, report_to="tensorboard", seed=11, validation_split_percentage=25,
+    log_level="info",
+)  # dropout on: the seed must fix the dropout masks as well as the initial weights and the data order; info logs
 
 
 

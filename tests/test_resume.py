@@ -22,17 +22,14 @@ from lmpipe.training.callbacks import mean_train_loss
 from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.cli import main
 
-from conftest import REPO, arm
+from conftest import REPO, arm, tiny_run
 
 MAX_STEPS, SAVE_STEPS = 14, 4
-TINY_RUN = [
-    "--train_tokenizer", "true", "--tokenizer_vocab_size", "300", "--block_size", "32", "--n_positions", "32",
-    "--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--dropout", "0.1", "--max_steps", str(MAX_STEPS),
-    "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16", "--learning_rate", "0.003",
-    "--warmup_steps", "2", "--lr_scheduler_type", "cosine", "--eval_strategy", "steps", "--eval_steps", "7",
-    "--save_steps", str(SAVE_STEPS), "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
-    "--seed", "5", "--validation_split_percentage", "25",
-]  # dropout on, so the RNG state must be restored too; about 3 steps per epoch, so resumes land mid-epoch
+TINY_RUN = tiny_run(
+    n_layer=2, dropout=0.1, max_steps=MAX_STEPS, per_device_eval_batch_size=16, learning_rate=0.003, warmup_steps=2,
+    lr_scheduler_type="cosine", eval_strategy="steps", eval_steps=7, save_steps=SAVE_STEPS, logging_steps=1, seed=5,
+    validation_split_percentage=25,
+)  # dropout on, so the RNG state must be restored too; about 3 steps per epoch, so resumes land mid-epoch
 
 # Test-only driver: the same command as `lmpipe pretrain`, armed to SIGKILL itself.
 KILL_DRIVER = r"""

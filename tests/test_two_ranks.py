@@ -89,15 +89,15 @@ from lmpipe.data.sources import load_local_file, pydoc_documents  # noqa: E402
 from lmpipe.run.distributed import check_launch  # noqa: E402
 from lmpipe.errors import LmpipeError  # noqa: E402
 
-from conftest import REPO, DATA  # noqa: E402
+from conftest import REPO, DATA, tiny_run  # noqa: E402
 
 CPU_2PROC = REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"
 BLOCK = 32
 STEPS = 4
-MODEL = [
-    "--train_tokenizer", "true", "--tokenizer_vocab_size", "384", "--block_size", str(BLOCK), "--n_positions", "64",
-    "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--dropout", "0",
-]
+MODEL = tiny_run(  # the model only: TRAINING and ONE_RANK / TWO_RANKS say how it trains
+    tokenizer_vocab_size=384, block_size=BLOCK, n_positions=64, dropout=0,
+    per_device_train_batch_size=None, report_to=None, disable_tqdm=None,
+)
 TRAINING = [
     "--learning_rate", "0.003", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--weight_decay", "0",
     "--logging_steps", "1", "--eval_strategy", "no", "--disable_tqdm", "true", "--seed", "3", "--use_cpu", "true",
