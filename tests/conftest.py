@@ -15,6 +15,28 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
 
 
+# The tiny model run the tests train: a 300-token BPE trained on the corpus, 1 block of width 32 and 2 heads on
+# 32 positions, batches of 4 rows, no reporting and no progress bar.
+TINY_RUN = {
+    "train_tokenizer": "true", "tokenizer_vocab_size": "300", "block_size": "32", "n_positions": "32",
+    "n_layer": "1", "n_embd": "32", "n_head": "2", "per_device_train_batch_size": "4",
+    "report_to": "none", "disable_tqdm": "true",
+}
+
+
+def tiny_run(**overrides) -> list[str]:
+    """The flags of a tiny model run, `--key value` each: TINY_RUN with `overrides` in place of its own values (a
+    key it lacks comes after them, in the order given; None drops the flag).
+
+    tiny_run(n_layer=2, max_steps=160) -> [..., "--n_layer", "2", ..., "--max_steps", "160"]
+    """
+    flags = []
+    for key, value in {**TINY_RUN, **overrides}.items():
+        if value is not None:
+            flags += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags
+
+
 def write_pydoc_corpus(path: Path, documents: int) -> Path:
     """The first `documents` topics of Python's docs (real text, no download) as paragraphs of a .txt corpus."""
     from lmpipe.data.sources import pydoc_documents

@@ -14,7 +14,7 @@ from lmpipe.model.build import build_model
 from lmpipe.config.arguments import ModelArguments
 from lmpipe.model.tokenizer import train_bpe_tokenizer
 
-from conftest import DATA
+from conftest import DATA, tiny_run
 
 CONVERSATIONS, HELD_OUT = 40, 4
 HEADERS = {"system": "System:\n", "user": "User:\n", "assistant": "Assistant:\n"}
@@ -70,6 +70,7 @@ def conversations(root):
     return [json.loads(line)["messages"] for line in (root / "chats.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_answer_only_eval_loss_and_saved_template(root):
     output, metrics = run(root, "tuned", "--max_steps", "6", "--learning_rate", "0.01", "--eval_on_start", "true",
                           "--eval_strategy", "steps", "--eval_steps", "6")
@@ -82,6 +83,7 @@ def test_answer_only_eval_loss_and_saved_template(root):
     assert AutoTokenizer.from_pretrained(output).chat_template == DEFAULT_CHAT_TEMPLATE
 
 
+@pytest.mark.slow
 def test_train_loss_weights_steps_by_their_learned_tokens(root):
     """One epoch, one conversation a step, a learning rate too small to move the weights: the train loss must be
     the base model's total NLL / total learned tokens over the train rows, not the mean of per-row means."""
@@ -143,9 +145,7 @@ def test_show_data_jsonl_is_what_the_trainer_receives_for_pretraining(tmp_path):
     from conftest import write_pydoc_corpus
 
     corpus = write_pydoc_corpus(tmp_path / "corpus.txt", 8)
-    flags = ["--train_file", str(corpus), "--train_tokenizer", "true", "--tokenizer_vocab_size", "300",
-             "--block_size", "32", "--n_positions", "32", "--n_layer", "1", "--n_embd", "16", "--n_head", "2",
-             "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    flags = ["--train_file", str(corpus), *tiny_run(n_embd=16, output_dir=tmp_path / "out", disable_tqdm=None)]
     path = tmp_path / "shown.jsonl"
     assert main(["show-data", *flags, "--rows", "100000", "--jsonl", str(path)]) == 0
     recipe = parse_recipe(flags)
@@ -204,6 +204,7 @@ def test_a_bad_conversation_run_stops_with_one_line_and_no_finished_run(name, ro
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_a_two_source_mixture_run_reports_its_realised_shares(root, tmp_path, capsys):
     """Real NQ conversations (36 train rows, weight 3) and real Shakespeare dialogue (36, weight 1): 75 % / 25 %."""
     lines = (DATA / "shakespeare_dialogues.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)

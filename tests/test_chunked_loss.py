@@ -227,6 +227,7 @@ def test_trainer_steps_with_the_chunked_loss_and_gradient_checkpointing_equal_th
         assert losses == pytest.approx(plain, rel=1e-5) and len(losses) == 5
 
 
+@pytest.mark.slow
 def test_trainer_steps_with_the_chunked_loss_under_torch_compile_equal_the_plain_run(tmp_path):
     """`torch_compile: true` (inductor, which needs a C++ compiler on CPU) trains the same losses, fp32, 5 steps."""
     from torch._dynamo.utils import counters  # dynamo's own tally: proves the run was compiled, not eager

@@ -20,14 +20,11 @@ import lmpipe.pretrain
 from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.cli import main
 
-from conftest import write_pydoc_corpus
+from conftest import tiny_run, write_pydoc_corpus
 
-TINY = [
-    "--train_tokenizer", "true", "--tokenizer_vocab_size", "300", "--block_size", "32", "--n_positions", "32",
-    "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--per_device_train_batch_size", "4",
-    "--report_to", "none", "--disable_tqdm", "true", "--save_steps", "2", "--logging_steps", "1",
-    "--validation_split_percentage", "25", "--eval_strategy", "no", "--max_steps", "6",
-]
+pytestmark = pytest.mark.slow  # every test trains a tiny pretraining run
+
+TINY = tiny_run(save_steps=2, logging_steps=1, validation_split_percentage=25, eval_strategy="no", max_steps=6)
 
 
 def command(corpus, output):

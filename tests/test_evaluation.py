@@ -19,6 +19,8 @@ from lmpipe.loss.reference import manual_causal_lm_loss
 from lmpipe.model.build import CAUSAL_LM_LOSS
 from lmpipe.training.trainer import build_trainer
 
+from conftest import tiny_run
+
 BLOCK = 32
 
 
@@ -38,11 +40,12 @@ def trained(tmp_path_factory):
     (root / "valid.txt").write_text("\n\n".join(documents_with_own_vocabularies(20, seed=2)), encoding="utf-8")
     flags = [
         "--train_file", str(root / "train.txt"), "--validation_file", str(root / "valid.txt"),
-        "--output_dir", str(root / "run"), "--train_tokenizer", "true", "--tokenizer_vocab_size", "512",
-        "--block_size", str(BLOCK), "--n_positions", str(BLOCK), "--n_layer", "1", "--n_embd", "64", "--n_head", "2",
-        "--dropout", "0", "--max_steps", "400", "--per_device_train_batch_size", "16", "--learning_rate", "0.003",
-        "--warmup_steps", "10", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
-        "--disable_tqdm", "true", "--seed", "1",
+        "--output_dir", str(root / "run"),
+        *tiny_run(
+            tokenizer_vocab_size=512, block_size=BLOCK, n_positions=BLOCK, n_embd=64, dropout=0, max_steps=400,
+            per_device_train_batch_size=16, learning_rate=0.003, warmup_steps=10, eval_strategy="no",
+            save_strategy="no", seed=1,
+        ),
     ]
     assert main(["pretrain", *flags]) == 0
     return root
@@ -75,6 +78,7 @@ def rolling_by_hand(trained, stride: int) -> tuple[float, int, int, int]:
     return total_nll, total_tokens, total_words, total_bytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stride", [None, 11])
 def test_rolling_perplexity_equals_a_hand_loop_over_every_document(trained, stride):
     nll, tokens, words, n_bytes = rolling_by_hand(trained, stride or BLOCK)
@@ -91,12 +95,14 @@ def test_rolling_perplexity_equals_a_hand_loop_over_every_document(trained, stri
     assert result["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_smaller_stride_never_gives_a_higher_perplexity(trained):
     """More context per scored token gives a lower perplexity here."""
     perplexities = [evaluate(trained, stride=stride)["perplexity"] for stride in (BLOCK, 16, 8)]
     assert perplexities == sorted(perplexities, reverse=True)
 
 
+@pytest.mark.slow
 def test_cli_prints_one_json_line(trained, capsys):
     flags = ["--model_name_or_path", str(trained / "run"), "--validation_file", str(trained / "valid.txt")]
     assert main(["perplexity", *flags, "--block_size", str(BLOCK), "--stride", "16", "--batch_size", "16"]) == 0
@@ -111,6 +117,7 @@ BAD_FLAGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BAD_FLAGS)
 def test_bad_window_is_a_one_line_error(trained, name, capsys):
     flags, message = BAD_FLAGS[name]

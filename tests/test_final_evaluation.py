@@ -9,6 +9,10 @@ import pytest
 from lmpipe.cli import main
 from lmpipe.training.trainer import ExactEvalTrainer
 
+from conftest import tiny_run
+
+pytestmark = pytest.mark.slow  # every test trains a tiny pretraining run
+
 EVALUATION_KEYS = {"eval_loss", "perplexity", "eval_tokens", "bits_per_byte", "trainer_batch_mean_eval_loss"}
 
 
@@ -27,12 +31,8 @@ def evaluations(monkeypatch) -> list[int]:
 
 
 def pretrain(text_file, output_dir, *flags: str) -> dict:
-    assert main([
-        "pretrain", "--train_file", str(text_file), "--train_tokenizer", "true", "--tokenizer_vocab_size", "300",
-        "--block_size", "32", "--n_positions", "32", "--n_layer", "1", "--n_embd", "32", "--n_head", "2",
-        "--max_steps", "4", "--per_device_train_batch_size", "4", "--report_to", "none",
-        "--disable_tqdm", "true", "--output_dir", str(output_dir), *flags,
-    ]) == 0
+    argv = ["pretrain", "--train_file", str(text_file), *tiny_run(max_steps=4), "--output_dir", str(output_dir), *flags]
+    assert main(argv) == 0
     return json.loads((output_dir / "metrics.json").read_text())
 
 

@@ -17,7 +17,7 @@ from lmpipe.model.lora import MERGED_DIR, save_merged, wrap_lora
 from lmpipe.model.build import CAUSAL_LM_LOSS, build_model
 from lmpipe.config.arguments import LoraArguments, ModelArguments, QAArguments
 
-from conftest import DATA, write_pydoc_corpus
+from conftest import DATA, tiny_run, write_pydoc_corpus
 
 NQ_OPEN = DATA / "nq_open_efficientqa_dev.jsonl"
 QA_PAIRS = {
@@ -156,12 +156,10 @@ def test_nested_answer_column_and_context(gpt2_tokenizer, tmp_path):
 
 # --- end to end: pretrain a tiny model with lmpipe, fine-tune it on 300 real NQ-open questions -------------------
 
-PRETRAIN = [
-    "--train_tokenizer", "true", "--tokenizer_vocab_size", "512", "--block_size", "64", "--n_positions", "96",
-    "--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--dropout", "0", "--max_steps", "20",
-    "--per_device_train_batch_size", "8", "--learning_rate", "0.003", "--warmup_steps", "5",
-    "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--seed", "1",
-]
+PRETRAIN = tiny_run(
+    tokenizer_vocab_size=512, block_size=64, n_positions=96, n_layer=2, n_embd=64, dropout=0, max_steps=20,
+    per_device_train_batch_size=8, learning_rate=0.003, warmup_steps=5, save_strategy="no", seed=1,
+)
 FINETUNE = [
     "--max_length", "96", "--generation_max_new_tokens", "8", "--max_steps", "30", "--learning_rate", "0.003",
     "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--eval_strategy", "steps",
@@ -217,6 +215,7 @@ def check_run(metrics, predictions):
     assert all(row["prompt"] == f"Question: {row['question']}\nAnswer:" for row in predictions)
 
 
+@pytest.mark.slow
 def test_full_fine_tune_with_padded_batches(pretrained):
     output, metrics, predictions = finetune(pretrained, "full")
     check_run(metrics, predictions)
@@ -241,6 +240,7 @@ def lora_packed_run(pretrained):
     return finetune(pretrained, "lora", *LORA_PACKED, "--merge_lora", "true")
 
 
+@pytest.mark.slow
 def test_lora_fine_tune_with_packed_batches_and_merge(lora_packed_run):
     output, metrics, predictions = lora_packed_run
     check_run(metrics, predictions)
@@ -252,6 +252,7 @@ def test_lora_fine_tune_with_packed_batches_and_merge(lora_packed_run):
     assert metrics["eval_loss"] == pytest.approx(loss, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_the_chunked_loss_and_the_models_own_give_the_same_run(pretrained, lora_packed_run):
     """LoRA on packed batches, fp32: train and eval losses with chunked_loss false equal the chunked run's."""
     _, chunked, _ = lora_packed_run
@@ -272,6 +273,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BAD_INPUTS)
 def test_bad_input_is_one_line_and_leaves_no_finished_run(name, pretrained, tmp_path, capsys):
     (pretrained / "bad.jsonl").write_text('{"question": "q one", "answer": ["a"]}\n{"question": "q two", "answer": [""]}\n')
@@ -286,6 +288,7 @@ def test_bad_input_is_one_line_and_leaves_no_finished_run(name, pretrained, tmp_
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_loss_check_on_a_qa_recipe_scores_exactly_every_answer_token_and_eos(pretrained, capsys):
     """One pass over every train batch: the four losses agree and count each answer's tokens + EOS, nothing else."""
     tokenizer = AutoTokenizer.from_pretrained(pretrained / "pretrained")
@@ -299,6 +302,7 @@ def test_loss_check_on_a_qa_recipe_scores_exactly_every_answer_token_and_eos(pre
     assert int(total.split()[1].replace(",", "")) == answer_tokens
 
 
+@pytest.mark.slow
 def test_loss_check_on_lora_with_packed_batches_compares_the_adapter_gradients(pretrained, capsys):
     """LoRA freezes lm_head/wte: the gradients compared are an adapter's and the final hidden states'."""
     assert main(["check-loss", "--task", "qa", "--model_name_or_path", str(pretrained / "pretrained"), "--train_file",

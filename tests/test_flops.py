@@ -11,6 +11,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from lmpipe.cli import main
 from lmpipe.training.flops import ModelFlopsMeter, device_peak_flops, flops_per_token
 
+from conftest import tiny_run
+
 
 def test_flops_per_token_is_6n_plus_12lhqt_by_hand():
     vocab, d, layers, heads, positions, context = 100, 32, 3, 4, 64, 48
@@ -28,14 +30,11 @@ def test_rates_and_mfu():
     assert device_peak_flops(torch.device("cpu"), True) is None
 
 
+@pytest.mark.slow
 def test_a_run_logs_model_tflops_and_writes_them_to_metrics(text_file, tmp_path):
     output = tmp_path / "run"
-    assert main([
-        "pretrain", "--train_file", str(text_file), "--train_tokenizer", "true", "--tokenizer_vocab_size", "300",
-        "--block_size", "32", "--n_positions", "32", "--n_layer", "1", "--n_embd", "32", "--n_head", "2",
-        "--max_steps", "6", "--logging_steps", "2", "--per_device_train_batch_size", "4", "--eval_strategy", "no",
-        "--save_strategy", "steps", "--save_steps", "6", "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(output),
-    ]) == 0
+    flags = tiny_run(max_steps=6, logging_steps=2, eval_strategy="no", save_strategy="steps", save_steps=6, output_dir=output)
+    assert main(["pretrain", "--train_file", str(text_file), *flags]) == 0
     metrics = json.loads((output / "metrics.json").read_text())
     model = GPT2LMHeadModel.from_pretrained(output)
     assert metrics["model_flops_per_token"] == flops_per_token(model, 32)

@@ -16,6 +16,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # a torchrun subprocess of two ranks
+
 STEPS, ROWS, LENGTH = 3, 8, 16
 
 

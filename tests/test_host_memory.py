@@ -45,6 +45,7 @@ print(json.dumps({"took": took, "mapped_before": mapped_before, "mapped_after": 
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not GLIBC_MALLINFO2, reason="glibc's mallinfo2 (Linux) reports where memory comes from")
 def test_large_blocks_come_from_the_heap_and_stay_there_once_freed():
     size = 100_000_000

@@ -27,16 +27,11 @@ from lmpipe.run.card import render_model_card
 from lmpipe.cli import main
 from lmpipe.run.hub import checkpoint_plan, upload_plan
 
-from conftest import DATA, write_pydoc_corpus
+from conftest import DATA, tiny_run, write_pydoc_corpus
 
 FAKE_TOKEN = "hf_lmpipeFakeToken0123456789abcdefXYZ"
 WRITER = {"name": "tester", "auth": {"accessToken": {"role": "write"}}}
-TINY_RUN = [
-    "--train_tokenizer", "true", "--tokenizer_vocab_size", "300", "--block_size", "32", "--n_positions", "32",
-    "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--max_steps", "4", "--save_steps", "2",
-    "--per_device_train_batch_size", "4", "--logging_steps", "2", "--report_to", "tensorboard",
-    "--disable_tqdm", "true", "--seed", "3",
-]
+TINY_RUN = tiny_run(max_steps=4, save_steps=2, logging_steps=2, report_to="tensorboard", seed=3)
 MODEL_AND_TOKENIZER = {
     "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
 }
@@ -151,6 +146,7 @@ def copy_run(run, tmp_path):
     return shutil.copytree(run, tmp_path / run.name)
 
 
+@pytest.mark.slow
 def test_network_drop_after_training_keeps_the_run_and_says_how_to_push(pushed_run):
     output, result, fake = pushed_run
     assert result.returncode == 3, result.stderr[-2000:]
@@ -168,6 +164,7 @@ def test_network_drop_after_training_keeps_the_run_and_says_how_to_push(pushed_r
     assert final.keys() == checkpoint.keys() and all(torch.equal(final[k], checkpoint[k]) for k in final)
 
 
+@pytest.mark.slow
 def test_the_token_appears_in_no_output_file_and_no_log(pushed_run):
     output, result, _ = pushed_run
     assert FAKE_TOKEN not in result.stdout + result.stderr
@@ -175,6 +172,7 @@ def test_the_token_appears_in_no_output_file_and_no_log(pushed_run):
     assert leaks == []
 
 
+@pytest.mark.slow
 def test_model_card_metadata_and_body_match_metrics_json(pushed_run):
     output, _, _ = pushed_run
     metrics = json.loads((output / "metrics.json").read_text())
@@ -206,6 +204,7 @@ def test_card_names_hub_datasets_the_base_model_and_qa_scores():
     assert builtin.data.datasets is None and builtin.data.eval_results[0].dataset_name == "builtin:pydoc"
 
 
+@pytest.mark.slow
 def test_upload_plan_lists_exactly_the_model_tokenizer_card_and_logs(pushed_run, tmp_path):
     run = copy_run(pushed_run[0], tmp_path)
     (run / "notes.txt").write_text("not part of a run")
@@ -224,6 +223,7 @@ def test_upload_plan_lists_exactly_the_model_tokenizer_card_and_logs(pushed_run,
     assert during_training["model.safetensors"] == run / "checkpoint-2" / "model.safetensors"
 
 
+@pytest.mark.slow
 def test_the_uploaded_files_alone_load_the_same_model_and_tokenizer(pushed_run, tmp_path):
     run = pushed_run[0]
     for name, path in upload_plan(str(run)).items():
@@ -238,6 +238,7 @@ def test_the_uploaded_files_alone_load_the_same_model_and_tokenizer(pushed_run, 
     assert torch.equal(pushed, local)
 
 
+@pytest.mark.slow
 def test_a_qa_fine_tune_pushes_its_saves_and_the_finished_run_with_its_scores(pushed_run, hub_env, tmp_path):
     """Fine-tuning the pushed pretrained model: each save, then exactly the finished run's plan, card with EM/F1."""
     questions = tmp_path / "nq_open_24.jsonl"
@@ -262,6 +263,7 @@ def test_a_qa_fine_tune_pushes_its_saves_and_the_finished_run_with_its_scores(pu
     }
 
 
+@pytest.mark.slow
 def test_lmpipe_push_uploads_exactly_the_plan_byte_for_byte(pushed_run, hub_env, tmp_path, capsys):
     run = copy_run(pushed_run[0], tmp_path)
     (run / "README.md").unlink()  # as in a run finished before lmpipe wrote cards: the push writes it
@@ -280,6 +282,7 @@ def test_lmpipe_push_uploads_exactly_the_plan_byte_for_byte(pushed_run, hub_env,
     assert FAKE_TOKEN not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_file_holding_the_token_is_never_uploaded(pushed_run, hub_env, tmp_path, capsys):
     run = copy_run(pushed_run[0], tmp_path)
     with (run / "recipe.yaml").open("a") as recipe:
@@ -292,6 +295,7 @@ def test_a_file_holding_the_token_is_never_uploaded(pushed_run, hub_env, tmp_pat
     assert FAKE_TOKEN not in err and fake.created == [] and fake.commits == []
 
 
+@pytest.mark.slow
 def test_lmpipe_push_refuses_a_folder_that_is_not_a_finished_run(pushed_run, tmp_path, capsys):
     run = copy_run(pushed_run[0], tmp_path)
     (run / "metrics.json").unlink()

@@ -16,14 +16,11 @@ import pytest
 from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.cli import main
 
-from conftest import REPO, write_pydoc_corpus
+from conftest import REPO, tiny_run, write_pydoc_corpus
 
-TINY = [
-    "--train_tokenizer", "true", "--tokenizer_vocab_size", "300", "--block_size", "32", "--n_positions", "32",
-    "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--per_device_train_batch_size", "4",
-    "--report_to", "none", "--disable_tqdm", "true", "--save_steps", "2", "--logging_steps", "1",
-    "--validation_split_percentage", "25", "--eval_strategy", "no", "--use_cpu", "true", "--seed", "1",
-]
+pytestmark = pytest.mark.slow  # lmpipe launch subprocesses, signalled
+
+TINY = tiny_run(save_steps=2, logging_steps=1, validation_split_percentage=25, eval_strategy="no", use_cpu=True, seed=1)
 LAUNCH = {1: ["--num_processes", "1"], 2: ["--config_file", str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml")]}
 # What the launcher starts: a script of pipelines/, or a command by name (`python -m lmpipe pretrain` per process).
 SCRIPT = {1: "pipelines/pretrain.py", 2: "pretrain"}

@@ -14,7 +14,7 @@ from lmpipe.model.build import CAUSAL_LM_LOSS, build_model
 from lmpipe.loss.install import chunked_loss_of
 from lmpipe.config.arguments import ModelArguments
 
-from conftest import REPO
+from conftest import REPO, tiny_run
 
 VOCAB, LENGTH = 50, 12
 
@@ -82,10 +82,8 @@ def test_bf16_model_agrees_within_the_bf16_tolerance(tmp_path):
 
 def tiny_recipe_flags(corpus) -> list[str]:
     return [
-        "--train_file", str(corpus), "--train_tokenizer", "true", "--tokenizer_vocab_size", "300",
-        "--block_size", "32", "--n_positions", "32", "--n_layer", "1", "--n_embd", "32", "--n_head", "2",
-        "--dropout", "0.1", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
-        "--batches", "2",
+        "--train_file", str(corpus),
+        *tiny_run(dropout=0.1, gradient_accumulation_steps=2, batches=2, report_to=None, disable_tqdm=None),
     ]
 
 
@@ -128,6 +126,7 @@ def test_cli_exits_1_when_the_model_keeps_gpt2s_default_loss_type(text_file, cap
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("loss check failed: batch 1: trainer loss")
 
 
+@pytest.mark.slow
 def test_cli_checks_a_saved_model_with_its_own_tokenizer(gpt2_tokenizer, text_file, tmp_path, capsys):
     saved = tmp_path / "model"
     build_model(ModelArguments(n_layer=1, n_embd=16, n_head=2, n_positions=32), gpt2_tokenizer, 32).save_pretrained(saved)
@@ -143,6 +142,7 @@ def test_a_trained_tokenizer_with_a_saved_model_is_refused(tmp_path, capsys):
     assert "add --train_tokenizer false" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pipeline_script_exits_2_with_one_line():
     result = subprocess.run(
         [sys.executable, str(REPO / "pipelines" / "check_loss.py"), "--batches", "0"],

@@ -14,7 +14,7 @@ from lmpipe.errors import LmpipeError
 from lmpipe.config.arguments import FINETUNE_QA_GROUPS, QAArguments
 from lmpipe.config.recipe import parse_recipe
 
-from conftest import count_by_source, mixed_stream_by_hand, shakespeare_lines, write_lines
+from conftest import count_by_source, mixed_stream_by_hand, shakespeare_lines, tiny_run, write_lines
 
 
 def write_qa(path, prefix, rows, question="question", answer="answer"):
@@ -191,19 +191,18 @@ def test_the_shares_of_a_stream_count_the_documents_of_the_blocks_the_packer_cut
         assert shares[a]["example_share"] == pytest.approx(documents[a] / (documents[a] + documents[b]))
 
 
+@pytest.mark.slow
 def test_a_streaming_mixture_run_writes_the_shares_of_what_it_trained(tmp_path, gpt2_files, gpt2_tokenizer, capsys):
     """5 steps of 4 blocks of 64 tokens from the CLI; metrics.json's shares equal the stream rebuilt by hand."""
     from lmpipe.cli import main
 
     a, b, sources = streaming_sources(tmp_path)
     output = tmp_path / "out"
+    flags = tiny_run(train_tokenizer=False, tokenizer_vocab_size=None, block_size=64, n_positions=64,
+                     vocab_file=gpt2_files[0], merges_file=gpt2_files[1], eval_strategy="no", save_strategy="no",
+                     output_dir=output)
     assert main(["pretrain", "--datasets", *map(json.dumps, sources), "--streaming", "true",
-                 "--streaming_validation_documents", "20", "--seed", "3", "--max_steps", "5",
-                 "--train_tokenizer", "false", "--vocab_file", gpt2_files[0], "--merges_file", gpt2_files[1], "--n_layer", "1",
-                 "--n_embd", "32",
-                 "--n_head", "2", "--block_size", "64", "--n_positions", "64", "--per_device_train_batch_size", "4",
-                 "--eval_strategy", "no", "--save_strategy", "no", "--output_dir", str(output), "--report_to", "none",
-                 "--disable_tqdm", "true"]) == 0
+                 "--streaming_validation_documents", "20", "--seed", "3", "--max_steps", "5", *flags]) == 0
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["train_tokens"] == 5 * 4 * 64
     tokens, _ = mixed_stream_by_hand([(a, "text"), (b, "body")], (3, 1), 20, 3, gpt2_tokenizer)

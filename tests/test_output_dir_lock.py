@@ -12,14 +12,9 @@ import pytest
 from lmpipe.cli import main
 from lmpipe.run.lock import LOCK_NAME
 
-from conftest import REPO, write_pydoc_corpus
+from conftest import REPO, tiny_run, write_pydoc_corpus
 
-TINY = [
-    "--train_tokenizer", "true", "--tokenizer_vocab_size", "300", "--block_size", "32", "--n_positions", "32",
-    "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--per_device_train_batch_size", "4",
-    "--per_device_eval_batch_size", "16", "--report_to", "none", "--disable_tqdm", "true",
-    "--save_steps", "1", "--logging_steps", "1", "--validation_split_percentage", "25",
-]
+TINY = tiny_run(per_device_eval_batch_size=16, save_steps=1, logging_steps=1, validation_split_percentage=25)
 
 # Test-only driver: `lmpipe pretrain`, which says when it has trained a step and then waits to be killed.
 HOLDER = r"""
@@ -48,6 +43,7 @@ def corpus(tmp_path):
     return write_pydoc_corpus(tmp_path / "corpus.txt", 12)
 
 
+@pytest.mark.slow
 def test_a_second_run_is_refused_while_the_first_holds_the_directory(corpus, tmp_path, capsys):
     output = tmp_path / "run"
     args = ["--train_file", str(corpus), "--output_dir", str(output), *TINY]

@@ -10,15 +10,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lmpipe.cli import main
 from lmpipe.loss.reference import shifted_token_nll
 
-from conftest import write_pydoc_corpus
+from conftest import tiny_run, write_pydoc_corpus
 
-TINY_RUN = [
-    "--train_tokenizer", "true", "--tokenizer_vocab_size", "512", "--block_size", "64", "--n_positions", "64",
-    "--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--dropout", "0", "--max_steps", "160",
-    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "7", "--learning_rate", "0.003",
-    "--warmup_steps", "5", "--eval_strategy", "steps", "--eval_steps", "80", "--save_steps", "80",
-    "--logging_steps", "10", "--report_to", "none", "--disable_tqdm", "true", "--seed", "1",
-]
+pytestmark = pytest.mark.slow  # a 160-step pretraining run
+
+TINY_RUN = tiny_run(
+    tokenizer_vocab_size=512, block_size=64, n_positions=64, n_layer=2, n_embd=64, dropout=0, max_steps=160,
+    per_device_train_batch_size=8, per_device_eval_batch_size=7, learning_rate=0.003, warmup_steps=5,
+    eval_strategy="steps", eval_steps=80, save_steps=80, logging_steps=10, seed=1,
+)
 
 
 @pytest.fixture(scope="module")

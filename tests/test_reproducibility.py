@@ -22,15 +22,14 @@ from lmpipe.config.arguments import ModelArguments
 from lmpipe.config.recipe import parse_recipe
 from lmpipe.model.tokenizer import load_tokenizer
 
+from conftest import tiny_run
+
 FAKE_TOKEN = "hf_reproFakeToken0123456789abcdefQRS"
-RUN = [
-    "--train_tokenizer", "true", "--tokenizer_vocab_size", "300", "--block_size", "32", "--n_positions", "32",
-    "--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--dropout", "0.1", "--max_steps", "8",
-    "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16", "--learning_rate", "0.003",
-    "--eval_strategy", "steps", "--eval_steps", "4", "--save_steps", "4", "--logging_steps", "1",
-    "--report_to", "tensorboard", "--disable_tqdm", "true", "--seed", "11", "--validation_split_percentage", "25",
-    "--log_level", "info",
-]  # dropout on: the seed must fix the dropout masks as well as the initial weights and the data order; info logs
+RUN = tiny_run(
+    n_layer=2, dropout=0.1, max_steps=8, per_device_eval_batch_size=16, learning_rate=0.003, eval_strategy="steps",
+    eval_steps=4, save_steps=4, logging_steps=1, report_to="tensorboard", seed=11, validation_split_percentage=25,
+    log_level="info",
+)  # dropout on: the seed must fix the dropout masks as well as the initial weights and the data order; info logs
 
 
 
@@ -61,6 +60,7 @@ def step_losses(output):
     return [(row["step"], row["loss"]) for row in history if "loss" in row]
 
 
+@pytest.mark.slow
 def test_same_recipe_and_seed_give_identical_losses_and_weights(two_runs):
     first, second, _ = two_runs
     assert step_losses(first) == step_losses(second) and len(step_losses(first)) == 8
@@ -71,6 +71,7 @@ def test_same_recipe_and_seed_give_identical_losses_and_weights(two_runs):
     assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
 
 
+@pytest.mark.slow
 def test_a_different_seed_changes_the_run(two_runs, tmp_path):
     """Otherwise the test above could pass with a seed that is ignored."""
     first, _, _ = two_runs
@@ -82,6 +83,7 @@ def test_a_different_seed_changes_the_run(two_runs, tmp_path):
     assert history[0]["loss"] != step_losses(first)[0][1]
 
 
+@pytest.mark.slow
 def test_the_hub_token_appears_in_no_output_file_and_no_log(two_runs):
     _, with_token, console = two_runs
     assert "***** Running training *****" in console  # info-level logs were on
@@ -94,6 +96,7 @@ def test_the_hub_token_appears_in_no_output_file_and_no_log(two_runs):
     assert leaks == []
 
 
+@pytest.mark.slow
 def test_the_resolved_recipe_reruns_the_same_arguments(two_runs):
     first, _, _ = two_runs
     again = parse_recipe([str(first / "recipe.yaml")])
@@ -134,6 +137,7 @@ class Exploit:
         return (open, (str(self.marker), "w"))
 
 
+@pytest.mark.slow
 def test_checking_a_checkpoint_never_unpickles_it(two_runs, tmp_path):
     first, _, _ = two_runs
     checkpoint = shutil.copytree(first / "checkpoint-8", tmp_path / "checkpoint-8")

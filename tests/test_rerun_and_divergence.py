@@ -21,15 +21,14 @@ from transformers import TrainerCallback
 from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.cli import main
 
-from conftest import write_pydoc_corpus, arm
+from conftest import arm, tiny_run, write_pydoc_corpus
 
-TINY = [
-    "--train_tokenizer", "true", "--tokenizer_vocab_size", "300", "--block_size", "32", "--n_positions", "32",
-    "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--per_device_train_batch_size", "4",
-    "--per_device_eval_batch_size", "16", "--report_to", "none", "--disable_tqdm", "true", "--seed", "3",
-    "--save_steps", "2", "--logging_steps", "1", "--validation_split_percentage", "25",
-    "--learning_rate", "0.003", "--lr_scheduler_type", "constant",
-]
+pytestmark = pytest.mark.slow  # every test trains tiny pretraining runs
+
+TINY = tiny_run(
+    per_device_eval_batch_size=16, seed=3, save_steps=2, logging_steps=1, validation_split_percentage=25,
+    learning_rate=0.003, lr_scheduler_type="constant",
+)
 
 
 @pytest.fixture(scope="module")

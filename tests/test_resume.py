@@ -22,17 +22,14 @@ from lmpipe.loss.train_loss import mean_train_loss
 from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.cli import main
 
-from conftest import REPO, arm
+from conftest import REPO, arm, tiny_run
 
 MAX_STEPS, SAVE_STEPS = 14, 4
-TINY_RUN = [
-    "--train_tokenizer", "true", "--tokenizer_vocab_size", "300", "--block_size", "32", "--n_positions", "32",
-    "--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--dropout", "0.1", "--max_steps", str(MAX_STEPS),
-    "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16", "--learning_rate", "0.003",
-    "--warmup_steps", "2", "--lr_scheduler_type", "cosine", "--eval_strategy", "steps", "--eval_steps", "7",
-    "--save_steps", str(SAVE_STEPS), "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
-    "--seed", "5", "--validation_split_percentage", "25",
-]  # dropout on, so the RNG state must be restored too; about 3 steps per epoch, so resumes land mid-epoch
+TINY_RUN = tiny_run(
+    n_layer=2, dropout=0.1, max_steps=MAX_STEPS, per_device_eval_batch_size=16, learning_rate=0.003, warmup_steps=2,
+    lr_scheduler_type="cosine", eval_strategy="steps", eval_steps=7, save_steps=SAVE_STEPS, logging_steps=1, seed=5,
+    validation_split_percentage=25,
+)  # dropout on, so the RNG state must be restored too; about 3 steps per epoch, so resumes land mid-epoch
 
 # Test-only driver: the same command as `lmpipe pretrain`, armed to SIGKILL itself.
 KILL_DRIVER = r"""
@@ -137,6 +134,7 @@ def killed_run(corpus, output, mode, step):
     assert not (output / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_after_a_checkpoint_resumes_to_the_same_result(corpus, reference, tmp_path):
     output = tmp_path / "run"
     killed_run(corpus, output, "after-checkpoint", step=SAVE_STEPS + 2)  # steps 5 and 6 are lost and redone
@@ -146,6 +144,7 @@ def test_sigkill_after_a_checkpoint_resumes_to_the_same_result(corpus, reference
     assert_same_run(output, reference)
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_a_checkpoint_falls_back_to_the_previous_one(corpus, reference, tmp_path, caplog):
     output = tmp_path / "run"
     torn = output / f"checkpoint-{2 * SAVE_STEPS}"
@@ -157,6 +156,7 @@ def test_sigkill_while_writing_a_checkpoint_falls_back_to_the_previous_one(corpu
     assert_same_run(output, reference)
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_another_run_and_the_same_recipe_still_resumes(corpus, reference_run, tmp_path, caplog):
     output = shutil.copytree(reference_run, tmp_path / "run")  # another run: 2 layers, checkpoints 12 and 14
     args = ["pretrain", *command(corpus, output), "--n_layer", "1", "--max_steps", "4"]
@@ -179,6 +179,7 @@ class SendSignalAt(TrainerCallback):
             os.kill(os.getpid(), self.signal_number)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_step_boundary_and_the_rerun_matches(corpus, reference, tmp_path, monkeypatch, capsys):
     output = tmp_path / "run"
     arm(monkeypatch, SendSignalAt(signal.SIGTERM, step=6))  # during step 7, which is not a save step
@@ -195,6 +196,7 @@ def test_sigterm_saves_at_the_step_boundary_and_the_rerun_matches(corpus, refere
     assert_same_run(output, reference)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(corpus, tmp_path, monkeypatch):
     output = tmp_path / "run"
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN when started as a background job
@@ -216,6 +218,7 @@ class PoisonWeightsAfter(TrainerCallback):
                 model.transformer.ln_f.weight.fill_(math.nan)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
     output = tmp_path / "run"
     arm(monkeypatch, PoisonWeightsAfter(step=5))
@@ -240,6 +243,7 @@ DAMAGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_a_damaged_checkpoint_is_named_as_incomplete(damage, reference_run, tmp_path):
     checkpoint = shutil.copytree(reference_run / f"checkpoint-{MAX_STEPS}", tmp_path / f"checkpoint-{MAX_STEPS}")

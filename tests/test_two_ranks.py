@@ -89,15 +89,15 @@ from lmpipe.data.sources import load_local_file, pydoc_documents  # noqa: E402
 from lmpipe.run.distributed import check_launch  # noqa: E402
 from lmpipe.errors import LmpipeError  # noqa: E402
 
-from conftest import REPO, DATA  # noqa: E402
+from conftest import REPO, DATA, tiny_run  # noqa: E402
 
 CPU_2PROC = REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"
 BLOCK = 32
 STEPS = 4
-MODEL = [
-    "--train_tokenizer", "true", "--tokenizer_vocab_size", "384", "--block_size", str(BLOCK), "--n_positions", "64",
-    "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--dropout", "0",
-]
+MODEL = tiny_run(  # the model only: TRAINING and ONE_RANK / TWO_RANKS say how it trains
+    tokenizer_vocab_size=384, block_size=BLOCK, n_positions=64, dropout=0,
+    per_device_train_batch_size=None, report_to=None, disable_tqdm=None,
+)
 TRAINING = [
     "--learning_rate", "0.003", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--weight_decay", "0",
     "--logging_steps", "1", "--eval_strategy", "no", "--disable_tqdm", "true", "--seed", "3", "--use_cpu", "true",
@@ -222,14 +222,17 @@ def only_rank_zero_writes(run: SimpleNamespace, checkpoints: list[int]) -> None:
     assert set(run.two_record[1]["writes"]) <= {f"checkpoint-{step}" for step in checkpoints}
 
 
+@pytest.mark.slow
 def test_two_ranks_pretrain_on_the_single_rank_batches_in_the_same_order(pretraining):
     micro_batches_match(pretraining)
 
 
+@pytest.mark.slow
 def test_pretraining_losses_agree_step_by_step(pretraining):
     losses_agree(pretraining)
 
 
+@pytest.mark.slow
 def test_exact_eval_counts_every_block_once_when_the_ranks_split_it_unevenly(pretraining, corpus):
     one, _ = exact_eval_agrees(pretraining)
     tokenizer = AutoTokenizer.from_pretrained(pretraining.one)
@@ -239,12 +242,14 @@ def test_exact_eval_counts_every_block_once_when_the_ranks_split_it_unevenly(pre
     assert one["eval_tokens"] == blocks * (BLOCK - 1)
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes_the_pretraining_run(pretraining):
     only_rank_zero_writes(pretraining, checkpoints=[2, STEPS])
     assert {"metrics.json", "loss.png", "recipe.yaml"} <= set(pretraining.two_record[0]["writes"])
     assert "runs/events" in files(pretraining.two)
 
 
+@pytest.mark.slow
 def test_the_saved_models_give_the_same_logits(pretraining):
     tokenizer = AutoTokenizer.from_pretrained(pretraining.two)
     ids = torch.as_tensor(tokenizer(pydoc_documents()[41][:400])["input_ids"][:BLOCK])[None]
@@ -254,6 +259,7 @@ def test_the_saved_models_give_the_same_logits(pretraining):
     assert torch.allclose(one, two, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_qa_finetuning_on_two_ranks_is_the_single_rank_run(finetuning):
     micro_batches_match(finetuning)
     positions_one = 8 * sum(finetuning.one_record[0]["widths"])
@@ -266,6 +272,7 @@ def test_qa_finetuning_on_two_ranks_is_the_single_rank_run(finetuning):
     assert "predictions.jsonl" in finetuning.two_record[0]["writes"]
 
 
+@pytest.mark.slow
 def test_streamed_blocks_are_split_across_ranks_without_overlap_or_loss(tmp_path):
     """One pass over a streamed file by 2 ranks trains on exactly the blocks packed in memory, in order."""
     (tmp_path / "small.txt").write_text("\n\n".join(pydoc_documents()[1:5]), encoding="utf-8")
@@ -327,6 +334,7 @@ def test_a_single_cpu_process_gets_back_the_cores_accelerate_launch_took(monkeyp
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_a_streamed_mixture_counts_the_blocks_of_both_ranks(tmp_path):
     """Rank 0 reads the mixed stream for both ranks; the shares in metrics.json count the documents of every block
     either rank trained on (Shakespeare lines 3 : NQ-open questions 1, rebuilt by hand)."""

@@ -196,6 +196,7 @@ def test_a_bad_row_is_a_one_line_error_and_writes_nothing(tiny, tmp_path, capsys
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_single_rank_results(tiny, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo): each rank scores every other batch; rank 0 writes the same
     samples, in the same order, as one process (7 rows in batches of 2: the ranks get unequal shares)."""
