@@ -9,13 +9,13 @@ import pytest
 import torch
 from datasets import Dataset
 
+from lmpipe.config.arguments import ModelArguments, QAArguments
 from lmpipe.data.chat import DEFAULT_CHAT_TEMPLATE, chat_format, render, tokenize_conversations
 from lmpipe.data.collate import padded_collator, padding_free_collator
 from lmpipe.data.qa import TRAINING_COLUMNS
 from lmpipe.errors import LmpipeError
 from lmpipe.loss.reference import shifted_token_nll
 from lmpipe.model.build import build_model
-from lmpipe.config.arguments import ModelArguments, QAArguments
 
 from conftest import DATA
 

@@ -8,10 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmpipe.cli import main
+from lmpipe.config.arguments import ModelArguments
 from lmpipe.data.chat import DEFAULT_CHAT_TEMPLATE
 from lmpipe.data.sources import pydoc_documents
 from lmpipe.model.build import build_model
-from lmpipe.config.arguments import ModelArguments
 from lmpipe.model.tokenizer import train_bpe_tokenizer
 
 from conftest import DATA, tiny_run
@@ -118,9 +118,9 @@ def jsonl_examples(path) -> list[tuple[list[int], list[int]]]:
 
 @pytest.mark.parametrize("batching", ["padded", "packed"])
 def test_show_data_jsonl_is_what_the_trainer_receives_for_conversations(batching, root, tmp_path, capsys):
-    from lmpipe.finetune import build_qa_trainer
     from lmpipe.config.arguments import FINETUNE_QA_GROUPS
     from lmpipe.config.recipe import parse_recipe
+    from lmpipe.finetune import build_qa_trainer
 
     flags = ["--model_name_or_path", str(root / "base"), "--train_file", str(root / "chats.jsonl"),
              "--messages_column", "messages", "--max_length", "320", "--batching", batching,
@@ -140,8 +140,9 @@ def test_show_data_jsonl_is_what_the_trainer_receives_for_conversations(batching
 
 
 def test_show_data_jsonl_is_what_the_trainer_receives_for_pretraining(tmp_path):
-    from lmpipe.pretrain import build_pretrain_trainer
     from lmpipe.config.recipe import parse_recipe
+    from lmpipe.pretrain import build_pretrain_trainer
+
     from conftest import write_pydoc_corpus
 
     corpus = write_pydoc_corpus(tmp_path / "corpus.txt", 8)

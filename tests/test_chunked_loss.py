@@ -11,11 +11,16 @@ import torch.nn.functional as F
 from transformers import DataCollatorWithFlattening, GPT2Config, GPT2LMHeadModel
 
 from lmpipe.loss.chunked import (
-    ChunkWorkspace, LinearCrossEntropy, causal_lm_loss, even_chunk_tokens, linear_cross_entropy, shifted_targets,
+    ChunkWorkspace,
+    LinearCrossEntropy,
+    causal_lm_loss,
+    even_chunk_tokens,
+    linear_cross_entropy,
+    shifted_targets,
 )
+from lmpipe.loss.install import chunked_loss_enabled, install_chunked_loss, token_scores
 from lmpipe.loss.reference import IGNORE_INDEX, manual_causal_lm_loss
 from lmpipe.training.exact_eval import NllStatistics
-from lmpipe.loss.install import chunked_loss_enabled, install_chunked_loss, token_scores
 
 VOCAB = 101  # prime: no chunk size divides it or the token counts below
 

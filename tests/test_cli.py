@@ -14,10 +14,10 @@ from transformers import TrainingArguments
 
 import lmpipe
 from lmpipe.cli import COMMANDS, DEFAULT_PRETRAIN_RECIPE, main
-from lmpipe.errors import LmpipeError
 from lmpipe.config.arguments import TASKS
-from lmpipe.config.recipe import parse_recipe
 from lmpipe.config.help import TRAINING_KEYS_SHOWN, lmpipe_training_fields
+from lmpipe.config.recipe import parse_recipe
+from lmpipe.errors import LmpipeError
 
 from conftest import REPO
 
@@ -108,8 +108,8 @@ def test_a_missing_relative_path_names_where_it_was_resolved(tmp_path, monkeypat
 
 
 def _load_missing_model():
-    from lmpipe.model.build import model_positions
     from lmpipe.config.arguments import ModelArguments
+    from lmpipe.model.build import model_positions
 
     model_positions(ModelArguments(model_name_or_path="outputs/none"))
 

@@ -17,8 +17,8 @@ import torch
 from transformers import TrainerCallback
 
 import lmpipe.pretrain
-from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.cli import main
+from lmpipe.run.checkpoints import checkpoint_problem
 
 from conftest import tiny_run, write_pydoc_corpus
 

@@ -14,10 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from lmpipe.cli import main
 from lmpipe.data.sources import load_local_file
-from lmpipe.zero_shot.perplexity import EvaluateArguments, evaluate_file
 from lmpipe.loss.reference import manual_causal_lm_loss
 from lmpipe.model.build import CAUSAL_LM_LOSS
 from lmpipe.training.trainer import build_trainer
+from lmpipe.zero_shot.perplexity import EvaluateArguments, evaluate_file
 
 from conftest import tiny_run
 

@@ -10,12 +10,12 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from lmpipe.cli import main
+from lmpipe.config.arguments import LoraArguments, ModelArguments, QAArguments
 from lmpipe.data.collate import padded_collator
 from lmpipe.data.qa import TRAINING_COLUMNS, tokenize_qa
 from lmpipe.loss.reference import IGNORE_INDEX, manual_causal_lm_loss
-from lmpipe.model.lora import MERGED_DIR, save_merged, wrap_lora
 from lmpipe.model.build import CAUSAL_LM_LOSS, build_model
-from lmpipe.config.arguments import LoraArguments, ModelArguments, QAArguments
+from lmpipe.model.lora import MERGED_DIR, save_merged, wrap_lora
 
 from conftest import DATA, tiny_run, write_pydoc_corpus
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from lmpipe.cli import main
+from lmpipe.config.arguments import ModelArguments
 from lmpipe.errors import LmpipeError
 from lmpipe.generate import GenerationSettings, generate_completions, generation_config
 from lmpipe.model.build import build_model
-from lmpipe.config.arguments import ModelArguments
 from lmpipe.model.tokenizer import train_bpe_tokenizer
 
 # Prompts of different lengths (so a batch needs padding) and the answers the trained model memorises.

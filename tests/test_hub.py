@@ -22,9 +22,9 @@ from huggingface_hub import ModelCard, constants
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import HubStrategy
 
+from lmpipe.cli import main
 from lmpipe.run import hub
 from lmpipe.run.card import render_model_card
-from lmpipe.cli import main
 from lmpipe.run.hub import checkpoint_plan, upload_plan
 
 from conftest import DATA, tiny_run, write_pydoc_corpus

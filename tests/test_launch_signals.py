@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.cli import main
+from lmpipe.run.checkpoints import checkpoint_problem
 
 from conftest import REPO, tiny_run, write_pydoc_corpus
 

@@ -8,11 +8,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from lmpipe.cli import main
-from lmpipe.loss_check import check_losses
-from lmpipe.loss.reference import manual_causal_lm_loss
-from lmpipe.model.build import CAUSAL_LM_LOSS, build_model
-from lmpipe.loss.install import chunked_loss_of
 from lmpipe.config.arguments import ModelArguments
+from lmpipe.loss.install import chunked_loss_of
+from lmpipe.loss.reference import manual_causal_lm_loss
+from lmpipe.loss_check import check_losses
+from lmpipe.model.build import CAUSAL_LM_LOSS, build_model
 
 from conftest import REPO, tiny_run
 

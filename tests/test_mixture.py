@@ -8,11 +8,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from lmpipe.config.arguments import FINETUNE_QA_GROUPS, QAArguments
+from lmpipe.config.recipe import parse_recipe
 from lmpipe.data.chat import DEFAULT_CHAT_TEMPLATE, chat_format
 from lmpipe.data.mixture import parse_sources, prepare_mixture, weighted_indices
 from lmpipe.errors import LmpipeError
-from lmpipe.config.arguments import FINETUNE_QA_GROUPS, QAArguments
-from lmpipe.config.recipe import parse_recipe
 
 from conftest import count_by_source, mixed_stream_by_hand, shakespeare_lines, tiny_run, write_lines
 
@@ -103,9 +103,9 @@ def test_yaml_sources_parse_like_command_line_json(tmp_path):
 def test_a_pretraining_mixture_weights_documents_and_counts_their_tokens(gpt2_files, gpt2_tokenizer, tmp_path):
     from transformers import TrainingArguments
 
+    from lmpipe.config.arguments import DataArguments, ModelArguments, TokenizerArguments
     from lmpipe.data.sources import pydoc_documents
     from lmpipe.pretrain import prepare_corpus
-    from lmpipe.config.arguments import DataArguments, ModelArguments, TokenizerArguments
 
     documents = pydoc_documents()[:40]
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
@@ -139,8 +139,8 @@ def streaming_sources(tmp_path, rows=(400, 400)):
 
 
 def test_a_streaming_3_to_1_mixture_draws_75_and_25_percent_of_documents_seeded(tmp_path):
-    from lmpipe.data.stream_mixture import stream_mixture
     from lmpipe.config.arguments import DataArguments
+    from lmpipe.data.stream_mixture import stream_mixture
 
     a = write_lines(tmp_path / "a.jsonl", [f"a {i}" for i in range(4000)])
     b = write_lines(tmp_path / "b.jsonl", [f"b {i}" for i in range(1000)], "body")
@@ -166,9 +166,9 @@ def test_a_streaming_3_to_1_mixture_draws_75_and_25_percent_of_documents_seeded(
 
 def test_the_shares_of_a_stream_count_the_documents_of_the_blocks_the_packer_cuts(tmp_path, gpt2_tokenizer):
     """Against the stream rebuilt by hand, for a head of blocks and for more blocks than one pass holds."""
-    from lmpipe.data.streaming import PackedStream
-    from lmpipe.data.stream_mixture import stream_mixture, trained_shares
     from lmpipe.config.arguments import DataArguments
+    from lmpipe.data.stream_mixture import stream_mixture, trained_shares
+    from lmpipe.data.streaming import PackedStream
 
     a, b, sources = streaming_sources(tmp_path, rows=(60, 30))
     data = DataArguments(datasets=sources, streaming=True, streaming_validation_documents=5)
@@ -219,9 +219,9 @@ def test_one_streamed_source_is_the_plain_streaming_run(tmp_path, gpt2_files):
     """`datasets:` with one source and `train_file` give the same validation, train blocks and baseline head."""
     from transformers import TrainingArguments
 
+    from lmpipe.config.arguments import DataArguments, ModelArguments, TokenizerArguments
     from lmpipe.data.packing import blocks_as_array
     from lmpipe.pretrain import prepare_corpus
-    from lmpipe.config.arguments import DataArguments, ModelArguments, TokenizerArguments
 
     path = write_lines(tmp_path / "a.jsonl", shakespeare_lines(300))
     tokenizer = TokenizerArguments(vocab_file=gpt2_files[0], merges_file=gpt2_files[1])
@@ -244,9 +244,9 @@ def write_bad_row(path, bad_row='{"text": "cut off'):
 
 def test_a_bad_row_past_the_head_of_a_streamed_source_is_named_when_the_packer_reaches_it(tmp_path, gpt2_tokenizer):
     """A null text parses (bad JSON fails at once, in the chunk the heads read): it is met only by the packer."""
-    from lmpipe.data.streaming import PackedStream
-    from lmpipe.data.stream_mixture import MIXTURE_NAME, stream_mixture
     from lmpipe.config.arguments import DataArguments
+    from lmpipe.data.stream_mixture import MIXTURE_NAME, stream_mixture
+    from lmpipe.data.streaming import PackedStream
 
     a, _, _ = streaming_sources(tmp_path)
     write_bad_row(tmp_path / "bad.jsonl", '{"text": null}')

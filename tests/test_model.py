@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from lmpipe.config.arguments import ModelArguments
 from lmpipe.errors import LmpipeError
 from lmpipe.model.build import CAUSAL_LM_LOSS, build_model
-from lmpipe.config.arguments import ModelArguments
 
 TINY = dict(n_layer=1, n_embd=16, n_head=2, n_positions=32)
 

@@ -3,10 +3,10 @@ as the control token, and bits per byte count its 13 bytes."""
 
 from datasets import Dataset
 
+from lmpipe.config.arguments import QAArguments
 from lmpipe.data.packing import tokenize_documents
 from lmpipe.data.qa import tokenize_qa
 from lmpipe.training.exact_eval import token_byte_lengths
-from lmpipe.config.arguments import QAArguments
 
 QUOTING = "GPT-2 ends documents with <|endoftext|> (13 bytes), e.g. 'a<|endoftext|>b'."
 

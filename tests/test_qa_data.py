@@ -7,10 +7,10 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from lmpipe.config.arguments import QAArguments
 from lmpipe.data.collate import padded_collator, padding_free_collator, real_token_fraction
 from lmpipe.data.qa import TRAINING_COLUMNS, check_qa_columns, prompt_template, tokenize_qa
 from lmpipe.errors import LmpipeError
-from lmpipe.config.arguments import QAArguments
 from lmpipe.model.tokenizer import gpt2_tokenizer_from_files
 
 # A byte-level BPE with no merges: every character is one token, so every id below is known by hand.

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 import lmpipe
-
 from lmpipe.errors import LmpipeError
 from lmpipe.training.qa_scores import QA_METRIC_PATH, score_predictions
 

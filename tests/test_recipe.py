@@ -3,8 +3,8 @@
 import pytest
 import yaml
 
-from lmpipe.errors import LmpipeError
 from lmpipe.config.recipe import parse_recipe
+from lmpipe.errors import LmpipeError
 from lmpipe.run.files import write_resolved_recipe
 
 

@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.cli import DEFAULT_PRETRAIN_RECIPE, main
-from lmpipe.model.build import load_pretrained
 from lmpipe.config.arguments import ModelArguments
 from lmpipe.config.recipe import parse_recipe
+from lmpipe.model.build import load_pretrained
 from lmpipe.model.tokenizer import load_tokenizer
+from lmpipe.run.checkpoints import checkpoint_problem
 
 from conftest import tiny_run
 

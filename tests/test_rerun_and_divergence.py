@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.cli import main
+from lmpipe.run.checkpoints import checkpoint_problem
 
 from conftest import arm, tiny_run, write_pydoc_corpus
 

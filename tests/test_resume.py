@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from lmpipe.cli import main
 from lmpipe.loss.train_loss import mean_train_loss
 from lmpipe.run.checkpoints import checkpoint_problem
-from lmpipe.cli import main
 
 from conftest import REPO, arm, tiny_run
 
@@ -266,10 +266,10 @@ def test_mean_train_loss_weights_each_logged_window_by_its_steps():
 
 def test_generation_and_merge_settings_do_not_make_a_qa_rerun_another_run(tmp_path):
     """They act after training: changing them resumes (and re-evaluates); a data setting does not."""
-    from lmpipe.run.identity import identity_changes
     from lmpipe.config.arguments import FINETUNE_QA_GROUPS
     from lmpipe.config.recipe import parse_recipe
     from lmpipe.run.files import write_resolved_recipe
+    from lmpipe.run.identity import identity_changes
 
     base = ["--model_name_or_path", "m", "--train_file", "qa.jsonl", "--use_lora", "true", "--output_dir", str(tmp_path)]
     write_resolved_recipe(parse_recipe(base, groups=FINETUNE_QA_GROUPS), str(tmp_path))

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmpipe.errors import LmpipeError
-from lmpipe.model.build import build_model
 from lmpipe.config.arguments import ModelArguments
 from lmpipe.config.recipe import parse_recipe
+from lmpipe.errors import LmpipeError
+from lmpipe.model.build import build_model
 
 from conftest import REPO
 

@@ -8,12 +8,12 @@ import torch
 from datasets import load_dataset
 
 from lmpipe.cli import main
+from lmpipe.config.arguments import DataArguments
 from lmpipe.data import sources, streaming
 from lmpipe.data.packing import blocks_as_array, pack_blocks, tokenize_documents
 from lmpipe.data.sources import load_local_file, pydoc_documents
 from lmpipe.data.streaming import PackedStream, stream_documents
 from lmpipe.errors import LmpipeError
-from lmpipe.config.arguments import DataArguments
 
 BLOCK = 64
 

@@ -86,10 +86,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from lmpipe.data.packing import blocks_as_array, pack_blocks, tokenize_documents  # noqa: E402
 from lmpipe.data.sources import load_local_file, pydoc_documents  # noqa: E402
-from lmpipe.run.distributed import check_launch  # noqa: E402
 from lmpipe.errors import LmpipeError  # noqa: E402
+from lmpipe.run.distributed import check_launch  # noqa: E402
 
-from conftest import REPO, DATA, tiny_run  # noqa: E402
+from conftest import DATA, REPO, tiny_run  # noqa: E402
 
 CPU_2PROC = REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"
 BLOCK = 32
