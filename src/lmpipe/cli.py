@@ -201,8 +201,8 @@ def push_command(argv: list[str]) -> None:
 
 
 def launch_command(argv: list[str]) -> int:
-    """`accelerate launch` that forwards SIGTERM/Ctrl-C to the training processes and returns their exit code; it
-    runs a script or an lmpipe command by name (`lmpipe launch --num_processes 2 pretrain RECIPE`)."""
+    """`accelerate launch` that forwards SIGTERM/Ctrl-C to the training processes and returns their exit code; the
+    script may be a command's name (`lmpipe launch --num_processes 2 pretrain RECIPE`)."""
     from lmpipe.run.launch import launch_command as launch
 
     return launch(argv, commands=[name for name in COMMANDS if name != "launch"])
@@ -240,7 +240,8 @@ COMMANDS = {
 
 
 def _summary(command: Command) -> str:
-    return inspect.getdoc(command.function).splitlines()[0]
+    """The first paragraph of the command's docstring, on one line."""
+    return " ".join(inspect.getdoc(command.function).split("\n\n")[0].split())
 
 
 def run(name: str, argv: list[str], prog: str | None = None) -> int:
