@@ -60,7 +60,8 @@ def test_learned_tokens_are_every_assistant_content_and_its_eos(gpt2_tokenizer):
     learned = [label for label in rows[0]["labels"] if label != X]
     eos = gpt2_tokenizer.eos_token_id
     assert learned == ids(gpt2_tokenizer, "Paris") + [eos] + ids(gpt2_tokenizer, "Rome, since 1871") + [eos]
-    assert gpt2_tokenizer.decode(rows[0]["input_ids"]) == render(gpt2_tokenizer, DEFAULT_CHAT_TEMPLATE, [CONVERSATION])[0]
+    assert (gpt2_tokenizer.decode(rows[0]["input_ids"])
+            == render(gpt2_tokenizer, DEFAULT_CHAT_TEMPLATE, [CONVERSATION])[0])
     assert (counts.kept, counts.truncated, counts.dropped) == (1, 0, 0)
 
 
@@ -146,13 +147,15 @@ def test_special_token_markers_in_content_are_text_and_in_the_template_are_token
     rows, _ = encode(tokenizer, [conversation], template=CHATML)
     input_ids, labels = rows[0]["input_ids"], rows[0]["labels"]
     assert input_ids.count(start) == 2 and input_ids.count(end) == 2  # the template's, not the quoted ones
-    user_part = [start] + ids(tokenizer, "user\n") + tokenizer(attack, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    user_part = [start] + ids(tokenizer, "user\n") + tokenizer(attack, add_special_tokens=False,
+                                                               split_special_tokens=True)["input_ids"]
     assert input_ids[: len(user_part)] == user_part
     assert [label for label in labels if label != X] == ids(tokenizer, "No") + [end] + ids(tokenizer, "\n")
 
 
 def test_a_template_that_does_not_render_turn_by_turn_is_refused(gpt2_tokenizer):
-    numbered = "{% for m in messages %}{{ loop.index|string + ' ' + m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    numbered = ("{% for m in messages %}{{ loop.index|string + ' ' + m['role'] + ': ' + m['content'] + '\n' }}"
+                "{% endfor %}")
     with pytest.raises(LmpipeError, match="row 1: the chat template does not render this conversation as its turns"):
         encode(gpt2_tokenizer, [CONVERSATION], template=numbered)
 
@@ -177,8 +180,10 @@ def test_packed_and_padded_batches_give_the_same_summed_loss(attention, gpt2_tok
     packed, packed_tokens = summed_loss(model, padding_free_collator()(features))
     alone = [summed_loss(model, {"input_ids": torch.tensor([f["input_ids"]]), "labels": torch.tensor([f["labels"]])})
              for f in features]
-    assert padded_tokens == packed_tokens == sum(t for _, t in alone) == sum(l != X for f in features for l in f["labels"])
-    assert packed == pytest.approx(padded, rel=1e-5) and padded == pytest.approx(sum(l for l, _ in alone), rel=1e-5)
+    assert (padded_tokens == packed_tokens == sum(t for _, t in alone)
+            == sum(label != X for f in features for label in f["labels"]))
+    assert (packed == pytest.approx(padded, rel=1e-5)
+            and padded == pytest.approx(sum(loss for loss, _ in alone), rel=1e-5))
 
 
 def test_the_shipped_conversations_are_built_from_real_rows():

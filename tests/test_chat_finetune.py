@@ -106,7 +106,8 @@ def dataloader_examples(trainer) -> list[tuple[list[int], list[int]]]:
             starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [ids.shape[1]]
             examples += [(ids[0, a:b].tolist(), labels[0, a:b].tolist()) for a, b in zip(starts, starts[1:])]
         else:
-            lengths = batch["attention_mask"].sum(-1).tolist() if "attention_mask" in batch else [ids.shape[1]] * len(ids)
+            lengths = (batch["attention_mask"].sum(-1).tolist() if "attention_mask" in batch
+                       else [ids.shape[1]] * len(ids))
             examples += [(ids[r, :n].tolist(), labels[r, :n].tolist()) for r, n in enumerate(lengths)]
     return sorted(examples)
 
@@ -166,7 +167,8 @@ def test_generate_chat_answers_each_message_with_the_template_turn_by_turn(root,
     ids = tokenizer(HEADERS["system"] + "Be brief." + "\n\n")["input_ids"]
     expected = ["system: Be brief."]
     for question in questions:
-        ids += tokenizer(HEADERS["user"])["input_ids"] + tokenizer(question)["input_ids"] + tokenizer("\n\n")["input_ids"]
+        ids += (tokenizer(HEADERS["user"])["input_ids"] + tokenizer(question)["input_ids"]
+                + tokenizer("\n\n")["input_ids"])
         ids += tokenizer(HEADERS["assistant"])["input_ids"]
         new = []
         with torch.no_grad():

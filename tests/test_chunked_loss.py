@@ -96,7 +96,8 @@ def _loss_and_grads(model, **inputs):
     hidden["h"].retain_grad()
     outputs.loss.backward()
     named = dict(model.named_parameters())
-    grads = {name: named[name].grad.clone() for name in ("transformer.wte.weight", "transformer.h.0.attn.c_attn.weight")}
+    grads = {name: named[name].grad.clone()
+             for name in ("transformer.wte.weight", "transformer.h.0.attn.c_attn.weight")}
     grads["final hidden states"] = hidden["h"].grad.clone()
     return outputs.loss.detach(), grads
 

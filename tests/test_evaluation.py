@@ -112,7 +112,8 @@ def test_cli_prints_one_json_line(trained, capsys):
 
 BAD_FLAGS = {
     "zero stride": (["--stride", "0"], "stride must be >= 1, got 0"),  # lmpipe.config.rules, before any data
-    "stride over the block": (["--block_size", "16", "--stride", "17"], "stride=17 must be between 1 and block_size=16"),
+    "stride over the block": (["--block_size", "16", "--stride", "17"],
+                              "stride=17 must be between 1 and block_size=16"),
     "block over positions": (["--block_size", "64"], "block_size=64 must be between 2 and the model's n_positions=32"),
 }
 

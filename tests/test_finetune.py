@@ -276,7 +276,8 @@ BAD_INPUTS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BAD_INPUTS)
 def test_bad_input_is_one_line_and_leaves_no_finished_run(name, pretrained, tmp_path, capsys):
-    (pretrained / "bad.jsonl").write_text('{"question": "q one", "answer": ["a"]}\n{"question": "q two", "answer": [""]}\n')
+    (pretrained / "bad.jsonl").write_text('{"question": "q one", "answer": ["a"]}\n'
+                                          '{"question": "q two", "answer": [""]}\n')
     flags, message = BAD_INPUTS[name]
     args = ["finetune-qa", "--model_name_or_path", str(pretrained / "pretrained"), "--train_file",
             str(pretrained / "nq_open_300.jsonl"), "--max_length", "64", "--output_dir", str(tmp_path / "out"),
@@ -309,8 +310,10 @@ def test_loss_check_on_lora_with_packed_batches_compares_the_adapter_gradients(p
                  str(pretrained / "nq_open_300.jsonl"), "--max_length", "96", "--batches", "2",
                  "--use_lora", "true", "--batching", "packed", "--report_to", "none"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    gradients = [line.split() for line in lines[lines.index(next(l for l in lines if l.startswith("gradients"))) + 1 : -1]]
-    assert [row[0] for row in gradients] == ["base_model.model.transformer.h.0.attn.c_attn.lora_B.default.weight", "final"]
+    gradients = [line.split() for line in
+                 lines[lines.index(next(header for header in lines if header.startswith("gradients"))) + 1 : -1]]
+    assert [row[0] for row in gradients] == ["base_model.model.transformer.h.0.attn.c_attn.lora_B.default.weight",
+                                             "final"]
     assert all(float(row[-1]) <= 1e-5 for row in gradients)
 
 

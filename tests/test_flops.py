@@ -33,7 +33,8 @@ def test_rates_and_mfu():
 @pytest.mark.slow
 def test_a_run_logs_model_tflops_and_writes_them_to_metrics(text_file, tmp_path):
     output = tmp_path / "run"
-    flags = tiny_run(max_steps=6, logging_steps=2, eval_strategy="no", save_strategy="steps", save_steps=6, output_dir=output)
+    flags = tiny_run(max_steps=6, logging_steps=2, eval_strategy="no", save_strategy="steps", save_steps=6,
+                     output_dir=output)
     assert main(["pretrain", "--train_file", str(text_file), *flags]) == 0
     metrics = json.loads((output / "metrics.json").read_text())
     model = GPT2LMHeadModel.from_pretrained(output)

@@ -98,7 +98,8 @@ def test_two_fully_sharded_ranks_give_the_single_process_losses():
     # Once in a clean-clone CI run both ranks aborted with "terminate called without an active exception"
     # (SIGABRT, torch's gloo teardown; not reproduced in 8 reruns). A rank 0 that printed its result finished
     # training; an abort before that, or any other failure, still fails here.
-    finished = bool(lines) and lines[-1].startswith("{") and "terminate called without an active exception" in result.stderr
+    finished = (bool(lines) and lines[-1].startswith("{")
+                and "terminate called without an active exception" in result.stderr)
     assert result.returncode == 0 or finished, result.stderr[-3000:]
     sharded = json.loads(lines[-1])
     assert sharded["wte_rows_on_rank0"] == 51  # the tied wte/lm_head really is split: 101 rows over 2 ranks

@@ -108,7 +108,8 @@ def test_check_reports_the_chunked_loss_and_its_gradients_and_leaves_the_model_a
     with torch.no_grad():
         first_step = manual_causal_lm_loss(trainer.model(input_ids[:4]).logits, labels[:4]).item()
     assert check.rows[0].chunked == pytest.approx(first_step, rel=1e-6)
-    assert set(check.gradients) == {"transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "final hidden states"}
+    assert set(check.gradients) == {"transformer.wte.weight", "transformer.h.0.attn.c_attn.weight",
+                                    "final hidden states"}
     assert max(check.gradients.values()) <= 1e-5 and not check.trainer_chunked
     assert chunked_loss_of(trainer.model) is None
     assert trainer.model(input_ids[:2], labels=labels[:2]).logits.shape == (2, LENGTH, VOCAB)
@@ -129,9 +130,11 @@ def test_cli_exits_1_when_the_model_keeps_gpt2s_default_loss_type(text_file, cap
 @pytest.mark.slow
 def test_cli_checks_a_saved_model_with_its_own_tokenizer(gpt2_tokenizer, text_file, tmp_path, capsys):
     saved = tmp_path / "model"
-    build_model(ModelArguments(n_layer=1, n_embd=16, n_head=2, n_positions=32), gpt2_tokenizer, 32).save_pretrained(saved)
+    build_model(ModelArguments(n_layer=1, n_embd=16, n_head=2, n_positions=32),
+                gpt2_tokenizer, 32).save_pretrained(saved)
     gpt2_tokenizer.save_pretrained(saved)
-    flags = ["--train_file", str(text_file), "--block_size", "32", "--per_device_train_batch_size", "2", "--batches", "1"]
+    flags = ["--train_file", str(text_file), "--block_size", "32", "--per_device_train_batch_size", "2",
+             "--batches", "1"]
     assert main(["check-loss", "--model_name_or_path", str(saved), *flags]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ok:")
 

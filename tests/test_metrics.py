@@ -18,7 +18,8 @@ def test_manual_loss_matches_worked_example():
     batch_logits = torch.cat([logits, torch.zeros(1, 4)]).unsqueeze(0)
     labels = torch.tensor([[-100, 0, 2, 1]])
     assert manual_causal_lm_loss(batch_logits, labels).item() == pytest.approx(F.cross_entropy(logits, targets).item())
-    by_hand = -sum(math.log(math.exp(r[t]) / sum(math.exp(v) for v in r)) for r, t in zip(logits.tolist(), [0, 2, 1])) / 3
+    by_hand = -sum(math.log(math.exp(r[t]) / sum(math.exp(v) for v in r))
+                   for r, t in zip(logits.tolist(), [0, 2, 1])) / 3
     assert manual_causal_lm_loss(batch_logits, labels).item() == pytest.approx(by_hand, rel=1e-6)
 
 
@@ -31,7 +32,8 @@ def test_exact_perplexity_is_the_token_mean_not_the_batch_mean():
     rows = torch.cat([statistics(logits[:3], labels[:3]), statistics(logits[3:], labels[3:])]).numpy()
     metrics = exact_metrics(rows)
     token_mean = manual_causal_lm_loss(logits, labels).item()
-    batch_mean = (manual_causal_lm_loss(logits[:3], labels[:3]) + manual_causal_lm_loss(logits[3:], labels[3:])).item() / 2
+    batch_mean = (manual_causal_lm_loss(logits[:3], labels[:3])
+                  + manual_causal_lm_loss(logits[3:], labels[3:])).item() / 2
     assert metrics["exact_loss"] == pytest.approx(token_mean, rel=1e-6)
     assert abs(metrics["exact_loss"] - batch_mean) > 1e-3
     assert metrics["perplexity"] == pytest.approx(math.exp(token_mean))

@@ -38,7 +38,7 @@ def test_weights_3_to_1_realise_75_and_25_percent_of_examples(gpt2_tokenizer, tm
     counts = Counter(mixture.train["source"])
     assert counts == {a: 3 * 36, b: 36}  # each source holds out its last 10% (4 rows), then is weighted
     assert mixture.shares[a]["example_share"] == 0.75 and mixture.shares[b]["example_share"] == 0.25
-    tokens = {name: sum(sum(l != -100 for l in labels) for labels, s in zip(mixture.train["labels"],
+    tokens = {name: sum(sum(label != -100 for label in labels) for labels, s in zip(mixture.train["labels"],
               mixture.train["source"]) if s == name) for name in (a, b)}
     assert mixture.shares[a]["learned_tokens"] == tokens[a]
     assert mixture.shares[a]["learned_token_share"] == pytest.approx(tokens[a] / (tokens[a] + tokens[b]))
@@ -70,7 +70,8 @@ def test_a_source_gives_round_weight_times_rows_examples(rows, weight):
 BAD_SOURCES = {
     "unknown key": ([{"path": "a.jsonl", "wieght": 2}], "datasets[1]: unknown key 'wieght'"),
     "no path": ([{"weight": 2}], "datasets[1]: needs a path"),
-    "zero weight": ([{"path": "a.jsonl"}, {"path": "b.jsonl", "weight": 0}], "datasets[2]: weight must be a number > 0"),
+    "zero weight": ([{"path": "a.jsonl"}, {"path": "b.jsonl", "weight": 0}],
+                    "datasets[2]: weight must be a number > 0"),
     "twice": ([{"path": "a.jsonl"}, {"path": "a.jsonl", "weight": 2}], "datasets: a.jsonl is listed twice"),
 }
 
@@ -93,7 +94,8 @@ def test_yaml_sources_parse_like_command_line_json(tmp_path):
     recipe = tmp_path / "mix.yaml"
     recipe.write_text("datasets:\n  - path: a.jsonl\n    weight: 3\n  - {path: b.jsonl, split: 'train[:50%]'}\n")
     from_yaml = parse_recipe([str(recipe)], groups=FINETUNE_QA_GROUPS).data.datasets
-    from_flags = parse_recipe(["--datasets", '{"path": "a.jsonl", "weight": 3}', '{"path": "b.jsonl", "split": "train[:50%]"}'],
+    from_flags = parse_recipe(["--datasets", '{"path": "a.jsonl", "weight": 3}',
+                               '{"path": "b.jsonl", "split": "train[:50%]"}'],
                               groups=FINETUNE_QA_GROUPS).data.datasets
     assert parse_sources(from_yaml) == parse_sources(from_flags)
     assert [(s.path, s.weight, s.split) for s in parse_sources(from_yaml)] == [("a.jsonl", 3.0, "train"),
@@ -111,7 +113,8 @@ def test_a_pretraining_mixture_weights_documents_and_counts_their_tokens(gpt2_fi
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in documents[:20]), encoding="utf-8")
     b.write_text("".join(json.dumps({"body": doc}) + "\n" for doc in documents[20:]), encoding="utf-8")
-    data = DataArguments(datasets=[{"path": str(a), "weight": 3}, {"path": str(b), "text_column": "body"}], block_size=64)
+    data = DataArguments(datasets=[{"path": str(a), "weight": 3}, {"path": str(b), "text_column": "body"}],
+                         block_size=64)
     corpus = prepare_corpus(data, TokenizerArguments(vocab_file=gpt2_files[0], merges_file=gpt2_files[1]),
                             ModelArguments(), TrainingArguments(output_dir=str(tmp_path / "out")))
     tokens = [len(gpt2_tokenizer(doc, split_special_tokens=True)["input_ids"]) + 1 for doc in documents]
@@ -161,7 +164,8 @@ def test_a_streaming_3_to_1_mixture_draws_75_and_25_percent_of_documents_seeded(
     assert [row["source"] for row in stream_mixture(data, seed=0).train.take(2000)] == head
     assert [row["source"] for row in stream_mixture(data, seed=1).train.take(2000)] != head
     data.max_train_documents = 100  # of the mixed train stream
-    assert [row["text"] for row in stream_mixture(data, seed=0).train] == [row["text"] for row in mixture.train.take(100)]
+    assert ([row["text"] for row in stream_mixture(data, seed=0).train]
+            == [row["text"] for row in mixture.train.take(100)])
 
 
 def test_the_shares_of_a_stream_count_the_documents_of_the_blocks_the_packer_cuts(tmp_path, gpt2_tokenizer):
@@ -260,10 +264,13 @@ def test_a_bad_row_past_the_head_of_a_streamed_source_is_named_when_the_packer_r
 
 STREAMING_BAD_SOURCES = {
     "missing file": ('{"path": "%s/missing.jsonl"}', "datasets[2]: {tmp}/missing.jsonl: data file not found"),
-    "missing column": ('{"path": "%s/b.jsonl"}', "datasets[2]: {tmp}/b.jsonl (validation): no column 'text'; columns are body"),
-    "zero weight": ('{"path": "%s/b.jsonl", "weight": 0, "text_column": "body"}', "datasets[2]: weight must be a number > 0, got 0"),
+    "missing column": ('{"path": "%s/b.jsonl"}',
+                       "datasets[2]: {tmp}/b.jsonl (validation): no column 'text'; columns are body"),
+    "zero weight": ('{"path": "%s/b.jsonl", "weight": 0, "text_column": "body"}',
+                    "datasets[2]: weight must be a number > 0, got 0"),
     "bad JSON row": ('{"path": "%s/bad.jsonl"}', "datasets[2]: {tmp}/bad.jsonl: line 201 is not valid JSON"),
-    "too few documents": ('{"path": "%s/short.jsonl"}', "datasets[2]: {tmp}/short.jsonl: no training documents left after holding out 20"),
+    "too few documents": ('{"path": "%s/short.jsonl"}',
+                          "datasets[2]: {tmp}/short.jsonl: no training documents left after holding out 20"),
 }
 
 

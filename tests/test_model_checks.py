@@ -20,7 +20,8 @@ def models(tmp_path_factory, gpt2_tokenizer):
     """A whole tiny GPT-2 directory and copies of it with one thing wrong each."""
     root = tmp_path_factory.mktemp("models")
     whole = root / "whole"
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(gpt2_tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2)).save_pretrained(whole)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(gpt2_tokenizer), n_positions=64, n_embd=32, n_layer=1,
+                               n_head=2)).save_pretrained(whole)
     gpt2_tokenizer.save_pretrained(whole)
     for name, remove in {"no-tokenizer": ["tokenizer.json", "tokenizer_config.json"], "no-config": ["config.json"],
                          "no-weights": ["model.safetensors"]}.items():

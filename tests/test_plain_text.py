@@ -25,7 +25,8 @@ def test_a_document_quoting_eos_has_one_eos_and_every_byte_counted(gpt2_tokenize
 
 def test_a_question_or_answer_quoting_eos_is_text(gpt2_tokenizer):
     eos = gpt2_tokenizer.eos_token_id
-    split = Dataset.from_dict({"question": ["what follows <|endoftext|>?"], "answer": [["a new <|endoftext|> document"]]})
+    split = Dataset.from_dict({"question": ["what follows <|endoftext|>?"],
+                               "answer": [["a new <|endoftext|> document"]]})
     rows, _ = tokenize_qa(split, gpt2_tokenizer, QAArguments(), "Question: {question}\nAnswer:", "qa.jsonl")
     assert rows[0]["input_ids"].count(eos) == 1 and rows[0]["input_ids"][-1] == eos
     answer = gpt2_tokenizer(" a new <|endoftext|> document", split_special_tokens=True)["input_ids"] + [eos]

@@ -15,7 +15,7 @@ from lmpipe.model.tokenizer import gpt2_tokenizer_from_files
 
 # A byte-level BPE with no merges: every character is one token, so every id below is known by hand.
 CHARS = ["<|endoftext|>", "Q", ":", "Ċ", "A", "Ġ", "h", "i", "y", "o", "e", "n", "a", "w", "u", "s"]
-EOS, Q, COLON, NEWLINE, A, SPACE, H, I, Y, O, E, N, LETTER_A, W = range(14)
+EOS, Q, COLON, NEWLINE, A, SPACE, H, LETTER_I, Y, LETTER_O, E, N, LETTER_A, W = range(14)
 TEMPLATE = "Q:{question}\nA:"
 X = -100
 
@@ -39,8 +39,8 @@ def features(encoded):
 
 
 # "Q:hi\nA:" + " yo" + EOS   and   "Q:hey\nA:" + " no" + EOS (its first of two accepted answers)
-PROMPT_1, ANSWER_1 = [Q, COLON, H, I, NEWLINE, A, COLON], [SPACE, Y, O, EOS]
-PROMPT_2, ANSWER_2 = [Q, COLON, H, E, Y, NEWLINE, A, COLON], [SPACE, N, O, EOS]
+PROMPT_1, ANSWER_1 = [Q, COLON, H, LETTER_I, NEWLINE, A, COLON], [SPACE, Y, LETTER_O, EOS]
+PROMPT_2, ANSWER_2 = [Q, COLON, H, E, Y, NEWLINE, A, COLON], [SPACE, N, LETTER_O, EOS]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_padded_batch_masks_padding_by_position_not_by_id(two_rows, tiny_tokeniz
     # GPT-2 pads with EOS (id 0): the padding is -100, the answer's own EOS (also id 0) is still a label.
     assert batch["input_ids"].tolist() == [PROMPT_1 + ANSWER_1 + [EOS], PROMPT_2 + ANSWER_2]
     assert batch["attention_mask"].tolist() == [[1] * 11 + [0], [1] * 12]
-    assert batch["labels"].tolist() == [[X] * 7 + [SPACE, Y, O, EOS, X], [X] * 8 + [SPACE, N, O, EOS]]
+    assert batch["labels"].tolist() == [[X] * 7 + [SPACE, Y, LETTER_O, EOS, X], [X] * 8 + [SPACE, N, LETTER_O, EOS]]
     assert tiny_tokenizer.pad_token is None  # the collator pads with a private copy
     mask = batch["attention_mask"]
     assert real_token_fraction([11, 12], [[0, 1]], "padded") == mask.sum().item() / mask.numel() == 23 / 24
@@ -91,8 +91,9 @@ def test_long_prompt_is_cut_from_the_left_and_the_answer_kept(tiny_tokenizer):
     # row 1 fits exactly (7 + 4); row 2: 13 prompt tokens + 4 > 11, so the last 7 prompt tokens remain;
     # row 3: " yoyoyoyoyo" + EOS is 12 tokens on its own.
     assert (counts.kept, counts.truncated, counts.dropped) == (1, 1, 1)
-    assert encoded["input_ids"][1] == [I, I, I, I, NEWLINE, A, COLON, SPACE, N, O, EOS]
-    assert encoded["labels"][1] == [X] * 7 + [SPACE, N, O, EOS]
+    assert encoded["input_ids"][1] == [LETTER_I, LETTER_I, LETTER_I, LETTER_I, NEWLINE, A, COLON,
+                                       SPACE, N, LETTER_O, EOS]
+    assert encoded["labels"][1] == [X] * 7 + [SPACE, N, LETTER_O, EOS]
     assert encoded["prompt"][1] == "iiii\nA:"
     assert encoded["question"] == ["hi", "hiiiiiii"]
 
@@ -153,7 +154,7 @@ def test_context_goes_into_the_default_template(tiny_tokenizer):
     assert prompt_template(qa).format(context="c", question="q") == "Context: c\nQuestion: q\nAnswer:"
     split = Dataset.from_dict({"question": ["hi"], "answer": ["yo"], "passage": ["wow"]})
     encoded, _ = tokenize_qa(split, tiny_tokenizer, QAArguments(context_column="passage"), "{context}{question}", "x")
-    assert encoded["input_ids"][0] == [W, O, W, H, I] + ANSWER_1
+    assert encoded["input_ids"][0] == [W, LETTER_O, W, H, LETTER_I] + ANSWER_1
 
 
 def tiny_gpt2(attn_implementation="sdpa", use_cache=False):

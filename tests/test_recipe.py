@@ -24,7 +24,8 @@ def test_yaml_values_are_typed_and_flags_override(tmp_path):
 
 def test_unknown_key_names_file_and_suggests(tmp_path):
     path = write(tmp_path, "learning_rat: 0.1\n")
-    with pytest.raises(LmpipeError, match=r"recipe.yaml: unknown key 'learning_rat' \(did you mean 'learning_rate'\?\)"):
+    with pytest.raises(LmpipeError,
+                       match=r"recipe.yaml: unknown key 'learning_rat' \(did you mean 'learning_rate'\?\)"):
         parse_recipe([path])
 
 

@@ -28,7 +28,8 @@ def root(tmp_path_factory):
     paragraphs = [f"Paragraph {i} of a small corpus, long enough to make a few blocks of text." for i in range(40)]
     (root / "null_row.jsonl").write_text("".join(json.dumps({"text": None if i == 6 else p}) + "\n"
                                                  for i, p in enumerate(paragraphs)))
-    (root / "null_row.csv").write_text("id,text\n" + "".join(f"{i},{'' if i == 3 else p}\n" for i, p in enumerate(paragraphs)))
+    (root / "null_row.csv").write_text("id,text\n" + "".join(f"{i},{'' if i == 3 else p}\n"
+                                                             for i, p in enumerate(paragraphs)))
     (root / "a_directory").mkdir()
     return root
 
@@ -36,9 +37,11 @@ def root(tmp_path_factory):
 CASES = {
     # recipe files
     "duplicate yaml key": (["pretrain", "{root}/duplicate.yaml"],
-                           "duplicate.yaml: line 3 is not valid YAML (duplicate key 'learning_rate' (first on line 1))"),
+                           "duplicate.yaml: line 3 is not valid YAML "
+                           "(duplicate key 'learning_rate' (first on line 1))"),
     "null for a key with a default": (["pretrain", "{root}/null_layers.yaml"],
-                                      "null_layers.yaml: 'n_layer' is null; give it a value or remove the line (default: 4)"),
+                                      "null_layers.yaml: 'n_layer' is null; "
+                                      "give it a value or remove the line (default: 4)"),
     "null for an optional key is no value": (["pretrain", "{root}/null_optional.yaml"],
                                              "null_optional.yaml: n_layer must be >= 1, got -2"),
     "out of range in the file names the file": (["pretrain", "{root}/dropout.yaml"],
@@ -47,10 +50,12 @@ CASES = {
                                                        "error: dropout must be in [0, 1), got -0.1"),
     # values
     "no layers": ([*SMALL, "--n_layer", "-1"], "error: n_layer must be >= 1, got -1"),
-    "infinite learning rate": ([*SMALL, "--learning_rate", "inf"], "error: learning_rate must be a finite number, got inf"),
+    "infinite learning rate": ([*SMALL, "--learning_rate", "inf"],
+                               "error: learning_rate must be a finite number, got inf"),
     "nan weight decay": ([*SMALL, "--weight_decay", "nan"], "error: weight_decay must be a finite number, got nan"),
     "beta of 1": ([*SMALL, "--adam_beta2", "1"], "error: adam_beta2 must be in [0, 1), got 1.0"),
-    "unknown attention": ([*SMALL, "--attn_implementation", "flash"], "error: attn_implementation must be one of eager,"),
+    "unknown attention": ([*SMALL, "--attn_implementation", "flash"],
+                          "error: attn_implementation must be one of eager,"),
     "save_total_limit 0 would keep every checkpoint": ([*SMALL, "--save_total_limit", "0"],
                                                        "error: save_total_limit must be >= 1, got 0"),
     "max_train_documents 0 would keep all": ([*SMALL, "--max_train_documents", "0"],
@@ -59,7 +64,8 @@ CASES = {
     "vocabulary smaller than the bytes": ([*SMALL, "--tokenizer_vocab_size", "100"],
                                           "error: tokenizer_vocab_size must be >= 257"),
     "block of one token": ([*SMALL, "--block_size", "1"], "error: block_size must be >= 2, got 1"),
-    "negative max_steps": ([*SMALL, "--max_steps", "-5"], "error: max_steps must be >= -1 (-1: train num_train_epochs)"),
+    "negative max_steps": ([*SMALL, "--max_steps", "-5"],
+                           "error: max_steps must be >= -1 (-1: train num_train_epochs)"),
     "LoRA dropout of 1": (["finetune-qa", "--model_name_or_path", "m", "--lora_dropout", "1"],
                          "error: lora_dropout must be in [0, 1), got 1.0"),
     # data files
@@ -96,7 +102,8 @@ def test_an_unreadable_data_file_is_one_line(root, tmp_path, capsys, monkeypatch
         return real_open(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "open", denied)
-    assert main([*SMALL, "--train_file", str(corpus), "--output_dir", str(tmp_path / "out"), "--report_to", "none"]) == 2
+    assert main([*SMALL, "--train_file", str(corpus), "--output_dir", str(tmp_path / "out"),
+                 "--report_to", "none"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {corpus}: cannot read the data file (Permission denied)"
     )

@@ -219,7 +219,9 @@ class PoisonWeightsAfter(TrainerCallback):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    corpus, tmp_path, monkeypatch, capsys
+):
     output = tmp_path / "run"
     arm(monkeypatch, PoisonWeightsAfter(step=5))
     assert main(["pretrain", *command(corpus, output)]) == 2
@@ -271,7 +273,8 @@ def test_generation_and_merge_settings_do_not_make_a_qa_rerun_another_run(tmp_pa
     from lmpipe.run.files import write_resolved_recipe
     from lmpipe.run.identity import identity_changes
 
-    base = ["--model_name_or_path", "m", "--train_file", "qa.jsonl", "--use_lora", "true", "--output_dir", str(tmp_path)]
+    base = ["--model_name_or_path", "m", "--train_file", "qa.jsonl", "--use_lora", "true",
+            "--output_dir", str(tmp_path)]
     write_resolved_recipe(parse_recipe(base, groups=FINETUNE_QA_GROUPS), str(tmp_path))
     after_training = ["--generation_max_new_tokens", "32", "--merge_lora", "true", "--learning_rate", "1e-4"]
     assert identity_changes(parse_recipe(base + after_training, groups=FINETUNE_QA_GROUPS), str(tmp_path)) == []

@@ -16,7 +16,8 @@ from lmpipe.zero_shot.data import arc_row, detect_format, hellaswag_row, piqa_ro
 from lmpipe.zero_shot.requests import Request, choice_request, encode_pair, rolling_windows
 from lmpipe.zero_shot.scoring import score_requests
 
-WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "and", "then", "ran", "away", "quickly", "slowly", "big", "small", "house", ",", ".", ";"]
+WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "and", "then", "ran", "away", "quickly", "slowly", "big",
+         "small", "house", ",", ".", ";"]
 EOS = 50256
 
 
