@@ -54,7 +54,7 @@ RULES: dict[str, Rule] = {
         _at_least(1),
     ),
     "block_size": _at_least(2),  # one input and one label
-    "max_length": (lambda v: v >= 2, ">= 2 (one prompt token and EOS)"),
+    "max_length": _at_least(2),  # one prompt token and EOS
     "tokenizer_vocab_size": (lambda v: v >= 257, ">= 257 (256 byte tokens and <|endoftext|>)"),
     **dict.fromkeys(
         ["learning_rate", "adam_epsilon", "logging_steps", "eval_steps", "save_steps", "lora_alpha"], POSITIVE
