@@ -1,6 +1,6 @@
 """A/B of whole runs: one recipe under several sets of flags, end to end, interleaved, several repetitions.
 
-Each run is `python -m lmpipe.cli pretrain RECIPE FLAGS --output_dir TMP` in a child process (what a user runs),
+Each run is `python -m lmpipe pretrain RECIPE FLAGS --output_dir TMP` in a child process (what a user runs),
 and its metrics.json gives train runtime, train tokens/s, exact eval loss and bits per byte; the child's wall time
 includes data preparation and evaluation. Ratios are paired per repetition.
 
@@ -28,7 +28,7 @@ def run_recipe(recipe: str, flags: list[str], output_dir: Path | None = None) ->
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = output_dir or Path(tmp) / "run"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(Path(tmp) / "cache")}
-        command = [sys.executable, "-m", "lmpipe.cli", "pretrain", recipe, *flags, "--output_dir", str(run_dir),
+        command = [sys.executable, "-m", "lmpipe", "pretrain", recipe, *flags, "--output_dir", str(run_dir),
                    "--report_to", "none", "--disable_tqdm", "true"]
         start = time.perf_counter()
         out = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)

@@ -94,7 +94,7 @@ def run_once(args, tool: str, dtype: str, vocab: Path, merges: Path, tokenizer_d
         else:
             recipe = work / "recipe.yaml"
             recipe.write_text(lmpipe_recipe(args, dtype, vocab, merges, output_dir), encoding="utf-8")
-            command = [sys.executable, "-m", "lmpipe.cli", "pretrain", str(recipe)]
+            command = [sys.executable, "-m", "lmpipe", "pretrain", str(recipe)]
         environment = {**os.environ, "HF_DATASETS_CACHE": str(work / "datasets-cache"), "HF_HUB_OFFLINE": "1"}
         load = load_average()
         start = time.perf_counter()

@@ -206,7 +206,7 @@ SUBPROCESS_CASES = {
         [str(REPO / "pipelines" / "pretrain.py"), "--train_file", "{tmp}/missing.txt"],
         "error: {tmp}/missing.txt: data file not found"),
     "console entry point, yaml that does not parse": (
-        ["-m", "lmpipe.cli", "pretrain", "{tmp}/broken.yaml"],
+        ["-m", "lmpipe", "pretrain", "{tmp}/broken.yaml"],
         "error: {tmp}/broken.yaml: line 2 is not valid YAML (found unexpected end of stream)"),
 }
 

@@ -125,7 +125,7 @@ def pushed_run(tmp_path_factory):
     with FakeHub(drop_after_whoami=True) as fake:
         env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT=fake.url, HF_TOKEN=FAKE_TOKEN, HF_HOME=str(root / "hf_home"))
         result = subprocess.run(
-            [sys.executable, "-m", "lmpipe.cli", "pretrain", "--train_file", str(corpus), "--output_dir", str(output),
+            [sys.executable, "-m", "lmpipe", "pretrain", "--train_file", str(corpus), "--output_dir", str(output),
              "--push_to_hub", "true", "--hub_strategy", "checkpoint", *TINY_RUN],
             capture_output=True, text=True, env=env, timeout=300,
         )

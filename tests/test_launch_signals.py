@@ -53,7 +53,7 @@ def alive(pid: int) -> bool:
 def launch(processes, args, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "lmpipe.cli", "launch", *LAUNCH[processes], SCRIPT[processes], *args],
+        [sys.executable, "-m", "lmpipe", "launch", *LAUNCH[processes], SCRIPT[processes], *args],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kwargs,
     )
 

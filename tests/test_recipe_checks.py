@@ -91,6 +91,16 @@ def test_bad_value_is_one_line_before_any_output(name, root, tmp_path, capsys):
     assert not output.exists()
 
 
+@pytest.mark.parametrize("argv", [
+    ["finetune-qa", "--model_name_or_path", "m", "--max_length", "1"],
+    ["evaluate", "m", "--task", "perplexity", "--data", "d", "--max_length", "1"],
+], ids=["QA rows", "zero-shot windows"])
+def test_a_shared_rule_reads_the_same_for_every_command(argv, capsys):
+    """One rule per key, whichever command has it: max_length bounds QA rows and zero-shot windows alike."""
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: max_length must be >= 2, got 1"
+
+
 def test_an_unreadable_data_file_is_one_line(root, tmp_path, capsys, monkeypatch):
     """As root in CI a chmod 000 file stays readable, so the read itself is made to fail as it does for a user."""
     corpus = root / "null_row.jsonl"

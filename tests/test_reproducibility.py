@@ -48,7 +48,7 @@ def two_runs(tmp_path_factory):
     assert main(["pretrain", "--train_file", str(corpus), "--output_dir", str(first), *RUN]) == 0
     env = {**os.environ, "HF_TOKEN": FAKE_TOKEN, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "lmpipe.cli", "pretrain", "--train_file", str(corpus), "--output_dir", str(second),
+        [sys.executable, "-m", "lmpipe", "pretrain", "--train_file", str(corpus), "--output_dir", str(second),
          *RUN],
         env=env, capture_output=True, text=True, timeout=600,
     )

@@ -278,7 +278,3 @@ def main(argv: list[str] | None = None) -> int:
         print(overview(), file=sys.stderr)
         return 2
     return run(argv[0], argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

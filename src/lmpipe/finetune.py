@@ -29,7 +29,7 @@ from lmpipe.generate import GenerationSettings, generate_from_ids
 from lmpipe.loss.install import install_chunked_loss
 from lmpipe.loss.reference import IGNORE_INDEX
 from lmpipe.model.build import build_model, check_sequence_length, model_positions
-from lmpipe.model.lora import MERGED_DIR, check_lora_arguments, save_merged, wrap_lora
+from lmpipe.model.lora import MERGED_DIR, save_merged, wrap_lora
 from lmpipe.model.tokenizer import load_tokenizer
 from lmpipe.run.hub import CheckpointPusher, HubTarget, push_run
 from lmpipe.run.session import run_session
@@ -73,7 +73,8 @@ def check_finetune_arguments(model: ModelArguments, qa: QAArguments, lora: LoraA
         chosen = [key for key in ("train_file", "validation_file", "dataset_name") if getattr(qa, key)]
         if chosen:
             raise LmpipeError(f"datasets: lists the sources; remove {' / '.join(chosen)} (or the datasets list)")
-    check_lora_arguments(lora)
+    if lora.merge_lora and not lora.use_lora:
+        raise LmpipeError("merge_lora: true needs use_lora: true")
     check_lengths_fit(model, qa)
     return None if qa.messages_column else prompt_template(qa)
 

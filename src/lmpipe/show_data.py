@@ -17,6 +17,7 @@ from pathlib import Path
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+from lmpipe.config.arguments import QAArguments
 from lmpipe.config.recipe import Recipe
 from lmpipe.config.rules import check_values
 from lmpipe.loss.reference import IGNORE_INDEX
@@ -106,7 +107,8 @@ def show_data(recipe: Recipe, out=None) -> list[Example]:
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # the examples are the output
     try:
-        tokenizer, examples = (finetuning_examples if recipe.task == "qa" else pretraining_examples)(recipe)
+        read_examples = finetuning_examples if isinstance(recipe.data, QAArguments) else pretraining_examples
+        tokenizer, examples = read_examples(recipe)
         shown = list(itertools.islice(examples, args.rows))
     finally:
         if bars:

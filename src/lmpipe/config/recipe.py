@@ -45,8 +45,6 @@ NOT_FOR_TASK = {("qa", "streaming"): "only pretraining streams; QA and conversat
 NEGATIVE_NUMBER = re.compile(r"^-(\d|\.\d|inf$|nan$)", re.IGNORECASE)
 
 
-
-
 @dataclass
 class Recipe:
     """The parsed groups by name (a task's `model`, `tokenizer`, `data`, `lora`, `training`, and a command's own),

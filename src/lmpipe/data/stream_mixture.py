@@ -46,8 +46,6 @@ def stream_mixture(data: DataArguments, seed: int) -> StreamMixture:
     source is evaluated), and interleave the rest by weight, seeded; errors name the source as `datasets[N]`."""
     sources = parse_sources(data.datasets, DOCUMENT_COLUMN_KEYS)
     held_out = data.streaming_validation_documents
-    if held_out < 1:
-        raise LmpipeError(f"streaming_validation_documents must be >= 1, got {held_out}")
     trains, validations, files = [], [], []
     for number, source in enumerate(sources, start=1):
         column = source.columns.get("text_column", data.text_column)

@@ -89,8 +89,6 @@ def stream_documents(data: DataArguments, source: str) -> tuple[IterableDataset,
             raise LmpipeError(f"{data.validation_file or source}: the validation split has no rows")
     else:
         held_out = data.streaming_validation_documents
-        if held_out < 1:
-            raise LmpipeError(f"streaming_validation_documents must be >= 1, got {held_out}")
         with named_read_errors(source, data.text_column):
             validation = Dataset.from_list(list(train.take(held_out)))
         train = train.skip(held_out)

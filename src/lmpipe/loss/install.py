@@ -39,6 +39,8 @@ class ChunkedLoss:
         self.head = self.lm.get_output_embeddings()
         if getattr(self.head, "bias", None) is not None:
             raise LmpipeError("chunked_loss: the model's lm_head has a bias; set chunked_loss: false")
+        if chunk_tokens is not None and chunk_tokens < 1:  # a direct caller's argument (recipes: config.rules)
+            raise LmpipeError(f"chunked_loss_tokens must be >= 1, got {chunk_tokens}")
         self.chunk_tokens = chunk_tokens
         self.enabled = True
         self._armed = False

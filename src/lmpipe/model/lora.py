@@ -14,12 +14,6 @@ from lmpipe.errors import LmpipeError
 MERGED_DIR = "merged"
 
 
-def check_lora_arguments(lora: LoraArguments) -> None:
-    """A merged adapter needs an adapter (the keys' ranges are `config.rules`')."""
-    if lora.merge_lora and not lora.use_lora:
-        raise LmpipeError("merge_lora: true needs use_lora: true")
-
-
 def wrap_lora(model: PreTrainedModel, lora: LoraArguments) -> PeftModel:
     """Freeze `model` and add adapters to `lora_target_modules`.
 

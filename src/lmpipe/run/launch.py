@@ -40,7 +40,8 @@ def launch_command(argv: list[str], commands: Collection[str] = ()) -> int:
     """Parse `accelerate launch` options, start the training processes, forward signals, return their exit code.
 
     The script may be one of `commands` (lmpipe's command names): each process then runs `python -m lmpipe COMMAND`,
-    so an installed package launches without a clone of the repository's pipelines/.
+    so an installed package launches without a clone of the repository's pipelines/. A command's name is always the
+    command; a script of the same name is given as a path (`./pretrain`).
     """
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
@@ -49,7 +50,9 @@ def launch_command(argv: list[str], commands: Collection[str] = ()) -> int:
     if argv[0] in ("-h", "--help"):  # after the script, --help is the script's
         raise HelpRequested("accelerate launch options:\n" + launch_command_parser().format_help())
     parsed = launch_command_parser().parse_args(argv)
-    if parsed.training_script in commands and not os.path.exists(parsed.training_script):
+    if parsed.training_script in commands:
+        if parsed.no_python:
+            raise LmpipeError(f"--no_python runs a program, not the lmpipe command {parsed.training_script}")
         parsed.training_script_args = [parsed.training_script, *parsed.training_script_args]
         parsed.training_script, parsed.module = "lmpipe", True
     args, defaults, _ = _validate_launch_command(parsed)

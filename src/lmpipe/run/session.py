@@ -1,7 +1,8 @@
 """The start of every training run (pretraining, QA and conversation fine-tuning), in fixed, named steps:
 
 1. `check_run`: everything checkable before any data is read: every recipe value against `config.rules`
-   (a recipe built in Python gets the command line's checks), the launch, and the command's own `check`;
+   (a recipe built in Python gets the command line's checks), the launch, and the command's own `check`; then a
+   lone CPU process started by `accelerate launch` gets back every core (`restore_cpu_threads`);
 2. `check_hub_push`: the Hub target, when the recipe pushes (`run.hub`);
 3. `hold_output_dir`: the output directory's lock and the full-disk guard, held until the run ends;
 4. `check_output_dir`: another run's directory (unless overwriting) or a damaged named checkpoint is refused;
@@ -44,6 +45,7 @@ def run_session(
 ) -> dict[str, Any]:
     """Run the steps above; returns the run's metrics (those of the finished run when there was nothing to train)."""
     checked = check_run(recipe, check)
+    restore_cpu_threads(recipe.training)
     hub = check_hub_push(recipe.training)  # before any data is loaded; None unless this process pushes
     with hold_output_dir(recipe.training):
         check_output_dir(recipe, recipe.training)
@@ -51,11 +53,10 @@ def run_session(
 
 
 def check_run(recipe: Recipe, check: Callable[[], Checked]) -> Checked:
-    """Every recipe value, the launch, then the command's own checks; also gives a lone CPU process every core."""
+    """Every recipe value, the launch, then the command's own checks (the loss check runs these too)."""
     check_values(*recipe.groups.values())
     check_training_length(recipe.training)
     check_launch(recipe.training)
-    restore_cpu_threads(recipe.training)
     return check()
 
 
