@@ -31,8 +31,6 @@ POSITIVE: Rule = (lambda v: v > 0), "> 0"
 NON_NEGATIVE = _at_least(0)
 PROBABILITY: Rule = (lambda v: 0 <= v < 1), "in [0, 1)"
 SEED: Rule = (lambda v: 0 <= v < 2**32), "in [0, 2**32)"  # numpy's seeding range
-
-
 NOT_EMPTY: Rule = (lambda v: len(v) > 0), "a non-empty list"
 
 
