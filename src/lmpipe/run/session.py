@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from transformers import TrainingArguments
 
 from lmpipe.config.recipe import Recipe
-from lmpipe.config.rules import check_training_length, check_values
+from lmpipe.config.rules import check_optimizer, check_training_length, check_values
 from lmpipe.errors import LmpipeError
 from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.run.disk_full import full_disk_is_one_line
@@ -56,6 +56,7 @@ def check_run(recipe: Recipe, check: Callable[[], Checked]) -> Checked:
     """Every recipe value, the launch, then the command's own checks (the loss check runs these too)."""
     check_values(*recipe.groups.values())
     check_training_length(recipe.training)
+    check_optimizer(recipe.training, getattr(recipe.groups.get("lora"), "use_lora", False))
     check_launch(recipe.training)
     return check()
 
