@@ -112,6 +112,19 @@ def test_muon_with_fsdp_is_refused():
         check_optimizer(training)
 
 
+def test_another_optimizer_is_another_run_but_its_settings_may_change(tmp_path):
+    """adamw and muon checkpoints hold different optimizer states: a resume could not load one into the other."""
+    from lmpipe.config.recipe import parse_recipe
+    from lmpipe.run.files import write_resolved_recipe
+    from lmpipe.run.identity import identity_changes
+
+    base = ["--output_dir", str(tmp_path), "--optimizer", "muon"]
+    write_resolved_recipe(parse_recipe(base), str(tmp_path))
+    assert identity_changes(parse_recipe([*base, "--muon_learning_rate", "0.01"]), str(tmp_path)) == []
+    adamw = parse_recipe([*base, "--optimizer", "adamw"])
+    assert identity_changes(adamw, str(tmp_path)) == ["optimizer 'muon' -> 'adamw'"]
+
+
 # ---------------------------------------------------------------- a Muon run: schedule, resume, saved model
 
 MAX_STEPS, LEARNING_RATE, MUON_LEARNING_RATE = 8, 0.003, 0.02
