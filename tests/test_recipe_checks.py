@@ -68,6 +68,27 @@ CASES = {
                            "error: max_steps must be >= -1 (-1: train num_train_epochs)"),
     "LoRA dropout of 1": (["finetune-qa", "--model_name_or_path", "m", "--lora_dropout", "1"],
                          "error: lora_dropout must be in [0, 1), got 1.0"),
+    # optimizer and schedule keys with what they work with
+    "Muon's momentum of 1": ([*SMALL, "--optimizer", "muon", "--muon_momentum", "1"],
+                             "error: muon_momentum must be in [0, 1), got 1.0"),
+    "a Muon key without Muon": ([*SMALL, "--muon_learning_rate", "0.01"],
+                                "error: muon_learning_rate is for optimizer: muon, got optimizer: adamw"),
+    "Muon with LoRA": (["finetune-qa", "--model_name_or_path", "m", "--use_lora", "true", "--optimizer", "muon"],
+                       "error: optimizer: muon trains whole weight matrices, not LoRA adapters: use optimizer: adamw"),
+    "Muon beside another optim": ([*SMALL, "--optimizer", "muon", "--optim", "sgd"],
+                                  "error: optimizer: muon runs torch's AdamW beside Muon: optim must be adamw_torch "
+                                  "or adamw_torch_fused, got sgd"),
+    "a decay fraction with cosine": ([*SMALL, "--lr_scheduler_type", "cosine", "--decay_fraction", "0.3"],
+                                     "error: decay_fraction is for lr_scheduler_type: warmup_stable_decay, got cosine"),
+    "warmup_stable_decay without its decay": ([*SMALL, "--lr_scheduler_type", "warmup_stable_decay"],
+                                              "error: lr_scheduler_type: warmup_stable_decay needs decay_fraction"),
+    "a decay fraction and num_decay_steps": ([*SMALL, "--lr_scheduler_type", "warmup_stable_decay",
+                                              "--decay_fraction", "0.3", "--lr_scheduler_kwargs",
+                                              '{{"num_decay_steps": 5}}'],
+                                             "error: set decay_fraction or lr_scheduler_kwargs' num_decay_steps, "
+                                             "not both"),
+    "a decay fraction of 0": ([*SMALL, "--lr_scheduler_type", "warmup_stable_decay", "--decay_fraction", "0"],
+                              "error: decay_fraction must be in (0, 1], got 0.0"),
     # data files
     "null text in a jsonl row": ([*SMALL, "--train_file", "{root}/null_row.jsonl"],
                                  "error: {root}/null_row.jsonl row 7: column 'text' is null (no text)"),

@@ -163,12 +163,14 @@ def pretraining(corpus) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def finetuning(corpus, pretraining) -> SimpleNamespace:
-    """QA fine-tuning of the pretrained model on 48 NQ-open questions: padded rows of different lengths."""
+    """QA fine-tuning of the pretrained model on 48 NQ-open questions: padded rows of different lengths, with
+    `optimizer: muon` (pretraining keeps the default AdamW)."""
     questions = (DATA / "nq_open_efficientqa_dev.jsonl").read_text(encoding="utf-8").splitlines()[:48]
     (corpus / "qa.jsonl").write_text("\n".join(questions) + "\n", encoding="utf-8")
     command = ["finetune-qa", "--model_name_or_path", str(pretraining.one), "--train_file", str(corpus / "qa.jsonl"),
                "--validation_split_percentage", "25", "--max_length", "64", "--generation_max_new_tokens", "4",
-               *TRAINING, "--save_steps", str(STEPS), "--per_device_eval_batch_size", "5", "--report_to", "none"]
+               *TRAINING, "--save_steps", str(STEPS), "--per_device_eval_batch_size", "5", "--report_to", "none",
+               "--optimizer", "muon"]
     return launch_pair(command, corpus, "qa")
 
 
@@ -270,6 +272,9 @@ def test_qa_finetuning_on_two_ranks_is_the_single_rank_run(finetuning):
     assert (one["exact_match"], one["f1"]) == (two["exact_match"], two["f1"])
     only_rank_zero_writes(finetuning, checkpoints=[STEPS])
     assert "predictions.jsonl" in finetuning.two_record[0]["writes"]
+    for run in (finetuning.one, finetuning.two):  # both trained with Muon: its momentum is in their checkpoints
+        state = torch.load(run / f"checkpoint-{STEPS}" / "optimizer.pt", weights_only=True)["state"]
+        assert any("momentum_buffer" in tensors for tensors in state.values())
 
 
 @pytest.mark.slow

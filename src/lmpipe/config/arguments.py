@@ -124,6 +124,42 @@ class RunTrainingArguments(TrainingArguments):
                           "instead of going back to the OS (no page faults on every step's large tensors; RSS stays "
                           "at its peak, a higher one with chunked_loss: false); false: the C library's defaults."},
     )
+    optimizer: str = field(
+        default="adamw",
+        metadata={"help": "adamw: the Trainer's `optim`; muon: torch.optim.Muon on the transformer blocks' weight "
+                          "matrices (c_attn as Q, K, V), torch's AdamW (learning_rate, adam_*, weight_decay) on "
+                          "embeddings, LayerNorms and biases.", "choices": ["adamw", "muon"]},
+    )
+    muon_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Muon's peak learning rate (default: learning_rate; updates are scaled to AdamW's RMS, "
+                          "adjust_lr_fn match_rms_adamw); the schedule scales it as it scales learning_rate."},
+    )
+    muon_momentum: float | None = field(default=None, metadata={"help": "Muon's momentum (default: torch's, 0.95)."})
+    muon_weight_decay: float | None = field(
+        default=None, metadata={"help": "Muon's decoupled weight decay (default: weight_decay)."}
+    )
+    muon_nesterov: bool | None = field(
+        default=None, metadata={"help": "Muon's Nesterov momentum (default: torch's, true)."}
+    )
+    muon_ns_steps: int | None = field(
+        default=None, metadata={"help": "Muon's Newton-Schulz iterations per step (default: torch's, 5)."}
+    )
+    decay_fraction: float | None = field(
+        default=None,
+        metadata={"help": "lr_scheduler_type warmup_stable_decay: the share of training steps spent decaying "
+                          "(rounded to whole steps); its stable phase is what warmup and decay leave."},
+    )
+    min_lr_ratio: float | None = field(
+        default=None,
+        metadata={"help": "lr_scheduler_type warmup_stable_decay: the final learning rate over the peak one "
+                          "(default: transformers', 0); warmup also starts from it."},
+    )
+    decay_type: str | None = field(
+        default=None,
+        metadata={"help": "lr_scheduler_type warmup_stable_decay: the decay's shape (default: transformers', "
+                          "cosine).", "choices": ["linear", "cosine", "1-sqrt"]},
+    )
 
 
 PRETRAIN_GROUPS = {

@@ -16,7 +16,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from transformers import SchedulerType
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.training_args import OptimizerNames
 
 from lmpipe.errors import LmpipeError
 
@@ -55,16 +57,22 @@ RULES: dict[str, Rule] = {
     "max_length": _at_least(2),  # one prompt token and EOS
     "tokenizer_vocab_size": (lambda v: v >= 257, ">= 257 (256 byte tokens and <|endoftext|>)"),
     **dict.fromkeys(
-        ["learning_rate", "adam_epsilon", "logging_steps", "eval_steps", "save_steps", "lora_alpha"], POSITIVE
+        ["learning_rate", "adam_epsilon", "logging_steps", "eval_steps", "save_steps", "lora_alpha",
+         "muon_learning_rate"],
+        POSITIVE,
     ),
     **dict.fromkeys(
         ["warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers", "top_k", "eval_delay",
-         "neftune_noise_alpha", "num_train_epochs"],
+         "neftune_noise_alpha", "num_train_epochs", "muon_weight_decay"],
         NON_NEGATIVE,
     ),
-    **dict.fromkeys(["dropout", "lora_dropout", "adam_beta1", "adam_beta2", "label_smoothing_factor"], PROBABILITY),
+    **dict.fromkeys(
+        ["dropout", "lora_dropout", "adam_beta1", "adam_beta2", "label_smoothing_factor", "muon_momentum"], PROBABILITY
+    ),
     "top_p": ((lambda v: 0 < v <= 1), "in (0, 1]"),
-    **dict.fromkeys(["warmup_ratio", "max_dropped_share"], ((lambda v: 0 <= v <= 1), "in [0, 1]")),
+    **dict.fromkeys(["warmup_ratio", "max_dropped_share", "min_lr_ratio"], ((lambda v: 0 <= v <= 1), "in [0, 1]")),
+    "decay_fraction": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "muon_ns_steps": ((lambda v: 1 <= v < 100), "in [1, 100)"),  # torch.optim.Muon refuses 100 and more
     "validation_split_percentage": ((lambda v: 0 <= v < 100), "in [0, 100)"),
     "max_steps": ((lambda v: v >= -1), ">= -1 (-1: train num_train_epochs)"),  # 0: check_training_length
     **dict.fromkeys(["seed", "data_seed"], SEED),
@@ -118,3 +126,36 @@ def check_training_length(training: Any) -> None:
         raise LmpipeError(
             f"nothing to train: max_steps={training.max_steps}, num_train_epochs={training.num_train_epochs}"
         )
+
+
+# The recipe keys that shape lr_scheduler_type warmup_stable_decay, and the lr_scheduler_kwargs each one sets.
+WSD_KEYS = {"decay_fraction": "num_decay_steps", "min_lr_ratio": "min_lr_ratio", "decay_type": "decay_type"}
+MUON_KEYS = ("muon_learning_rate", "muon_momentum", "muon_weight_decay", "muon_nesterov", "muon_ns_steps")
+
+
+def check_optimizer(training: Any, use_lora: bool = False) -> None:
+    """`optimizer: muon` and the warmup_stable_decay keys against what they work with, before any data."""
+    muon = getattr(training, "optimizer", "adamw") == "muon"  # plain TrainingArguments: the Trainer's AdamW
+    stray = next((key for key in MUON_KEYS if getattr(training, key, None) is not None), None)
+    if stray and not muon:
+        raise LmpipeError(f"{stray} is for optimizer: muon, got optimizer: {getattr(training, 'optimizer', 'adamw')}")
+    if muon and use_lora:
+        raise LmpipeError("optimizer: muon trains whole weight matrices, not LoRA adapters: use optimizer: adamw")
+    if muon and training.fsdp:
+        raise LmpipeError("optimizer: muon orthogonalises whole matrices, which FSDP shards: use DDP or adamw")
+    if muon and training.optim not in (OptimizerNames.ADAMW_TORCH, OptimizerNames.ADAMW_TORCH_FUSED):
+        raise LmpipeError(
+            f"optimizer: muon runs torch's AdamW beside Muon: optim must be adamw_torch or adamw_torch_fused, "
+            f"got {OptimizerNames(training.optim).value}"
+        )
+    given = [key for key in WSD_KEYS if getattr(training, key, None) is not None]
+    scheduler = SchedulerType(training.lr_scheduler_type)
+    wsd = scheduler == SchedulerType.WARMUP_STABLE_DECAY
+    if given and not wsd:
+        raise LmpipeError(f"{given[0]} is for lr_scheduler_type: warmup_stable_decay, got {scheduler.value}")
+    kwargs = training.lr_scheduler_kwargs or {}
+    both = next((key for key in given if WSD_KEYS[key] in kwargs), None)
+    if both:
+        raise LmpipeError(f"set {both} or lr_scheduler_kwargs' {WSD_KEYS[both]}, not both")
+    if wsd and "decay_fraction" not in given and "num_decay_steps" not in kwargs:
+        raise LmpipeError("lr_scheduler_type: warmup_stable_decay needs decay_fraction (the share of steps decaying)")

@@ -1,8 +1,8 @@
 """A run's identity: what must match for a rerun of a command to continue the run already in its output directory.
 
-One table for resume, the finished-run check and the Hub push: every recipe group but `TrainingArguments`, and the
-seeds. Schedule, optimiser and logging may change between resumes (a longer run, a lower learning rate after a loss
-spike), as the Trainer allows.
+One table for resume, the finished-run check and the Hub push: every recipe group but `TrainingArguments`, the
+seeds, and `optimizer` (adamw and muon save different optimizer states). Schedule, optimiser settings and logging
+may change between resumes (a longer run, a lower learning rate after a loss spike), as the Trainer allows.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from transformers.trainer_utils import sort_checkpoints
 from lmpipe.config.recipe import TASK_KEY, Recipe
 from lmpipe.run.files import RESOLVED_RECIPE_NAME
 
-IDENTITY_TRAINING_KEYS = ("seed", "data_seed")
+IDENTITY_TRAINING_KEYS = ("seed", "data_seed", "optimizer")
 NOT_IDENTITY_KEYS = {"preprocessing_num_workers", "generation_max_new_tokens", "merge_lora"}
 
 

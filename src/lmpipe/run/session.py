@@ -1,8 +1,9 @@
 """The start of every training run (pretraining, QA and conversation fine-tuning), in fixed, named steps:
 
 1. `check_run`: everything checkable before any data is read: every recipe value against `config.rules`
-   (a recipe built in Python gets the command line's checks), the launch, and the command's own `check`; then a
-   lone CPU process started by `accelerate launch` gets back every core (`restore_cpu_threads`);
+   (a recipe built in Python gets the command line's checks), the optimizer and schedule keys together, the
+   launch, and the command's own `check`; then a lone CPU process started by `accelerate launch` gets back every
+   core (`restore_cpu_threads`);
 2. `check_hub_push`: the Hub target, when the recipe pushes (`run.hub`);
 3. `hold_output_dir`: the output directory's lock and the full-disk guard, held until the run ends;
 4. `check_output_dir`: another run's directory (unless overwriting) or a damaged named checkpoint is refused;
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 from transformers import TrainingArguments
 
 from lmpipe.config.recipe import Recipe
-from lmpipe.config.rules import check_training_length, check_values
+from lmpipe.config.rules import check_optimizer, check_training_length, check_values
 from lmpipe.errors import LmpipeError
 from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.run.disk_full import full_disk_is_one_line
@@ -53,9 +54,11 @@ def run_session(
 
 
 def check_run(recipe: Recipe, check: Callable[[], Checked]) -> Checked:
-    """Every recipe value, the launch, then the command's own checks (the loss check runs these too)."""
+    """Every recipe value, the optimizer and schedule keys, the launch, then the command's own checks (the loss
+    check runs these too)."""
     check_values(*recipe.groups.values())
     check_training_length(recipe.training)
+    check_optimizer(recipe.training, getattr(recipe.groups.get("lora"), "use_lora", False))
     check_launch(recipe.training)
     return check()
 

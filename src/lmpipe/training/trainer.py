@@ -17,6 +17,7 @@ from lmpipe.training.callbacks import reliability_callbacks
 from lmpipe.training.exact_eval import NllStatistics, compute_exact_metrics
 from lmpipe.training.flops import ModelFlopsMeter, device_peak_flops, flops_per_token
 from lmpipe.training.host_memory import keep_freed_host_memory
+from lmpipe.training.optimizers import muon_with_adamw, schedule_kwargs
 
 
 class ExactEvalTrainer(Trainer):
@@ -38,6 +39,25 @@ class ExactEvalTrainer(Trainer):
         if self.flops_meter is not None:
             self.flops_meter.add_to_log(logs, self.state.num_input_tokens_seen, self.args.world_size)
         super().log(logs, *args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        """`optimizer: muon`: Muon on the blocks' matrices and AdamW on the rest (`training.optimizers`)."""
+        if self.optimizer is None and getattr(self.args, "optimizer", "adamw") == "muon":
+            model = self.model if model is None else model
+            self.optimizer = muon_with_adamw(model, self.args, self.get_decay_parameter_names(model))
+        return super().create_optimizer(model)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The Trainer's own scheduler, given warmup_stable_decay's recipe keys as `lr_scheduler_kwargs`."""
+        extra = schedule_kwargs(self.args, num_training_steps)
+        if not extra:
+            return super().create_scheduler(num_training_steps, optimizer)
+        args, self.args = self.args, copy.copy(self.args)
+        self.args.lr_scheduler_kwargs = {**(args.lr_scheduler_kwargs or {}), **extra}
+        try:
+            return super().create_scheduler(num_training_steps, optimizer)
+        finally:
+            self.args = args
 
     def get_eval_dataloader(self, eval_dataset=None):
         training_collator, self.data_collator = self.data_collator, self.eval_data_collator
