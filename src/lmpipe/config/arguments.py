@@ -84,6 +84,11 @@ class DataArguments:
     block_size: int = field(default=128, metadata={"help": "Tokens per packed training block."})
     max_train_documents: int | None = field(default=None, metadata={"help": "Keep only the first N documents."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for map()."})
+    document_attention: bool = field(
+        default=False,
+        metadata={"help": "Tokens attend only within their own document of a packed block: position ids restart "
+                  "after every EOS (training and evaluation); the saved model stays a plain GPT-2."},
+    )
     streaming: bool = field(
         default=False, metadata={"help": "Read, tokenise and pack the train corpus lazily (needs max_steps)."}
     )
