@@ -36,6 +36,7 @@ from lmpipe.run.session import run_session
 from lmpipe.training.exact_eval import token_byte_lengths, unigram_perplexity
 from lmpipe.training.loop import train_and_evaluate, write_run_outputs
 from lmpipe.training.trainer import ExactEvalTrainer, build_trainer
+from lmpipe.training.zero_shot_tasks import check_zero_shot_tasks
 
 
 @dataclass
@@ -170,10 +171,11 @@ def pretrain(recipe: Recipe) -> dict[str, Any]:
 
 def check_pretrain(recipe: Recipe) -> None:
     """Pretraining's own checks before any data: the blocks fit the model, a streamed mixture can count its blocks,
-    document attention is not undone by a KV cache."""
+    document attention is not undone by a KV cache, the zero-shot tasks and their rows."""
     check_sequence_length(model_positions(recipe.model), recipe.data.block_size, "block_size")
     check_counted_blocks(recipe.data, recipe.training)
     check_document_attention(recipe.data, recipe.training)
+    check_zero_shot_tasks(recipe.training)
 
 
 def train_pretrain(recipe: Recipe, hub: HubTarget | None) -> dict[str, Any]:

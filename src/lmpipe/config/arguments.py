@@ -129,6 +129,14 @@ class RunTrainingArguments(TrainingArguments):
                           "instead of going back to the OS (no page faults on every step's large tensors; RSS stays "
                           "at its peak, a higher one with chunked_loss: false); false: the C library's defaults."},
     )
+    zero_shot_tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "`lmpipe evaluate` tasks scored at every evaluation, exactly as that command scores them: a list "
+            "of {task, data, name (default: the data file's stem), and any other of its flags: limit, batch_size, "
+            "split, ...} (JSON per task on the command line); to the logs, TensorBoard, metrics.json, loss.png."
+        },
+    )
 
 
 PRETRAIN_GROUPS = {

@@ -1,0 +1,107 @@
+"""Zero-shot tasks scored during training (`zero_shot_tasks`): the same numbers as `lmpipe evaluate` on the saved
+checkpoints, in the logs, TensorBoard, metrics.json and loss.png; bad entries stopped before any data."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from lmpipe.cli import main
+
+from conftest import DATA, tiny_run, write_pydoc_corpus
+
+CHOICE = DATA / "zero_shot" / "shakespeare_next_sentence.jsonl"
+LAST_WORD = DATA / "zero_shot" / "shakespeare_last_word.jsonl"
+TASKS = [
+    {"task": "multiple_choice", "data": str(CHOICE), "limit": 3, "batch_size": 2},
+    {"task": "lambada", "data": str(LAST_WORD), "limit": 7, "name": "last_word"},
+]
+NAMES = {"shakespeare_next_sentence": TASKS[0], "last_word": TASKS[1]}
+
+
+def evaluate_flags(entry: dict) -> list[str]:
+    return [f"--{key}={value}" for key, value in entry.items() if key != "name"]
+
+
+def evaluated(model_dir: Path, entry: dict, tmp_path: Path) -> dict:
+    """`lmpipe evaluate` on a saved model: its results.json metrics."""
+    out = tmp_path / f"evaluate-{model_dir.name}-{entry['task']}"
+    assert main(["evaluate", str(model_dir), *evaluate_flags(entry), "--output_dir", str(out)]) == 0
+    return json.loads((out / "results.json").read_text())["metrics"]
+
+
+def same_metrics(in_training: dict, by_evaluate: dict) -> None:
+    assert in_training.keys() == by_evaluate.keys()
+    for key, value in by_evaluate.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            assert in_training[key] is None or not math.isfinite(in_training[key])
+        elif key in ("acc", "acc_norm", "chance"):
+            assert in_training[key] == value, key
+        else:
+            assert in_training[key] == pytest.approx(value, rel=1e-6), key
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("zero-shot-training")
+    corpus = write_pydoc_corpus(root / "corpus.txt", 30)
+    output = root / "run"
+    flags = tiny_run(n_positions=128, tokenizer_vocab_size=512, max_steps=8, eval_strategy="steps", eval_steps=4,
+                     save_steps=4, logging_steps=4, learning_rate=0.01, report_to="tensorboard",
+                     document_attention=True, seed=5)
+    tasks = [json.dumps(entry) for entry in TASKS]
+    assert main(["pretrain", "--train_file", str(corpus), "--output_dir", str(output), *flags,
+                 "--zero_shot_tasks", *tasks]) == 0
+    return output
+
+
+@pytest.mark.slow  # a tiny pretraining run with two evaluations, then four `lmpipe evaluate` runs
+def test_in_training_scores_are_lmpipe_evaluates_on_each_checkpoint(run, tmp_path):
+    """Step 4's logged scores equal `lmpipe evaluate` on checkpoint-4, the final ones (metrics.json) on the saved
+    model; the two differ, so each evaluation scored the model of its own step."""
+    history = json.loads((run / "checkpoint-8" / "trainer_state.json").read_text())["log_history"]
+    at_4 = next(row for row in history if row["step"] == 4 and "eval_loss" in row)
+    final = json.loads((run / "metrics.json").read_text())["zero_shot"]
+    assert final.keys() == NAMES.keys()
+    for name, entry in NAMES.items():
+        logged = {key.split("/")[2]: value for key, value in at_4.items() if key.startswith(f"eval_zero_shot/{name}/")}
+        same_metrics(logged, evaluated(run / "checkpoint-4", entry, tmp_path))
+        same_metrics(final[name], evaluated(run, entry, tmp_path))
+    assert final["last_word"]["perplexity"] != pytest.approx(at_4["eval_zero_shot/last_word/perplexity"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_scores_reach_tensorboard_and_a_third_panel_of_the_plot(run):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((run / "runs").iterdir()))).Reload()
+    for name in NAMES:
+        assert [event.step for event in events.Scalars(f"eval/zero_shot/{name}/acc")] == [4, 8]
+    assert Image.open(run / "loss.png").size == (1500, 400)  # three panels of 5 x 4 inches at 100 dpi
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"task": "multiple_choice", "data": str(CHOICE), "limt": 3}, "zero_shot_tasks[2]: unknown key 'limt'"),
+        ({"task": "multiple_choice"}, "zero_shot_tasks[2]: needs a data"),
+        ({"task": "lambada", "data": str(CHOICE)}, "zero_shot_tasks[2]: " + str(CHOICE) + " row 1: no column 'text'"),
+        ({"task": "mc", "data": str(CHOICE)}, "zero_shot_tasks[2]: task must be one of multiple_choice, lambada"),
+        ({"task": "multiple_choice", "data": str(CHOICE), "limit": 0}, "zero_shot_tasks[2]: limit must be >= 1"),
+        ({"task": "lambada", "data": str(LAST_WORD)}, "zero_shot_tasks[2]: name 'shakespeare_last_word' is already"),
+    ],
+)
+def test_a_bad_entry_stops_the_run_before_any_data(tmp_path, capsys, monkeypatch, entry, message):
+    import lmpipe.pretrain
+
+    def no_data(*args):
+        raise AssertionError("the corpus was read before the zero-shot tasks were checked")
+
+    monkeypatch.setattr(lmpipe.pretrain, "prepare_corpus", no_data)
+    first = json.dumps({"task": "lambada", "data": str(LAST_WORD)})
+    flags = ["--output_dir", str(tmp_path / "out"), "--zero_shot_tasks", first, json.dumps(entry)]
+    assert main(["pretrain", *flags, *tiny_run()]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
