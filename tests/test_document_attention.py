@@ -89,8 +89,16 @@ def test_the_trainers_batches_keep_documents_apart(tmp_path):
                 assert torch.allclose(row_logits, alone(model, row, documents(row.tolist(), eos)), atol=1e-5)
 
 
-def test_a_kv_cache_is_refused(tmp_path, capsys):
-    flags = ["--document_attention", "true", "--use_cache", "true", *tiny_run(output_dir=tmp_path / "out")]
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--use_cache", "true"], "document_attention: true needs use_cache: false"),
+        (["--attn_implementation", "flash_attention_2"], "needs attn_implementation sdpa or eager, got flash_"),
+    ],
+)
+def test_what_would_undo_it_is_refused(tmp_path, capsys, flags, message):
+    """A KV cache, or flash-attention, which finds documents from position ids only in a batch of one row."""
+    flags = ["--document_attention", "true", *flags, *tiny_run(output_dir=tmp_path / "out")]
     assert main(["pretrain", *flags]) == 2
-    assert "document_attention: true needs use_cache: false" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

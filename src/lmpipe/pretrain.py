@@ -135,11 +135,23 @@ def check_counted_blocks(data: DataArguments, training: TrainingArguments) -> No
                           f"set include_num_input_tokens_seen: true, got {counting!r}")
 
 
-def check_document_attention(data: DataArguments, training: TrainingArguments) -> None:
-    """With a KV cache transformers skips the packed-sequence mask: every token would attend across documents."""
-    if data.document_attention and training.use_cache:
+# Where transformers turns restarting position ids of a batch of rows into a per-document mask. Flash-attention finds
+# the documents from position ids only in a batch of one row (else it needs cu_seq_lens kwargs, which Accelerate would
+# cut wrongly when it splits a batch between ranks); GPT-2 has no flex_attention.
+DOCUMENT_MASK_ATTENTION = ("eager", "sdpa")
+
+
+def check_document_attention(data: DataArguments, model: ModelArguments, training: TrainingArguments) -> None:
+    """Refuse what would silently let tokens attend across documents: a KV cache (transformers then skips the
+    packed-sequence mask) or an attention implementation that ignores it."""
+    if not data.document_attention:
+        return
+    if training.use_cache:
         raise LmpipeError("document_attention: true needs use_cache: false (with a KV cache, transformers builds no "
                           "per-document mask and tokens attend across documents)")
+    if model.attn_implementation not in DOCUMENT_MASK_ATTENTION:
+        raise LmpipeError(f"document_attention: true needs attn_implementation sdpa or eager, got "
+                          f"{model.attn_implementation} (which would attend across documents in a batch of blocks)")
 
 
 def trained_blocks(trainer: ExactEvalTrainer, block_size: int) -> int:
@@ -171,10 +183,10 @@ def pretrain(recipe: Recipe) -> dict[str, Any]:
 
 def check_pretrain(recipe: Recipe) -> None:
     """Pretraining's own checks before any data: the blocks fit the model, a streamed mixture can count its blocks,
-    document attention is not undone by a KV cache, the zero-shot tasks and their rows."""
+    document attention is not undone, the zero-shot tasks and their rows."""
     check_sequence_length(model_positions(recipe.model), recipe.data.block_size, "block_size")
     check_counted_blocks(recipe.data, recipe.training)
-    check_document_attention(recipe.data, recipe.training)
+    check_document_attention(recipe.data, recipe.model, recipe.training)
     check_zero_shot_tasks(recipe.training)
 
 

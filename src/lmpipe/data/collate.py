@@ -35,10 +35,10 @@ def document_position_ids(input_ids: torch.Tensor, eos_token_id: int) -> torch.T
 @dataclass(frozen=True)
 class DocumentBlocks:
     """`collate_blocks` plus `position_ids` restarting after every EOS, and still no attention mask: from such
-    position ids transformers builds a block-diagonal causal mask (sdpa, eager; flash-attention runs varlen), so no
-    token attends across a document boundary, and `wpe` sees each document's own positions. Only without a KV cache
-    (build_model and the Trainer's `use_cache: false` keep it off) and without an attention mask, which would make
-    transformers skip the packed-sequence check: `tests/test_document_attention.py` checks both.
+    position ids transformers builds a block-diagonal causal mask (sdpa and eager), so no token attends across a
+    document boundary, and `wpe` sees each document's own positions. Only without a KV cache (build_model and the
+    Trainer's `use_cache: false` keep it off) and without an attention mask, which would make transformers skip the
+    packed-sequence check: `tests/test_document_attention.py` checks both.
 
     Labels are unchanged: the EOS that ends a document still predicts the next document's first token, so the same
     tokens are learned and scored as without document attention and the two runs' losses compare."""
