@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lmpipe.cli import main
+from lmpipe.cli import main, zero_shot_summary
 
 from conftest import DATA, tiny_run, write_pydoc_corpus
 
@@ -105,3 +105,11 @@ def test_a_bad_entry_stops_the_run_before_any_data(tmp_path, capsys, monkeypatch
     assert main(["pretrain", *flags, *tiny_run()]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_final_scores_are_printed_in_one_line():
+    metrics = {"zero_shot": {"mc": {"acc": 0.5, "acc_stderr": None, "chance": 0.25}, "lw": {"acc": 0.0},
+                             "ppl": {"token_perplexity": 12.345, "bits_per_byte": 1.0}}}
+    expected = "\nzero-shot: mc acc 0.500 (chance 0.250) | lw acc 0.000 | ppl token perplexity 12.35"
+    assert zero_shot_summary(metrics) == expected
+    assert zero_shot_summary({"eval_loss": 1.0}) == ""
