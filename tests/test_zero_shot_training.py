@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmpipe.cli import main, zero_shot_summary
 
@@ -113,3 +114,28 @@ def test_the_final_scores_are_printed_in_one_line():
     expected = "\nzero-shot: mc acc 0.500 (chance 0.250) | lw acc 0.000 | ppl token perplexity 12.35"
     assert zero_shot_summary(metrics) == expected
     assert zero_shot_summary({"eval_loss": 1.0}) == ""
+
+
+def test_a_lora_model_is_scored_with_its_adapters_and_keeps_its_mode(gpt2_tokenizer):
+    """A peft model (fine-tuning with use_lora) is scored through its base model, adapters active: the scores of the
+    merged model, not of the base weights; dropout comes back on afterwards."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmpipe.training.zero_shot_tasks import prepare_zero_shot_tasks, score_zero_shot_tasks
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(gpt2_tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2)
+    base = GPT2LMHeadModel(config)
+    lora = LoraConfig(target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
+    model = get_peft_model(copy.deepcopy(base), lora).train()
+    tasks = prepare_zero_shot_tasks([json.dumps({"task": "lambada", "data": str(LAST_WORD), "limit": 3})], model,
+                                    gpt2_tokenizer)
+    scores = score_zero_shot_tasks(model, tasks)
+    assert model.get_base_model().training
+    merged = score_zero_shot_tasks(copy.deepcopy(model).merge_and_unload(), tasks)
+    key = "zero_shot/shakespeare_last_word/perplexity"
+    assert scores[key] == pytest.approx(merged[key], rel=1e-5)
+    assert scores[key] != pytest.approx(score_zero_shot_tasks(base, tasks)[key], rel=1e-3)
