@@ -139,3 +139,11 @@ def test_a_lora_model_is_scored_with_its_adapters_and_keeps_its_mode(gpt2_tokeni
     key = "zero_shot/shakespeare_last_word/perplexity"
     assert scores[key] == pytest.approx(merged[key], rel=1e-5)
     assert scores[key] != pytest.approx(score_zero_shot_tasks(base, tasks)[key], rel=1e-3)
+
+
+def test_check_loss_evaluates_nothing_so_leaves_the_tasks_alone(tmp_path, text_file):
+    """`lmpipe check-loss` builds the recipe's Trainer but never evaluates: a task whose file is gone (a run directory
+    checked elsewhere) does not stop it."""
+    gone = json.dumps({"task": "lambada", "data": str(tmp_path / "gone.jsonl")})
+    flags = ["--train_file", str(text_file), *tiny_run(max_steps=1), "--zero_shot_tasks", gone, "--batches", "1"]
+    assert main(["check-loss", *flags]) == 0
