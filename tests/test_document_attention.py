@@ -66,15 +66,17 @@ def test_each_document_of_a_block_has_the_logits_it_has_alone(gpt2_tokenizer, at
                 assert not torch.allclose(logits[index], expected, atol=1e-3)
 
 
-def test_the_trainers_batches_keep_documents_apart(tmp_path):
-    """Through `lmpipe pretrain`'s own Trainer: its train and eval batches carry restarting positions and no mask,
-    its model no cache, and each document's logits equal the document alone."""
+@pytest.mark.parametrize("streaming", [False, True])
+def test_the_trainers_batches_keep_documents_apart(tmp_path, streaming):
+    """Through `lmpipe pretrain`'s own Trainer, in memory and streamed: its train and eval batches carry restarting
+    positions and no mask, its model no cache, and each document's logits equal the document alone."""
     from lmpipe.config.recipe import parse_recipe
     from lmpipe.pretrain import build_pretrain_trainer
 
     corpus = write_pydoc_corpus(tmp_path / "corpus.txt", 8)
-    flags = ["--train_file", str(corpus), "--document_attention", "true", "--sample_by", "line",
-             *tiny_run(n_embd=16, output_dir=tmp_path / "out")]
+    stream = ["--streaming", "true", "--streaming_validation_documents", "50"] if streaming else []
+    flags = ["--train_file", str(corpus), "--document_attention", "true", "--sample_by", "line", *stream,
+             *tiny_run(n_embd=16, output_dir=tmp_path / "out", max_steps=2)]
     recipe = parse_recipe(flags)
     trainer = build_pretrain_trainer(recipe, recipe.training)[0]
     model, eos = trainer.model.eval(), trainer.processing_class.eos_token_id
