@@ -45,6 +45,8 @@ def same_metrics(in_training: dict, by_evaluate: dict) -> None:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
+    """Two evaluations (steps 4 and 8), each saved; with document attention, whose saved model must still be the
+    plain GPT-2 that `lmpipe evaluate` loads."""
     root = tmp_path_factory.mktemp("zero-shot-training")
     corpus = write_pydoc_corpus(root / "corpus.txt", 30)
     output = root / "run"
@@ -147,3 +149,12 @@ def test_check_loss_evaluates_nothing_so_leaves_the_tasks_alone(tmp_path, text_f
     gone = json.dumps({"task": "lambada", "data": str(tmp_path / "gone.jsonl")})
     flags = ["--train_file", str(text_file), *tiny_run(max_steps=1), "--zero_shot_tasks", gone, "--batches", "1"]
     assert main(["check-loss", *flags]) == 0
+
+
+@pytest.mark.slow
+def test_a_document_attention_run_saves_a_plain_gpt2(run):
+    from transformers import GPT2LMHeadModel
+
+    config = json.loads((run / "config.json").read_text())
+    assert config["architectures"] == ["GPT2LMHeadModel"] and not any("document" in key for key in config)
+    assert isinstance(GPT2LMHeadModel.from_pretrained(run), GPT2LMHeadModel)
