@@ -155,9 +155,17 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pretraining(corpus) -> SimpleNamespace:
+    """Scoring two zero-shot tasks at the final evaluation: 7 multiple-choice rows in batches of 2 (the ranks get
+    unequal shares) and 5 last words."""
+    rows = [{"context": f"The function number {n} returns", "choices": ["a list", "the value", "None"], "label": n % 3}
+            for n in range(7)]
+    (corpus / "choices.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    zero_shot = [json.dumps({"task": "multiple_choice", "data": str(corpus / "choices.jsonl"), "batch_size": 2}),
+                 json.dumps({"task": "lambada", "data": str(DATA / "zero_shot" / "shakespeare_last_word.jsonl"),
+                             "limit": 5, "batch_size": 2})]
     data = ["--train_file", str(corpus / "train.txt"), "--validation_file", str(corpus / "valid.txt")]
     command = ["pretrain", *data, *MODEL, *TRAINING, "--save_steps", "2", "--per_device_eval_batch_size", "2",
-               "--report_to", "tensorboard"]
+               "--report_to", "tensorboard", "--zero_shot_tasks", *zero_shot]
     return launch_pair(command, corpus, "pretrain")
 
 
@@ -242,6 +250,16 @@ def test_exact_eval_counts_every_block_once_when_the_ranks_split_it_unevenly(pre
     blocks = len(pack_blocks(validation, BLOCK))
     assert blocks % 2 == 1  # the last eval batch is 1 block + a duplicate that gather_for_metrics must drop
     assert one["eval_tokens"] == blocks * (BLOCK - 1)
+
+
+@pytest.mark.slow
+def test_zero_shot_scores_of_two_ranks_are_the_single_ranks(pretraining):
+    """Each rank scores its share of the batches and the scores are gathered: the single rank's numbers."""
+    one = json.loads((pretraining.one / "metrics.json").read_text())["zero_shot"]
+    two = json.loads((pretraining.two / "metrics.json").read_text())["zero_shot"]
+    assert one.keys() == two.keys() == {"choices", "shakespeare_last_word"}
+    for name, metrics in one.items():
+        assert two[name] == pytest.approx(metrics, rel=1e-5)
 
 
 @pytest.mark.slow

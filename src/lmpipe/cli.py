@@ -28,6 +28,19 @@ def not_evaluated(metrics: dict) -> str:
     return f"no final evaluation (final_evaluation: false) | train loss {metrics['train_loss']:.4f}"
 
 
+def zero_shot_summary(metrics: dict) -> str:
+    """A line of the final evaluation's zero-shot scores (`acc`, or a perplexity task's token perplexity); empty
+    without any."""
+    parts = []
+    for name, scores in metrics.get("zero_shot", {}).items():
+        if "acc" in scores:
+            chance = f" (chance {scores['chance']:.3f})" if "chance" in scores else ""
+            parts.append(f"{name} acc {scores['acc']:.3f}{chance}")
+        else:
+            parts.append(f"{name} token perplexity {scores['token_perplexity']:.2f}")
+    return "\nzero-shot: " + " | ".join(parts) if parts else ""
+
+
 def pretrain_command(argv: list[str]) -> None:
     """Pretrain a GPT-2 from a recipe (default: the tiny GPT-2 on Python's documentation text)."""
     from lmpipe.pretrain import pretrain
@@ -42,7 +55,7 @@ def pretrain_command(argv: list[str]) -> None:
         f" | perplexity {metrics['perplexity']:.2f} (unigram baseline {metrics['unigram_perplexity']:.2f})"
         f" | {metrics['bits_per_byte']:.3f} bits/byte"
     ) if "eval_loss" in metrics else not_evaluated(metrics)
-    print(f"\n{evaluated}\nmodel saved to {training.output_dir}")
+    print(f"\n{evaluated}{zero_shot_summary(metrics)}\nmodel saved to {training.output_dir}")
 
 
 def _pop_task(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -155,7 +168,7 @@ def finetune_qa_command(argv: list[str]) -> None:
             f" | perplexity {metrics['perplexity']:.2f}{before}{scores}"
         ) if "eval_loss" in metrics else not_evaluated(metrics)
         print(
-            f"\n{evaluated}"
+            f"\n{evaluated}{zero_shot_summary(metrics)}"
             f"\n{metrics['real_token_fraction']:.1%} of computed tokens are real ({metrics['batching']}) | {rows}"
             f"\nmodel saved to {metrics.get('merged_model_dir', training.output_dir)}"
         )

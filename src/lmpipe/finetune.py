@@ -37,6 +37,7 @@ from lmpipe.training.exact_eval import token_byte_lengths
 from lmpipe.training.loop import train_and_evaluate, write_run_outputs
 from lmpipe.training.qa_scores import score_predictions
 from lmpipe.training.trainer import ExactEvalTrainer, TokenWeightedLossTrainer, build_trainer
+from lmpipe.training.zero_shot_tasks import check_zero_shot_tasks
 
 PREDICTIONS_NAME = "predictions.jsonl"
 
@@ -197,12 +198,18 @@ def build_qa_trainer(
     return trainer, tokenizer, data
 
 
+def check_finetune(recipe: Recipe) -> str | None:
+    """`check_finetune_arguments`, and the zero-shot tasks and their rows; returns the prompt template."""
+    check_zero_shot_tasks(recipe.training)
+    return check_finetune_arguments(recipe.model, recipe.data, recipe.lora)
+
+
 def finetune_qa(recipe: Recipe) -> dict[str, Any]:
     """Run the recipe (`run.session`'s steps), then push when it says `push_to_hub`; returns the metrics written to
     `metrics.json` (EM / F1 on the main process only)."""
     return run_session(
         recipe,
-        check=lambda: check_finetune_arguments(recipe.model, recipe.data, recipe.lora),
+        check=lambda: check_finetune(recipe),
         train=lambda template, hub: train_finetune(recipe, template, hub),
     )
 

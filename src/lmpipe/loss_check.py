@@ -274,12 +274,15 @@ def format_table(check: LossCheck) -> str:
 def check_trainer(recipe: Recipe, output_dir: str) -> Trainer:
     """The Trainer the recipe would train with: pretraining (from scratch or `model_name_or_path`) or QA fine-tuning.
 
-    It writes nothing of the run's: `output_dir` replaces the recipe's, with no reporting and no Hub push.
+    It writes nothing of the run's: `output_dir` replaces the recipe's, with no reporting and no Hub push; and it
+    evaluates nothing, so the recipe's `zero_shot_tasks` are not prepared.
     """
     fine_tuning = isinstance(recipe.data, QAArguments)
     check = (lambda: check_finetune_arguments(recipe.model, recipe.data, recipe.lora)) if fine_tuning else lambda: None
     template = check_run(recipe, check)
-    training = dataclasses.replace(recipe.training, output_dir=output_dir, report_to="none", push_to_hub=False)
+    training = dataclasses.replace(
+        recipe.training, output_dir=output_dir, report_to="none", push_to_hub=False, zero_shot_tasks=None
+    )
     set_seed(training.seed)
     if fine_tuning:
         return build_qa_trainer(recipe, training, template)[0]

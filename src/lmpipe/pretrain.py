@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 
 from lmpipe.config.arguments import DataArguments, ModelArguments, TokenizerArguments
 from lmpipe.config.recipe import Recipe
-from lmpipe.data.collate import collate_blocks
+from lmpipe.data.collate import blocks_collator
 from lmpipe.data.mixture import format_shares, mixed_documents, realised_shares
 from lmpipe.data.null_rows import check_no_null_text
 from lmpipe.data.packing import (
@@ -36,6 +36,7 @@ from lmpipe.run.session import run_session
 from lmpipe.training.exact_eval import token_byte_lengths, unigram_perplexity
 from lmpipe.training.loop import train_and_evaluate, write_run_outputs
 from lmpipe.training.trainer import ExactEvalTrainer, build_trainer
+from lmpipe.training.zero_shot_tasks import check_zero_shot_tasks
 
 
 @dataclass
@@ -134,6 +135,25 @@ def check_counted_blocks(data: DataArguments, training: TrainingArguments) -> No
                           f"set include_num_input_tokens_seen: true, got {counting!r}")
 
 
+# Where transformers turns restarting position ids of a batch of rows into a per-document mask. Flash-attention finds
+# the documents from position ids only in a batch of one row (else it needs cu_seq_lens kwargs, which Accelerate would
+# cut wrongly when it splits a batch between ranks); GPT-2 has no flex_attention.
+DOCUMENT_MASK_ATTENTION = ("eager", "sdpa")
+
+
+def check_document_attention(data: DataArguments, model: ModelArguments, training: TrainingArguments) -> None:
+    """Refuse what would silently let tokens attend across documents: a KV cache (transformers then skips the
+    packed-sequence mask) or an attention implementation that ignores it."""
+    if not data.document_attention:
+        return
+    if training.use_cache:
+        raise LmpipeError("document_attention: true needs use_cache: false (with a KV cache, transformers builds no "
+                          "per-document mask and tokens attend across documents)")
+    if model.attn_implementation not in DOCUMENT_MASK_ATTENTION:
+        raise LmpipeError(f"document_attention: true needs attn_implementation sdpa or eager, got "
+                          f"{model.attn_implementation} (which would attend across documents in a batch of blocks)")
+
+
 def trained_blocks(trainer: ExactEvalTrainer, block_size: int) -> int:
     """Blocks all ranks together trained on, earlier sessions of a resumed run included, from the Trainer's count of
     input tokens: exact, a pass's last short batch too (steps x the global batch would not be)."""
@@ -147,8 +167,9 @@ def build_pretrain_trainer(recipe: Recipe, training: TrainingArguments) -> tuple
     model = build_model(model_args, corpus.tokenizer, data_args.block_size)
     install_chunked_loss(model, model_args.chunked_loss, model_args.chunked_loss_tokens)
     byte_lengths = token_byte_lengths(corpus.tokenizer, model.config.vocab_size)
+    collator = blocks_collator(data_args.document_attention, corpus.tokenizer.eos_token_id)
     trainer = build_trainer(
-        model, training, corpus.train, corpus.validation, collate_blocks, corpus.tokenizer, byte_lengths,
+        model, training, corpus.train, corpus.validation, collator, corpus.tokenizer, byte_lengths,
         context_length=data_args.block_size,
     )
     return trainer, corpus
@@ -161,9 +182,12 @@ def pretrain(recipe: Recipe) -> dict[str, Any]:
 
 
 def check_pretrain(recipe: Recipe) -> None:
-    """Pretraining's own checks before any data: the blocks fit the model, a streamed mixture can count its blocks."""
+    """Pretraining's own checks before any data: the blocks fit the model, a streamed mixture can count its blocks,
+    document attention is not undone, the zero-shot tasks and their rows."""
     check_sequence_length(model_positions(recipe.model), recipe.data.block_size, "block_size")
     check_counted_blocks(recipe.data, recipe.training)
+    check_document_attention(recipe.data, recipe.model, recipe.training)
+    check_zero_shot_tasks(recipe.training)
 
 
 def train_pretrain(recipe: Recipe, hub: HubTarget | None) -> dict[str, Any]:

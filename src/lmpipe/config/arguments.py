@@ -84,6 +84,11 @@ class DataArguments:
     block_size: int = field(default=128, metadata={"help": "Tokens per packed training block."})
     max_train_documents: int | None = field(default=None, metadata={"help": "Keep only the first N documents."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for map()."})
+    document_attention: bool = field(
+        default=False,
+        metadata={"help": "Tokens attend only within their own document of a packed block: position ids restart "
+                  "after every EOS (training and evaluation); the saved model stays a plain GPT-2."},
+    )
     streaming: bool = field(
         default=False, metadata={"help": "Read, tokenise and pack the train corpus lazily (needs max_steps)."}
     )
@@ -159,6 +164,14 @@ class RunTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "lr_scheduler_type warmup_stable_decay: the decay's shape (default: transformers', "
                           "cosine).", "choices": ["linear", "cosine", "1-sqrt"]},
+    )
+    zero_shot_tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "`lmpipe evaluate` tasks scored at every evaluation, exactly as that command scores them: a list "
+            "of {task, data, name (default: the data file's stem), and any other of its flags: limit, batch_size, "
+            "split, ...} (JSON per task on the command line); to the logs, TensorBoard, metrics.json, loss.png."
+        },
     )
 
 

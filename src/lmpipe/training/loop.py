@@ -19,6 +19,7 @@ from lmpipe.run.signals import restore_signal_handlers
 from lmpipe.training.callbacks import TrainingAlreadyDone
 from lmpipe.training.plot import plot_history
 from lmpipe.training.trainer import ExactEvalTrainer
+from lmpipe.training.zero_shot_tasks import zero_shot_metrics
 
 
 def final_evaluation(trainer: ExactEvalTrainer) -> dict[str, Any] | None:
@@ -69,6 +70,8 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, A
         "bits_per_byte": evaluation["eval_bits_per_byte"],
         "trainer_batch_mean_eval_loss": evaluation["eval_batch_mean_loss"],
     }
+    if evaluation is not None and zero_shot_metrics(evaluation):
+        evaluated["zero_shot"] = zero_shot_metrics(evaluation)
     metrics = {
         **evaluated,
         "train_loss": mean_train_loss(trainer.state.log_history) or session_loss,

@@ -1,17 +1,22 @@
-"""`loss.png`: train/eval loss and eval perplexity against tokens seen, written at the end of every run."""
+"""`loss.png`: train/eval loss and eval perplexity against tokens seen, written at the end of every run; with
+`zero_shot_tasks`, a third panel: each task's accuracy at every evaluation, its chance level dashed."""
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
+
+ACCURACY_KEY = r"eval_zero_shot/[^/]+/acc"
 
 
 def plot_history(
     log_history: list[dict[str, Any]], path: Path, title: str, baseline_loss: float | None = None
 ) -> None:
     """Train/eval loss and eval perplexity against tokens seen (steps when tokens were not tracked), with the
-    unigram baseline's loss dashed when there is one: the model must be far below it."""
+    unigram baseline's loss dashed when there is one: the model must be far below it; and the zero-shot accuracies
+    (`eval_zero_shot/NAME/acc`) when the run scored any."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +28,9 @@ def plot_history(
         return [row.get("num_input_tokens_seen", row.get("step", 0)) for row in rows], [row[key] for row in rows]
 
     x_label = "tokens seen" if any("num_input_tokens_seen" in row for row in log_history) else "step"
-    figure, (loss_axis, ppl_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    accuracies = sorted({key for row in log_history for key in row if re.fullmatch(ACCURACY_KEY, key)})
+    figure, axes = plt.subplots(1, 3 if accuracies else 2, figsize=(15 if accuracies else 10, 4))
+    loss_axis, ppl_axis = axes[:2]
     for key, label in (("loss", "train loss"), ("eval_loss", "eval loss (exact)")):
         x, y = series(key)
         loss_axis.plot(x, y, marker="." if key == "eval_loss" else None, label=label)
@@ -33,7 +40,17 @@ def plot_history(
     ppl_axis.plot(x, y, marker=".", color="tab:orange")
     loss_axis.set(xlabel=x_label, ylabel="nats / token", title="loss")
     ppl_axis.set(xlabel=x_label, ylabel="perplexity", title="eval perplexity", yscale="log")
-    for axis in (loss_axis, ppl_axis):
+    if accuracies:
+        accuracy_axis = axes[2]
+        for key in accuracies:
+            name = key.split("/")[1]
+            line = accuracy_axis.plot(*series(key), marker=".", label=name)[0]
+            chance = series(key.removesuffix("/acc") + "/chance")[1]
+            if chance:
+                accuracy_axis.axhline(chance[-1], linestyle="--", color=line.get_color())
+        accuracy_axis.set(xlabel=x_label, ylabel="accuracy", title="zero-shot accuracy (chance dashed)")
+        accuracy_axis.legend()
+    for axis in axes:
         axis.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, 1.5M: plain integers run into each other
     loss_axis.legend()
     figure.suptitle(title)

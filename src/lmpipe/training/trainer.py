@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import numpy as np
 from datasets import Dataset
@@ -18,6 +19,7 @@ from lmpipe.training.exact_eval import NllStatistics, compute_exact_metrics
 from lmpipe.training.flops import ModelFlopsMeter, device_peak_flops, flops_per_token
 from lmpipe.training.host_memory import keep_freed_host_memory
 from lmpipe.training.optimizers import muon_with_adamw, schedule_kwargs
+from lmpipe.training.zero_shot_tasks import ZeroShotTask, prepare_zero_shot_tasks, score_zero_shot_tasks
 
 
 class ExactEvalTrainer(Trainer):
@@ -27,12 +29,22 @@ class ExactEvalTrainer(Trainer):
     Needs `preprocess_logits_for_metrics=NllStatistics(...)` and `compute_metrics=compute_exact_metrics`.
     `eval_data_collator` (default: the training one) must keep one row per example: `gather_for_metrics` drops
     the samples duplicated across ranks by row, so a padding-free collator (a whole batch in one row) cannot be used.
+    Every evaluation also scores the recipe's `zero_shot_tasks` (`eval_zero_shot/NAME/METRIC` in the same log row;
+    `eval_runtime` includes them, `eval_zero_shot_runtime` is their share).
     """
 
-    def __init__(self, *args, eval_data_collator=None, flops_meter: ModelFlopsMeter | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        eval_data_collator=None,
+        flops_meter: ModelFlopsMeter | None = None,
+        zero_shot: list[ZeroShotTask] | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.eval_data_collator = eval_data_collator or self.data_collator
         self.flops_meter = flops_meter
+        self.zero_shot = zero_shot or []
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Training logs also carry the model TFLOP/s (and MFU on a known GPU) since the previous one."""
@@ -66,12 +78,17 @@ class ExactEvalTrainer(Trainer):
         finally:
             self.data_collator = training_collator
 
-    def evaluation_loop(self, *args, **kwargs):
-        output = super().evaluation_loop(*args, **kwargs)
+    def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+        output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
         for key in [k for k in output.metrics if k.endswith("_exact_loss")]:
             prefix = key[: -len("_exact_loss")]
             output.metrics[f"{prefix}_batch_mean_loss"] = output.metrics.pop(f"{prefix}_loss", math.nan)
             output.metrics[f"{prefix}_loss"] = output.metrics.pop(key)
+        if self.zero_shot and metric_key_prefix == "eval":
+            start = time.perf_counter()
+            scores = score_zero_shot_tasks(self.accelerator.unwrap_model(self.model), self.zero_shot)
+            output.metrics.update({f"eval_{key}": value for key, value in scores.items()})
+            output.metrics["eval_zero_shot_runtime"] = round(time.perf_counter() - start, 4)
         return output
 
 
@@ -100,18 +117,20 @@ def build_trainer(
     trainer_class: type[ExactEvalTrainer] = ExactEvalTrainer,
     context_length: int | None = None,
 ) -> ExactEvalTrainer:
-    """The Trainer for every lmpipe run: exact evaluation and the reliability callbacks wired in; with
-    `context_length` (block size / max length) its logs and metrics carry model FLOP/s. On a CPU (and
-    `host_memory_reuse`) freed host memory is kept for the next step from here on."""
+    """The Trainer for every lmpipe run: exact evaluation, the recipe's `zero_shot_tasks` and the reliability
+    callbacks wired in; with `context_length` (block size / max length) its logs and metrics carry model FLOP/s. On a
+    CPU (and `host_memory_reuse`) freed host memory is kept for the next step from here on."""
     if getattr(args, "host_memory_reuse", False) and args.device.type == "cpu":  # plain TrainingArguments: off
         keep_freed_host_memory()
     meter = None
     if context_length is not None:
         peak = device_peak_flops(args.device, args.bf16 or args.fp16)
         meter = ModelFlopsMeter(flops_per_token(model, context_length), peak)
+    zero_shot = prepare_zero_shot_tasks(getattr(args, "zero_shot_tasks", None), model, tokenizer)
     trainer = trainer_class(
         eval_data_collator=eval_data_collator,
         flops_meter=meter,
+        zero_shot=zero_shot,
         model=model,
         args=without_trainer_push(args),
         train_dataset=train_dataset,

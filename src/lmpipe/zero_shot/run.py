@@ -76,21 +76,16 @@ def check_arguments(args: ZeroShotArguments) -> None:
     check_values(args)
 
 
-def evaluate_zero_shot(args: ZeroShotArguments, show_progress: bool = True) -> dict[str, Any]:
-    """Score the task; rank 0 writes the outputs. Returns results.json's content (on every rank)."""
-    check_arguments(args)
-    check_model_files(args.model_name_or_path, ("config", "weights", "tokenizer"))
+def load_task_rows(args: ZeroShotArguments) -> tuple[list[dict], str]:
+    """The task's rows (the first `limit`), adapted and checked one by one, and the data's sha256."""
     rows, sha256 = load_rows(args.data, args.split, args.dataset_config_name, args.sample_by)
-    rows = task_rows(rows[: args.limit], args.task, args.data_format, args.text_column, args.data)
-    tokenizer = load_tokenizer(TokenizerArguments(), args.model_name_or_path)
-    model = load_pretrained(args.model_name_or_path).eval()
-    check_vocab(model, tokenizer, allow_resize=False, name=args.model_name_or_path)
-    max_length = model_max_length(model, args.max_length)
+    return task_rows(rows[: args.limit], args.task, args.data_format, args.text_column, args.data), sha256
+
+
+def build_task(args: ZeroShotArguments, rows: list[dict], tokenizer, max_length: int) -> tasks.Task:
+    """The rows as token requests for a model of `max_length` positions; a continuation too long is refused."""
     if args.stride is not None and args.stride > max_length:
         raise LmpipeError(f"stride={args.stride} must be between 1 and max_length={max_length}")
-    # Without a GPU, ranks started by `accelerate launch` join one gloo group only when asked for the CPU.
-    state = PartialState(cpu=not torch.cuda.is_available())
-    model.to(state.device)
     if args.task == "multiple_choice":
         task = tasks.multiple_choice_task(rows, tokenizer, args.target_delimiter)
     elif args.task == "lambada":
@@ -98,14 +93,37 @@ def evaluate_zero_shot(args: ZeroShotArguments, show_progress: bool = True) -> d
     else:
         task = tasks.perplexity_task(rows, tokenizer, max_length, args.stride)
     check_lengths(task, max_length, args.data)
-    progress = args.task if show_progress else None
+    return task
+
+
+def score_task(
+    model, args: ZeroShotArguments, rows: list[dict], task: tasks.Task, max_length: int, progress: str | None = None
+) -> tuple[dict[str, Any], list[dict]]:
+    """Metrics and per-example samples of the model (in eval mode) on the task; on several ranks each scores its
+    share of the batches and every rank gets all the scores. Training's evaluations call this too."""
     scores = score_requests(model, task.requests, max_length, args.batch_size, progress=progress)
     if args.task == "multiple_choice":
-        metrics, samples = tasks.multiple_choice_results(rows, scores)
-    elif args.task == "lambada":
-        metrics, samples = tasks.lambada_results(rows, scores)
-    else:
-        metrics, samples = tasks.perplexity_results(rows, task, scores)
+        return tasks.multiple_choice_results(rows, scores)
+    if args.task == "lambada":
+        return tasks.lambada_results(rows, scores)
+    return tasks.perplexity_results(rows, task, scores)
+
+
+def evaluate_zero_shot(args: ZeroShotArguments, show_progress: bool = True) -> dict[str, Any]:
+    """Score the task; rank 0 writes the outputs. Returns results.json's content (on every rank)."""
+    check_arguments(args)
+    check_model_files(args.model_name_or_path, ("config", "weights", "tokenizer"))
+    rows, sha256 = load_task_rows(args)
+    tokenizer = load_tokenizer(TokenizerArguments(), args.model_name_or_path)
+    model = load_pretrained(args.model_name_or_path).eval()
+    check_vocab(model, tokenizer, allow_resize=False, name=args.model_name_or_path)
+    max_length = model_max_length(model, args.max_length)
+    # Without a GPU, ranks started by `accelerate launch` join one gloo group only when asked for the CPU.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    model.to(state.device)
+    task = build_task(args, rows, tokenizer, max_length)
+    progress = args.task if show_progress else None
+    metrics, samples = score_task(model, args, rows, task, max_length, progress)
     results = {
         "task": args.task, "metrics": metrics, "n": len(rows), "model": args.model_name_or_path, "data": args.data,
         "data_sha256": sha256, "split": args.split, "data_format": args.data_format, "max_length": max_length,
