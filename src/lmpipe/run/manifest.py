@@ -40,7 +40,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
         return None
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(manifest.get("files"), dict):
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not all(isinstance(entry, dict) for entry in files.values()):
             raise ValueError("no files")
     except (ValueError, AttributeError) as e:
         raise ValueError(f"{path}: damaged ({type(e).__name__})") from None
