@@ -37,7 +37,9 @@ MODEL_AND_TOKENIZER = {
 }
 RUN_FILES = {"README.md", "recipe.yaml", "metrics.json", "loss.png"}
 NQ_OPEN = DATA / "nq_open_efficientqa_dev.jsonl"
-CHECKPOINT_FILES = MODEL_AND_TOKENIZER | {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"}
+CHECKPOINT_FILES = MODEL_AND_TOKENIZER | {
+    "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "lmpipe-manifest.json"
+}
 
 
 class FakeHub:
@@ -301,6 +303,20 @@ def test_lmpipe_push_refuses_a_folder_that_is_not_a_finished_run(pushed_run, tmp
     (run / "metrics.json").unlink()
     assert main(["push", str(run), "--hub_model_id", "org/tiny"]) == 2  # offline too: the folder is checked first
     assert capsys.readouterr().err.strip() == f"error: {run}: not a finished lmpipe run (no metrics.json)"
+
+
+@pytest.mark.slow
+def test_lmpipe_push_refuses_a_run_whose_model_is_not_as_saved(pushed_run, tmp_path, capsys):
+    """A truncated final model.safetensors: its files are all there, its manifest says it is not the one saved."""
+    run = copy_run(pushed_run[0], tmp_path)
+    model = run / "model.safetensors"
+    size = model.stat().st_size
+    model.write_bytes(model.read_bytes()[: size // 2])
+    assert main(["push", str(run), "--hub_model_id", "org/tiny"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {model}: {size // 2} bytes, not the {size} of its manifest (truncated or rewritten); nothing was"
+        " pushed: rerun the run's command to finish it again from its last checkpoint"
+    )
 
 
 def silent_port_url(stack) -> str:

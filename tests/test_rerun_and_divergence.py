@@ -6,9 +6,16 @@
   learning rate, so both runs see the same schedule).
 - Non-finite weights or optimizer state after a step that is due to be saved stop the run without saving; the
   message names the newest finite checkpoint (or says there is none). A checkpoint on disk with a NaN tensor in
-  its safetensors file is skipped on resume and refused as `resume_from_checkpoint`.
+  its safetensors file is skipped on resume and refused as `resume_from_checkpoint`. A run that diverges right
+  after resuming from a checkpoint with a finite but absurd weight names the one before it, and following that
+  advice finishes.
+- Every checkpoint and the final model carry a manifest (sha256 of each file, the step, the loss there): a finished
+  run whose final model is not as saved is finished again from its last checkpoint, never reported as finished;
+  `generate` and `check-loss` on it use that checkpoint; a checkpoint that passes the completeness checks but
+  would not load is skipped; the finished run's metrics.json stays until a new attempt has loaded its checkpoint.
 """
 
+import hashlib
 import json
 import math
 import shutil
@@ -16,10 +23,11 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from lmpipe.cli import main
-from lmpipe.run.checkpoints import checkpoint_problem
+from lmpipe.run.checkpoints import checkpoint_problem, saved_model_problem
+from lmpipe.run.manifest import read_manifest, write_manifest
 
 from conftest import arm, tiny_run, write_pydoc_corpus
 
@@ -163,3 +171,141 @@ def test_a_poisoned_checkpoint_is_skipped_on_resume_and_refused_by_name(corpus, 
     assert main(command(corpus, output, 6)) == 0
     assert f"ignoring checkpoint {poisoned}: {problem}" in caplog.text
     assert json.loads((output / "metrics.json").read_text())["resumed_from"] == str(output / "checkpoint-2")
+
+
+def test_every_checkpoint_and_the_final_model_carry_a_manifest_of_what_was_saved(finished, tmp_path):
+    for folder in (finished / "checkpoint-2", finished / "checkpoint-4", finished):
+        manifest = json.loads((folder / "lmpipe-manifest.json").read_text())
+        state = json.loads((finished / "checkpoint-4" / "trainer_state.json").read_text())
+        step = 4 if folder == finished else int(folder.name.split("-")[1])
+        logged = [row["loss"] for row in state["log_history"] if row["step"] == step and "loss" in row]
+        assert manifest["step"] == step and manifest["loss"] == logged[-1]
+        names = {p.name for p in folder.iterdir() if p.is_file()} - {"lmpipe-manifest.json"}
+        if folder == finished:  # the final model's files: what from_pretrained reads
+            names = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json"}
+        assert set(manifest["files"]) == names
+        for name, recorded in manifest["files"].items():
+            content = (folder / name).read_bytes()
+            assert recorded == {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+
+    checkpoint = shutil.copytree(finished / "checkpoint-4", tmp_path / "checkpoint-4")
+    weights = checkpoint / "model.safetensors"
+    content = bytearray(weights.read_bytes())
+    content[-8] ^= 1  # the lowest mantissa bit of one weight: same size, header whole, finite
+    weights.write_bytes(bytes(content))
+    changed = f"{weights}: its sha256 differs from its manifest's (changed since it was saved)"
+    assert checkpoint_problem(checkpoint) == changed
+    (checkpoint / "lmpipe-manifest.json").unlink()  # as written by an older lmpipe: judged by the other checks alone
+    assert checkpoint_problem(checkpoint) is None
+
+
+def truncate(path):
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes()[: size // 2])
+    return f"{path}: {size // 2} bytes, not the {size} of its manifest (truncated or rewritten)"
+
+
+def test_a_finished_run_whose_final_model_is_truncated_is_finished_again_from_its_last_checkpoint(
+    corpus, finished, tmp_path, capsys, caplog
+):
+    output = shutil.copytree(finished, tmp_path / "run")
+    problem = truncate(output / "model.safetensors")
+    last = output / "checkpoint-4"
+    fallback = f"{problem}; using {last}, the newest checkpoint that verifies"
+    assert main(["generate", "--model_name_or_path", str(output), "--prompt", "The", "--max_new_tokens", "2"]) == 0
+    assert main(["check-loss", str(output), "--batches", "1"]) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [fallback, fallback]
+    capsys.readouterr()
+
+    refused = shutil.copytree(output, tmp_path / "no-checkpoint")
+    for checkpoint in refused.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    assert main(command(corpus, refused, 4)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {problem.replace(str(output), str(refused))}; no checkpoint of this run verifies to finish it"
+        f" again from: use another output_dir, or remove {refused} to train it from the start"
+    )
+
+    assert main(command(corpus, output, 4)) == 0
+    assert f"{problem}: finishing the run again from {last}" in capsys.readouterr().err.splitlines()
+    metrics, before = (json.loads((run / "metrics.json").read_text()) for run in (output, finished))
+    assert metrics["train_steps"] == 4 and metrics["resumed_from"] == str(last)
+    assert metrics["eval_loss"] == pytest.approx(before["eval_loss"], rel=1e-6)
+    assert saved_model_problem(output) is None
+    assert (output / "model.safetensors").read_bytes() == (finished / "model.safetensors").read_bytes()
+
+
+def rewrite_manifest(checkpoint):
+    """As if the save itself had written the files as they are now (a writer's bug, not damage on disk)."""
+    manifest = read_manifest(checkpoint)
+    write_manifest(checkpoint, list(manifest["files"]), manifest["step"], manifest["loss"])
+
+
+def drop_a_trainer_state_key(checkpoint):
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    del state["train_batch_size"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    return f"{checkpoint / 'trainer_state.json'}: no train_batch_size (not a whole trainer state)"
+
+
+def shrink_the_position_embeddings(checkpoint):
+    weights = load_file(checkpoint / "model.safetensors")
+    weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:16].clone()
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    return (f"{checkpoint / 'model.safetensors'}: transformer.wpe.weight has shape [16, 32], but config.json makes it"
+            " [32, 32]")
+
+
+@pytest.mark.parametrize("damage", [drop_a_trainer_state_key, shrink_the_position_embeddings])
+def test_a_checkpoint_that_would_not_load_is_skipped_for_the_previous_one(
+    corpus, finished, tmp_path, damage, caplog
+):
+    output = shutil.copytree(finished, tmp_path / "run")
+    newest = output / "checkpoint-4"
+    problem = damage(newest)
+    rewrite_manifest(newest)
+    assert checkpoint_problem(newest) == problem
+    assert main(command(corpus, output, 6)) == 0
+    assert f"ignoring checkpoint {newest}: {problem}" in caplog.text
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["train_steps"] == 6 and metrics["resumed_from"] == str(output / "checkpoint-2")
+
+
+def test_a_finished_runs_metrics_stay_until_the_new_attempt_has_loaded_its_checkpoint(
+    corpus, finished, tmp_path, monkeypatch
+):
+    output = shutil.copytree(finished, tmp_path / "run")
+    metrics = (output / "metrics.json").read_text()
+
+    def fails_to_load(self, *args, **kwargs):
+        raise RuntimeError("the checkpoint does not load")
+
+    monkeypatch.setattr(Trainer, "_load_from_checkpoint", fails_to_load)
+    with pytest.raises(RuntimeError, match="does not load"):
+        main(command(corpus, output, 6))
+    assert (output / "metrics.json").read_text() == metrics
+
+
+def test_a_run_that_diverges_right_after_resuming_names_the_checkpoint_before_and_finishes_from_it(
+    corpus, finished, tmp_path, capsys
+):
+    """A finite but absurd weight (3e38) passes every check on disk, and its manifest matches (as if saved so)."""
+    output = shutil.copytree(finished, tmp_path / "run")
+    absurd, before = output / "checkpoint-4", output / "checkpoint-2"
+    weights = load_file(absurd / "model.safetensors")
+    weights["transformer.h.0.mlp.c_fc.weight"][0, 0] = 3e38
+    save_file(weights, absurd / "model.safetensors", metadata={"format": "pt"})
+    rewrite_manifest(absurd)
+    assert checkpoint_problem(absurd) is None
+    for _ in range(2):  # a plain rerun gives the same advice: it does not move on to a worse checkpoint
+        assert main(command(corpus, output, 6)) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: step 5: the training loss is not finite (NaN or inf); stopped without saving it. Last good"
+            f" checkpoint: {before} (not {absurd}: the run diverged 1 step(s) after resuming from it, so it is"
+            f" suspect). Lower learning_rate or check the data, then rerun with --resume_from_checkpoint {before}"
+        )
+    assert main([*command(corpus, output, 6), "--resume_from_checkpoint", str(before)]) == 0  # the advice, followed
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["train_steps"] == 6 and metrics["resumed_from"] == str(before)
+    assert math.isfinite(metrics["eval_loss"])

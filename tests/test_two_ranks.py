@@ -8,6 +8,7 @@ creates files that others may write (mode 0o002).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -266,6 +267,10 @@ def test_zero_shot_scores_of_two_ranks_are_the_single_ranks(pretraining):
 def test_only_rank_zero_writes_the_pretraining_run(pretraining):
     only_rank_zero_writes(pretraining, checkpoints=[2, STEPS])
     assert {"metrics.json", "loss.png", "recipe.yaml"} <= set(pretraining.two_record[0]["writes"])
+    for step in (2, STEPS):  # each manifest is written once rank 1's RNG state is on disk, and records it whole
+        checkpoint = pretraining.two / f"checkpoint-{step}"
+        recorded = json.loads((checkpoint / "lmpipe-manifest.json").read_text())["files"]["rng_state_1.pth"]
+        assert recorded["sha256"] == hashlib.sha256((checkpoint / "rng_state_1.pth").read_bytes()).hexdigest()
     assert "runs/events" in files(pretraining.two)
 
 

@@ -24,6 +24,7 @@ from lmpipe.errors import LmpipeError
 from lmpipe.model.build import load_pretrained
 from lmpipe.model.checks import check_model_files, check_vocab
 from lmpipe.model.tokenizer import load_tokenizer, plain_text_ids
+from lmpipe.run.checkpoints import verified_model_dir
 
 # The sampling knobs and the values that switch them off.
 SAMPLING_OFF = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
@@ -211,7 +212,9 @@ def generate_from_pretrained(args: GenerateArguments, settings: GenerationSettin
 
 
 def load_for_generation(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A saved model and its own tokenizer, its files checked first and its vocabulary against the embeddings."""
+    """A saved model and its own tokenizer, its files checked first (a model that fails verification is replaced by
+    its newest checkpoint that passes) and its vocabulary against the embeddings."""
+    name = verified_model_dir(name)
     check_model_files(name, ("config", "weights", "tokenizer"))
     model = load_pretrained(name)
     tokenizer = load_tokenizer(TokenizerArguments(), name)

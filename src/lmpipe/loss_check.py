@@ -33,6 +33,7 @@ from lmpipe.finetune import build_qa_trainer, check_finetune_arguments
 from lmpipe.loss.install import ChunkedLoss, chunked_loss_enabled, chunked_loss_of
 from lmpipe.loss.reference import IGNORE_INDEX, shifted_token_nll
 from lmpipe.pretrain import build_pretrain_trainer
+from lmpipe.run.checkpoints import verified_model_dir
 from lmpipe.run.session import check_run
 
 LOSS_NAMES = ("model", "manual", "cross_entropy", "chunked", "trainer")
@@ -290,8 +291,11 @@ def check_trainer(recipe: Recipe, output_dir: str) -> Trainer:
 
 
 def run_loss_check(recipe: Recipe) -> LossCheck:
-    """The check on the first `batches` training batches of the recipe, drawn by the Trainer's own dataloader."""
+    """The check on the first `batches` training batches of the recipe, drawn by the Trainer's own dataloader; a
+    saved model that fails verification is replaced by its newest checkpoint that passes (`verified_model_dir`)."""
     check_args = recipe.groups["loss_check"]
+    if recipe.model.model_name_or_path:
+        recipe.model.model_name_or_path = verified_model_dir(recipe.model.model_name_or_path)
     with tempfile.TemporaryDirectory(prefix="lmpipe-check-loss-") as output_dir:
         trainer = check_trainer(recipe, output_dir)
         count = check_args.batches * trainer.args.gradient_accumulation_steps

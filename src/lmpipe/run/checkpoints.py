@@ -17,14 +17,18 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
-from transformers import TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
 from transformers.trainer_utils import sort_checkpoints
+from transformers.utils import CONFIG_NAME
 
 from lmpipe.config.recipe import Recipe
-from lmpipe.errors import where_relative
+from lmpipe.errors import LmpipeError, where_relative
 from lmpipe.model.finite import file_non_finite
+from lmpipe.run.files import model_files
 from lmpipe.run.identity import identity_changes
+from lmpipe.run.manifest import MANIFEST_NAME, manifest_problem
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +43,21 @@ NEEDS_TRAINING_STATE = [
     ("scheduler.pt", lambda n: n == "scheduler.pt"),
     ("rng_state*.pth", lambda n: n.startswith("rng_state")),
 ]
+# What the Trainer reads from trainer_state.json on resume with no safe default: without train_batch_size it fails
+# with a traceback, without log_history or num_input_tokens_seen it resumes with a wrong history.
+TRAINER_STATE_KEYS = ("global_step", "epoch", "max_steps", "train_batch_size", "log_history", "num_input_tokens_seen")
 
 
 def checkpoint_problem(checkpoint: str | Path, save_only_model: bool = False) -> str | None:
-    """Why `checkpoint` cannot be resumed from exactly, naming the file; None when it is complete and finite.
+    """Why `checkpoint` cannot be resumed from exactly, naming the file; None when it is complete, finite, as saved
+    and loadable.
 
     First headers and checksums: safetensors headers, the CRC-32 of every record of torch's zip files, and the
-    JSON files. Then the values: weights and optimizer state, read with torch's weights-only loader (tensors and
-    plain containers only: a pickle that would call anything else is refused, never run), must hold no NaN or
-    inf, or resuming would only repeat the divergence.
+    JSON files, with every key of trainer_state.json the Trainer needs. Then the values: weights and optimizer
+    state, read with torch's weights-only loader (tensors and plain containers only: a pickle that would call
+    anything else is refused, never run), must hold no NaN or inf, or resuming would only repeat the divergence.
+    Then every file against the manifest written last at save time (a checkpoint saved by an older lmpipe has
+    none and is judged by the checks above alone), and the weights' shapes against the checkpoint's config.json.
     """
     path = Path(checkpoint)
     if not path.is_dir():
@@ -65,9 +75,11 @@ def checkpoint_problem(checkpoint: str | Path, save_only_model: bool = False) ->
             return f"{file}: {problem}"
     step = STEP.search(path.name)
     recorded = json.loads(state.read_text(encoding="utf-8"))
-    recorded = recorded.get("global_step") if isinstance(recorded, dict) else recorded
-    if step and int(step.group(1)) != recorded:
-        return f"{state}: records step {recorded}, not {step.group(1)}"
+    missing = [key for key in TRAINER_STATE_KEYS if not isinstance(recorded, dict) or recorded.get(key) is None]
+    if missing:
+        return f"{state}: no {', '.join(missing)} (not a whole trainer state)"
+    if step and int(step.group(1)) != recorded["global_step"]:
+        return f"{state}: records step {recorded['global_step']}, not {step.group(1)}"
     for file in sorted(p for p in path.iterdir() if p.is_file()):
         try:
             poisoned = file_non_finite(file)
@@ -75,7 +87,62 @@ def checkpoint_problem(checkpoint: str | Path, save_only_model: bool = False) ->
             return f"{file}: not loadable with weights_only ({_unpickler_reason(e)})"
         if poisoned:
             return f"{file}: {poisoned} (a diverged run's checkpoint)"
+    return manifest_problem(path) or _shape_problem(path)
+
+
+def _shape_problem(checkpoint: Path) -> str | None:
+    """A weight whose shape is not the one the checkpoint's config.json gives it (loading it would fail).
+
+    The config's model is built on the meta device (no memory, no values); a checkpoint without config.json (LoRA
+    adapters) or of an architecture transformers does not know is left to the loader.
+    """
+    if not (checkpoint / CONFIG_NAME).is_file():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(checkpoint)
+    except (OSError, ValueError) as e:
+        return f"{checkpoint / CONFIG_NAME}: not a model config ({(str(e).strip().splitlines() or [''])[0]})"
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError:
+        return None
+    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as weights:
+            for key in weights.keys():  # noqa: SIM118 (safe_open is not iterable)
+                shape = weights.get_slice(key).get_shape()
+                if key in expected and shape != expected[key]:
+                    return f"{file}: {key} has shape {shape}, but {CONFIG_NAME} makes it {expected[key]}"
     return None
+
+
+def saved_model_problem(directory: str | Path) -> str | None:
+    """Why the model saved in `directory` is not as it was written: its manifest, or for a directory without one
+    (a run finished by an older lmpipe, another tool's model) the headers of its model files."""
+    directory = Path(directory)
+    if (directory / MANIFEST_NAME).is_file():
+        return manifest_problem(directory)
+    for file in model_files(directory).values():
+        problem = _file_problem(file)
+        if problem:
+            return f"{file}: {problem}"
+    return None
+
+
+def verified_model_dir(name: str) -> str:
+    """`name`, or when the model saved there fails verification, its newest `checkpoint-N` whose model passes, with
+    a one-line warning; an error when none does. A Hub id passes as it is."""
+    if not Path(name).is_dir():
+        return name
+    problem = saved_model_problem(name)
+    if problem is None:
+        return name
+    for checkpoint in reversed(sort_checkpoints(name)):
+        if model_files(Path(checkpoint)) and saved_model_problem(checkpoint) is None:
+            logger.warning("%s; using %s, the newest checkpoint that verifies", problem, checkpoint)
+            return checkpoint
+    raise LmpipeError(f"{problem}; and no checkpoint-N in {name} verifies")
 
 
 def _unpickler_reason(error: pickle.UnpicklingError) -> str:
@@ -103,11 +170,20 @@ def _file_problem(file: Path) -> str | None:
     return None
 
 
-def newest_complete_checkpoint(output_dir: str, save_only_model: bool = False) -> str | None:
-    """The newest complete and finite `checkpoint-N`; each newer one that is not is skipped with a warning."""
+def checkpoint_step(checkpoint: str | Path) -> int:
+    return int(STEP.search(str(checkpoint)).group(1))
+
+
+def newest_complete_checkpoint(
+    output_dir: str, save_only_model: bool = False, before_step: int | None = None
+) -> str | None:
+    """The newest complete and finite `checkpoint-N` (with N < `before_step` when given); each newer one that is not
+    is skipped with a warning."""
     if not Path(output_dir).is_dir():
         return None
     for checkpoint in reversed(sort_checkpoints(output_dir)):
+        if before_step is not None and checkpoint_step(checkpoint) >= before_step:
+            continue
         problem = checkpoint_problem(checkpoint, save_only_model)
         if problem is None:
             return checkpoint

@@ -27,40 +27,30 @@ from huggingface_hub import (
 )
 from huggingface_hub.errors import HfHubHTTPError, HTTPError
 from huggingface_hub.utils import build_hf_headers
-from transformers import GPT2TokenizerFast, TrainerCallback, TrainingArguments
-from transformers.tokenization_utils_base import (
-    ADDED_TOKENS_FILE,
-    CHAT_TEMPLATE_FILE,
-    FULL_TOKENIZER_FILE,
-    SPECIAL_TOKENS_MAP_FILE,
-    TOKENIZER_CONFIG_FILE,
-)
+from transformers import TrainerCallback, TrainingArguments
+from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, sort_checkpoints
-from transformers.utils import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_SAFE_WEIGHTS_NAME,
-    CONFIG_NAME,
-    GENERATION_CONFIG_NAME,
-    SAFE_WEIGHTS_INDEX_NAME,
-    SAFE_WEIGHTS_NAME,
-)
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from lmpipe.errors import LmpipeError
 from lmpipe.run.card import write_model_card
-from lmpipe.run.checkpoints import newest_complete_checkpoint
-from lmpipe.run.files import CARD_NAME, METRICS_NAME, PLOT_NAME, RESOLVED_RECIPE_NAME, TENSORBOARD_DIR
+from lmpipe.run.checkpoints import newest_complete_checkpoint, saved_model_problem
+from lmpipe.run.files import (
+    CARD_NAME,
+    METRICS_NAME,
+    PLOT_NAME,
+    RESOLVED_RECIPE_NAME,
+    TENSORBOARD_DIR,
+    WEIGHT_FILES,
+    model_files,
+    present,
+)
 
 logger = logging.getLogger(__name__)
 
 HUB_CHECK_TIMEOUT_S = 5.0
 LAST_CHECKPOINT = "last-checkpoint"  # where hub_strategy=checkpoint keeps the newest checkpoint, as the Trainer does
-WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, ADAPTER_SAFE_WEIGHTS_NAME)
-MODEL_FILES = (CONFIG_NAME, GENERATION_CONFIG_NAME, ADAPTER_CONFIG_NAME, *WEIGHT_FILES)
-TOKENIZER_FILES = (
-    FULL_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, ADDED_TOKENS_FILE, CHAT_TEMPLATE_FILE,
-    *GPT2TokenizerFast.vocab_files_names.values(),
-)
 RUN_FILES = (CARD_NAME, RESOLVED_RECIPE_NAME, METRICS_NAME, PLOT_NAME)
 # TrainingArguments' push options that lmpipe's push does not implement: refused rather than ignored.
 UNSUPPORTED_OPTIONS = ("hub_revision", "hub_always_push")
@@ -156,10 +146,6 @@ def check_hub_push(training: TrainingArguments) -> HubTarget | None:
     return HubTarget(repo_id, training.hub_strategy, training.hub_private_repo)
 
 
-def _present(folder: Path, names) -> dict[str, Path]:
-    return {name: folder / name for name in names if (folder / name).is_file()}
-
-
 def _tree(folder: Path, prefix: str, skip: tuple[str, ...] = ()) -> dict[str, Path]:
     """Every file under `folder`, keyed `prefix/relative/path`."""
     return {
@@ -167,15 +153,6 @@ def _tree(folder: Path, prefix: str, skip: tuple[str, ...] = ()) -> dict[str, Pa
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name not in skip
     }
-
-
-def model_files(folder: Path) -> dict[str, Path]:
-    """Config, safetensors weights (with their shards) and tokenizer files: what `from_pretrained` needs."""
-    files = _present(folder, MODEL_FILES + TOKENIZER_FILES)
-    if SAFE_WEIGHTS_INDEX_NAME in files:
-        shards = json.loads(files[SAFE_WEIGHTS_INDEX_NAME].read_text("utf-8"))["weight_map"].values()
-        files.update(_present(folder, sorted(set(shards))))
-    return files
 
 
 def checkpoint_files(checkpoint: Path, prefix: str) -> dict[str, Path]:
@@ -191,7 +168,7 @@ def upload_plan(output_dir: str, strategy: HubStrategy = HubStrategy.END) -> dic
     the folder is ever uploaded.
     """
     folder = Path(output_dir)
-    plan = {**model_files(folder), **_present(folder, RUN_FILES)}
+    plan = {**model_files(folder), **present(folder, RUN_FILES)}
     if (folder / TENSORBOARD_DIR).is_dir():
         plan.update(_tree(folder / TENSORBOARD_DIR, TENSORBOARD_DIR))
     if strategy == HubStrategy.CHECKPOINT and (last := newest_complete_checkpoint(str(folder), save_only_model=True)):
@@ -204,7 +181,7 @@ def upload_plan(output_dir: str, strategy: HubStrategy = HubStrategy.END) -> dic
 
 def checkpoint_plan(checkpoint: Path, strategy: HubStrategy) -> dict[str, Path]:
     """What a save during training uploads: its model and tokenizer at the top, recipe.yaml, and the checkpoint."""
-    plan = {**model_files(checkpoint), **_present(checkpoint.parent, [RESOLVED_RECIPE_NAME])}
+    plan = {**model_files(checkpoint), **present(checkpoint.parent, [RESOLVED_RECIPE_NAME])}
     if strategy in PUSHED_CHECKPOINTS:
         prefix = LAST_CHECKPOINT if strategy == HubStrategy.CHECKPOINT else checkpoint.name
         plan.update(checkpoint_files(checkpoint, prefix))
@@ -231,15 +208,21 @@ def commit(api: HfApi, target: HubTarget, plan: dict[str, Path], message: str) -
 
 
 def check_finished_run(output_dir: str) -> None:
-    """A folder lmpipe finished: metrics.json (written last), its recipe, weights and tokenizer."""
+    """A folder lmpipe finished: metrics.json (written last), its recipe, weights and tokenizer, each model file as
+    its manifest recorded it (or, without a manifest, with whole headers)."""
     folder = Path(output_dir)
     if not folder.is_dir():
         raise LmpipeError(f"{output_dir}: no such directory")
     for name in (METRICS_NAME, RESOLVED_RECIPE_NAME, TOKENIZER_CONFIG_FILE):
         if not (folder / name).is_file():
             raise LmpipeError(f"{output_dir}: not a finished lmpipe run (no {name})")
-    if not _present(folder, WEIGHT_FILES):
+    if not present(folder, WEIGHT_FILES):
         raise LmpipeError(f"{output_dir}: not a finished lmpipe run (no {SAFE_WEIGHTS_NAME})")
+    problem = saved_model_problem(folder)
+    if problem:
+        raise LmpipeError(
+            f"{problem}; nothing was pushed: rerun the run's command to finish it again from its last checkpoint"
+        )
 
 
 def retry_command(output_dir: str, target: HubTarget) -> str:

@@ -7,7 +7,8 @@
 2. `check_hub_push`: the Hub target, when the recipe pushes (`run.hub`);
 3. `hold_output_dir`: the output directory's lock and the full-disk guard, held until the run ends;
 4. `check_output_dir`: another run's directory (unless overwriting) or a damaged named checkpoint is refused;
-5. `finished_run`: a rerun of a finished run returns its metrics and trains nothing;
+5. `finished_run`: a rerun of a finished run returns its metrics and trains nothing (a finished run whose final
+   model fails verification is finished again from its newest checkpoint that verifies);
 6. else the command's `train(checked, hub)`: data, model, Trainer, training (resumed from the newest complete
    checkpoint), outputs and push.
 
@@ -28,7 +29,7 @@ from transformers import TrainingArguments
 from lmpipe.config.recipe import Recipe
 from lmpipe.config.rules import check_optimizer, check_training_length, check_values
 from lmpipe.errors import LmpipeError
-from lmpipe.run.checkpoints import checkpoint_problem
+from lmpipe.run.checkpoints import checkpoint_problem, newest_complete_checkpoint, saved_model_problem
 from lmpipe.run.disk_full import full_disk_is_one_line
 from lmpipe.run.distributed import check_launch, restore_cpu_threads
 from lmpipe.run.files import METRICS_NAME, RESOLVED_RECIPE_NAME
@@ -92,7 +93,9 @@ def finished_run(recipe: Recipe, args: TrainingArguments) -> dict[str, Any] | No
 
     Rerunning a finished run's command must not train: resuming from its last checkpoint, the Trainer would take
     one more step than `max_steps` (it checks the count only after a step). A larger `max_steps` or
-    `num_train_epochs`, a named `resume_from_checkpoint` or another run's recipe is not finished here.
+    `num_train_epochs`, a named `resume_from_checkpoint` or another run's recipe is not finished here. Nor is a run
+    whose final model fails verification (`saved_model_problem`): the rerun resumes from its newest checkpoint that
+    verifies and finishes again (without a step when that checkpoint is the last); with none, it is refused.
     """
     path = Path(args.output_dir) / METRICS_NAME
     if args.resume_from_checkpoint or not path.is_file() or identity_changes(recipe, args.output_dir):
@@ -106,6 +109,17 @@ def finished_run(recipe: Recipe, args: TrainingArguments) -> dict[str, Any] | No
     else:
         finished = metrics.get("train_epochs", 0) >= args.num_train_epochs - 1e-6  # the Trainer's float epoch
     if not finished:
+        return None
+    problem = saved_model_problem(args.output_dir)
+    if problem:
+        checkpoint = newest_complete_checkpoint(args.output_dir, args.save_only_model)
+        if checkpoint is None:
+            raise LmpipeError(
+                f"{problem}; no checkpoint of this run verifies to finish it again from: use another output_dir, or"
+                f" remove {args.output_dir} to train it from the start"
+            )
+        if args.process_index == 0:
+            print(f"{problem}: finishing the run again from {checkpoint}", file=sys.stderr)
         return None
     if args.process_index == 0:
         print(

@@ -1,18 +1,28 @@
 """Trainer callbacks that let a run die and come back: stop on a non-finite loss or weight, never step past
-`max_steps` on a resume, and log at every checkpoint so a resumed run reports the same train loss as an
-uninterrupted one. Saving on a signal is `run.signals`; all of them are wired in by `reliability_callbacks`."""
+`max_steps` on a resume, log at every checkpoint so a resumed run reports the same train loss as an
+uninterrupted one, seal every checkpoint with its manifest, and keep a finished run's metrics until a new attempt
+has started. Saving on a signal is `run.signals`; all of them are wired in by `reliability_callbacks`."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
-from transformers import TrainerCallback, TrainerControl
+from accelerate import PartialState
+from transformers import TrainerCallback, TrainerControl, TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmpipe.errors import LmpipeError
 from lmpipe.model.finite import live_non_finite
 from lmpipe.run.checkpoints import newest_complete_checkpoint
+from lmpipe.run.files import METRICS_NAME
+from lmpipe.run.manifest import MANIFEST_NAME, write_manifest
 from lmpipe.run.signals import SaveOnSignal, StepVote, on_any_rank
+
+# A divergence this many steps or fewer after resuming from a checkpoint blames that checkpoint (and every later
+# one): its weights or optimizer state led straight to it, so it is not named as the checkpoint to go back to.
+SUSPECT_STEPS_AFTER_RESUME = 10
 
 
 class StopOnNonFinite(TrainerCallback):
@@ -22,13 +32,16 @@ class StopOnNonFinite(TrainerCallback):
     non-finite weights after a finite loss (the loss comes before the update). We watch the loss the model returns
     (a forward hook: callbacks are not given the loss) without a device sync, check it once per optimizer step,
     and check every weight and optimizer tensor whenever a checkpoint or the final model is about to be saved, so
-    that no saved checkpoint is poisoned. The stop message names the newest checkpoint that is really finite.
+    that no saved checkpoint is poisoned. The stop message names the newest checkpoint that is really finite and
+    that did not itself lead to the divergence: one resumed from `SUSPECT_STEPS_AFTER_RESUME` steps or fewer
+    before it (a finite but absurd weight passes every check on disk) is skipped, with why.
     """
 
     def __init__(self, vote: StepVote):
         self.vote = vote
         self.problem: str | None = None
         self.hook = None
+        self.resumed_step = 0
 
     def _watch(self, module, inputs, output):
         loss = output.get("loss") if isinstance(output, Mapping) else None
@@ -38,6 +51,7 @@ class StopOnNonFinite(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.problem, self.vote.loss_finite = None, None
+        self.resumed_step = state.global_step  # 0 unless resumed: the Trainer has loaded the checkpoint's state
         self.hook = model.register_forward_hook(self._watch)
 
     def _veto(self, control: TrainerControl) -> TrainerControl:
@@ -61,13 +75,59 @@ class StopOnNonFinite(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.hook.remove()
         if self.problem:
+            raise LmpipeError(f"{self.problem}; stopped without saving it. {self._advice(args, state.global_step)}")
+
+    def _advice(self, args, step: int) -> str:
+        after = step - self.resumed_step
+        if not self.resumed_step or after > SUSPECT_STEPS_AFTER_RESUME:
             good = newest_complete_checkpoint(args.output_dir, args.save_only_model)
-            resume = (
+            return (
                 f"Last good checkpoint: {good}. Lower learning_rate or check the data, then rerun to resume from it"
                 if good else
                 "No finite checkpoint to resume from: lower learning_rate or check the data, then rerun to start over"
             )
-            raise LmpipeError(f"{self.problem}; stopped without saving it. {resume}")
+        resumed = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.resumed_step}"
+        why = f"not {resumed}: the run diverged {after} step(s) after resuming from it, so it is suspect"
+        good = newest_complete_checkpoint(args.output_dir, args.save_only_model, before_step=self.resumed_step)
+        if good:
+            return (
+                f"Last good checkpoint: {good} ({why}). Lower learning_rate or check the data, then rerun with"
+                f" --resume_from_checkpoint {good}"
+            )
+        return (
+            f"No earlier checkpoint to resume from ({why}): lower learning_rate or check the data, then remove"
+            f" {args.output_dir}'s checkpoints and rerun to start over"
+        )
+
+
+def logged_loss_at(state: TrainerState) -> float | None:
+    """The training loss logged at the current step (`LogAtCheckpoints` logs one at every save), else None."""
+    rows = [row for row in state.log_history if "loss" in row and row.get("step") == state.global_step]
+    return rows[-1]["loss"] if rows else None
+
+
+class SealCheckpoint(TrainerCallback):
+    """Write each checkpoint's manifest (`run.manifest`) once every rank has written its files, last of all.
+
+    The Trainer calls `on_save` after the whole checkpoint is on disk on this rank; other ranks write their RNG
+    state without a barrier, hence the wait."""
+
+    def on_save(self, args, state, control, **kwargs):
+        PartialState().wait_for_everyone()
+        if args.should_save:
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            names = [p.relative_to(checkpoint).as_posix() for p in sorted(checkpoint.rglob("*")) if p.is_file()]
+            names = [name for name in names if not name.startswith(MANIFEST_NAME)]  # itself, or a torn .tmp of it
+            write_manifest(checkpoint, names, state.global_step, logged_loss_at(state))
+
+
+class NotFinishedOnceStarted(TrainerCallback):
+    """`metrics.json` marks a finished run: remove it only once this attempt has loaded its checkpoint (weights,
+    optimizer and trainer state) and is about to train, so a checkpoint that fails to load leaves it in place."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            (Path(args.output_dir) / METRICS_NAME).unlink(missing_ok=True)
 
 
 class TrainingAlreadyDone(Exception):
@@ -101,7 +161,10 @@ class LogAtCheckpoints(TrainerCallback):
 
 
 def reliability_callbacks() -> list[TrainerCallback]:
-    """In this order: nothing to train stops first, a signal asks to save, the save is logged, a non-finite loss
-    vetoes both."""
+    """In this order: nothing to train stops first (a finished run's metrics stay), then they go; a signal asks to
+    save, the save is logged, a non-finite loss vetoes both; a save is sealed by its manifest."""
     vote = StepVote()
-    return [NoStepPastMaxSteps(), SaveOnSignal(vote), LogAtCheckpoints(), StopOnNonFinite(vote)]
+    return [
+        NoStepPastMaxSteps(), NotFinishedOnceStarted(), SaveOnSignal(vote), LogAtCheckpoints(), StopOnNonFinite(vote),
+        SealCheckpoint(),
+    ]

@@ -14,9 +14,10 @@ from lmpipe.loss.train_loss import mean_train_loss
 from lmpipe.model.finite import non_finite_metrics
 from lmpipe.run.card import write_model_card
 from lmpipe.run.checkpoints import TRAINER_STATE, resume_checkpoint
-from lmpipe.run.files import METRICS_NAME, PLOT_NAME, write_resolved_recipe, write_text_atomically
+from lmpipe.run.files import METRICS_NAME, PLOT_NAME, model_files, write_resolved_recipe, write_text_atomically
+from lmpipe.run.manifest import write_manifest
 from lmpipe.run.signals import restore_signal_handlers
-from lmpipe.training.callbacks import TrainingAlreadyDone
+from lmpipe.training.callbacks import TrainingAlreadyDone, logged_loss_at
 from lmpipe.training.plot import plot_history
 from lmpipe.training.trainer import ExactEvalTrainer
 from lmpipe.training.zero_shot_tasks import zero_shot_metrics
@@ -40,11 +41,11 @@ def tokens_seen_at(checkpoint: str | None) -> int:
 
 
 def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, Any]:
-    """Resume if a checkpoint exists, train, evaluate exactly, save the model; returns the run's metrics."""
+    """Resume if a checkpoint exists, train, evaluate exactly, save the model and its manifest; returns the run's
+    metrics. A finished run's metrics.json goes once training has started (`NotFinishedOnceStarted`)."""
     output_dir = trainer.args.output_dir
     resume_from = resume_checkpoint(recipe, trainer.args)
     if trainer.is_world_process_zero():
-        (Path(output_dir) / METRICS_NAME).unlink(missing_ok=True)  # not finished while it trains on
         write_resolved_recipe(recipe, output_dir)
     tokens_before = tokens_seen_at(resume_from)  # read now: save_total_limit may delete that checkpoint
     try:
@@ -56,6 +57,9 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, A
         restore_signal_handlers(trainer.callback_handler.callbacks)
     evaluation = final_evaluation(trainer)
     trainer.save_model(output_dir)
+    if trainer.is_world_process_zero():
+        step, loss = trainer.state.global_step, logged_loss_at(trainer.state)
+        write_manifest(output_dir, sorted(model_files(Path(output_dir))), step, loss)
     session_tokens = trainer.state.num_input_tokens_seen - tokens_before
     flops = {}
     if trainer.flops_meter is not None and session_tokens > 0 and runtime:

@@ -13,6 +13,7 @@ from lmpipe.config.rules import check_values
 from lmpipe.errors import LmpipeError
 from lmpipe.model.checks import check_model_files
 from lmpipe.model.finite import non_finite_metrics
+from lmpipe.run.checkpoints import verified_model_dir
 from lmpipe.zero_shot.run import ZeroShotArguments, evaluate_zero_shot
 
 
@@ -54,15 +55,16 @@ def evaluate_file(args: EvaluateArguments) -> dict[str, float | int]:
         if not getattr(args, name):
             raise LmpipeError(f"--{name} is required")
     check_values(args)
-    check_model_files(args.model_name_or_path, ("config", "weights", "tokenizer"))
+    model = verified_model_dir(args.model_name_or_path)  # its newest checkpoint that passes, when it fails
+    check_model_files(model, ("config", "weights", "tokenizer"))
     try:
-        config = AutoConfig.from_pretrained(args.model_name_or_path)
+        config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0]
-        raise LmpipeError(f"{args.model_name_or_path}: cannot load a model config ({reason})") from None
+        raise LmpipeError(f"{model}: cannot load a model config ({reason})") from None
     block_size, stride = window_sizes(args.block_size, args.stride, config.n_positions)
     zero_shot = ZeroShotArguments(
-        model_name_or_path=args.model_name_or_path, task="perplexity", data=args.validation_file,
+        model_name_or_path=model, task="perplexity", data=args.validation_file,
         text_column=args.text_column, sample_by=args.sample_by, batch_size=args.batch_size, max_length=block_size,
         stride=stride,
     )

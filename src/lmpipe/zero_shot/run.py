@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ from lmpipe.errors import LmpipeError
 from lmpipe.model.build import load_pretrained
 from lmpipe.model.checks import check_model_files, check_vocab
 from lmpipe.model.tokenizer import load_tokenizer
+from lmpipe.run.checkpoints import verified_model_dir
 from lmpipe.zero_shot import tasks
 from lmpipe.zero_shot.data import FORMATS, load_rows, task_rows
 from lmpipe.zero_shot.report import write_outputs
@@ -110,8 +112,10 @@ def score_task(
 
 
 def evaluate_zero_shot(args: ZeroShotArguments, show_progress: bool = True) -> dict[str, Any]:
-    """Score the task; rank 0 writes the outputs. Returns results.json's content (on every rank)."""
+    """Score the task; rank 0 writes the outputs. Returns results.json's content (on every rank). A saved model that
+    fails verification is replaced by its newest checkpoint that passes, which the results then name."""
     check_arguments(args)
+    args = dataclasses.replace(args, model_name_or_path=verified_model_dir(args.model_name_or_path))
     check_model_files(args.model_name_or_path, ("config", "weights", "tokenizer"))
     rows, sha256 = load_task_rows(args)
     tokenizer = load_tokenizer(TokenizerArguments(), args.model_name_or_path)
