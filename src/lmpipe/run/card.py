@@ -14,6 +14,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from lmpipe.config.arguments import DataArguments
 from lmpipe.run.files import CARD_NAME, RESOLVED_RECIPE_NAME, write_text_atomically
+from lmpipe.run.identity import recorded_resumes
 
 TAGS = ["lmpipe", "gpt2"]
 
@@ -59,8 +60,11 @@ def _table(metrics: dict[str, Any], rows: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def render_model_card(name: str, metrics: dict[str, Any], recipe_text: str) -> ModelCard:
-    """Metadata through huggingface_hub's ModelCardData (exact floats from metrics.json), then a short body."""
+def render_model_card(
+    name: str, metrics: dict[str, Any], recipe_text: str, resumes: list[dict[str, Any]] = ()
+) -> ModelCard:
+    """Metadata through huggingface_hub's ModelCardData (exact floats from metrics.json), then a short body; the
+    recipe is the last session's, and `resumes` (`run.identity.recorded_resumes`) says which keys changed when."""
     recipe = yaml.safe_load(recipe_text) or {}
     data_name, hub_datasets = describe_data(recipe)
     evaluations = [
@@ -84,6 +88,9 @@ def render_model_card(name: str, metrics: dict[str, Any], recipe_text: str) -> M
         "## Training\n\n" + _table(metrics, TRAINING_ROWS),
         f"## Recipe\n\nThe resolved recipe (`{RESOLVED_RECIPE_NAME}`) that produced this model:\n\n"
         f"```yaml\n{recipe_text.rstrip()}\n```",
+        *(["## Resumes\n\nResumed with these keys changed; the recipe above holds their last values.\n\n" + "\n".join(
+            f"- from step {resume['step']}: {'; '.join(resume['changes'])}" for resume in resumes
+        )] if resumes else []),
     ])
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}\n")
 
@@ -91,7 +98,8 @@ def render_model_card(name: str, metrics: dict[str, Any], recipe_text: str) -> M
 def write_model_card(output_dir: str | os.PathLike, metrics: dict[str, Any]) -> Path:
     """Render the card from the folder's `recipe.yaml` and these metrics; written atomically as README.md."""
     folder = Path(output_dir)
-    card = render_model_card(folder.absolute().name, metrics, (folder / RESOLVED_RECIPE_NAME).read_text("utf-8"))
+    recipe_text = (folder / RESOLVED_RECIPE_NAME).read_text("utf-8")
+    card = render_model_card(folder.absolute().name, metrics, recipe_text, recorded_resumes(folder))
     path = folder / CARD_NAME
     write_text_atomically(path, str(card))
     return path
