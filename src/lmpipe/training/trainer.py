@@ -17,6 +17,7 @@ from lmpipe.training.callbacks import reliability_callbacks
 from lmpipe.training.exact_eval import NllStatistics, compute_exact_metrics
 from lmpipe.training.flops import ModelFlopsMeter, device_peak_flops, flops_per_token
 from lmpipe.training.host_memory import keep_freed_host_memory
+from lmpipe.training.resume_settings import RecipeSettingsOnResume
 
 
 class ExactEvalTrainer(Trainer):
@@ -32,6 +33,14 @@ class ExactEvalTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.eval_data_collator = eval_data_collator or self.data_collator
         self.flops_meter = flops_meter
+        self.recipe_settings = RecipeSettingsOnResume()
+        self.add_callback(self.recipe_settings)
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer; its hyperparameters are kept to be put back over a resumed checkpoint's."""
+        optimizer = super().create_optimizer(model)
+        self.recipe_settings.keep(optimizer)
+        return optimizer
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Training logs also carry the model TFLOP/s (and MFU on a known GPU) since the previous one."""
