@@ -216,20 +216,23 @@ def _setting_changes(
     recipe: Recipe, before: dict[str, Any], settings: dict[str, Any] | None, changeable: bool
 ) -> list[str]:
     """`key old -> new` for each key of the table of class `changeable` whose value differs from the recorded
-    `settings`; a run recorded without them is compared on `recipe.yaml` (absent keys: the dataclass default)."""
+    `settings`. A run recorded without them is compared as both recipes write it (a key absent from one takes the
+    dataclass default, so a value the arguments derive themselves never counts)."""
     fields, now = _fields(recipe), current_settings(recipe)
+    written = recipe.resolved()
     changes = []
     for name, (may, _) in RESUME_KEYS.items():
         if may != changeable or name not in now:
             continue
         if settings is not None:
-            old = settings.get(name, now[name])
+            old, new = settings.get(name, now[name]), now[name]
         elif name in fields:
-            old = before.get(name, _default(fields[name][1]))
+            default = _default(fields[name][1])
+            old, new = before.get(name, default), written.get(name, default)
         else:
             continue
-        if old != now[name]:
-            changes.append(f"{name} {old!r} -> {now[name]!r}")
+        if old != new:
+            changes.append(f"{name} {old!r} -> {new!r}")
     return changes
 
 
