@@ -6,6 +6,7 @@ Written at the end of every run, pushed or not, so a folder copied anywhere stil
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def _table(metrics: dict[str, Any], rows: list[tuple[str, str, str]]) -> str:
 
 
 def render_model_card(
-    name: str, metrics: dict[str, Any], recipe_text: str, resumes: list[dict[str, Any]] = ()
+    name: str, metrics: dict[str, Any], recipe_text: str, resumes: Sequence[dict[str, Any]] = ()
 ) -> ModelCard:
     """Metadata through huggingface_hub's ModelCardData (exact floats from metrics.json), then a short body; the
     recipe is the last session's, and `resumes` (`run.identity.recorded_resumes`) says which keys changed when."""
@@ -80,7 +81,7 @@ def render_model_card(
         pipeline_tag="text-generation", tags=TAGS, datasets=hub_datasets or None,
         base_model=base_model(recipe), model_name=name, eval_results=evaluations or None,
     )
-    body = "\n\n".join([
+    sections = [
         f"# {name}",
         f"A GPT-2 style causal language model trained with lmpipe on `{data_name}`.",
         "## Evaluation\n\nOn the held-out validation split, every scored token counted once.\n\n"
@@ -88,10 +89,12 @@ def render_model_card(
         "## Training\n\n" + _table(metrics, TRAINING_ROWS),
         f"## Recipe\n\nThe resolved recipe (`{RESOLVED_RECIPE_NAME}`) that produced this model:\n\n"
         f"```yaml\n{recipe_text.rstrip()}\n```",
-        *(["## Resumes\n\nResumed with these keys changed; the recipe above holds their last values.\n\n" + "\n".join(
-            f"- from step {resume['step']}: {'; '.join(resume['changes'])}" for resume in resumes
-        )] if resumes else []),
-    ])
+    ]
+    if resumes:
+        changed = [f"- from step {resume['step']}: {'; '.join(resume['changes'])}" for resume in resumes]
+        sections.append("## Resumes\n\nResumed with these keys changed; the recipe above holds their last values.\n\n"
+                        + "\n".join(changed))
+    body = "\n\n".join(sections)
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}\n")
 
 
