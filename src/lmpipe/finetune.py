@@ -31,6 +31,7 @@ from lmpipe.loss.reference import IGNORE_INDEX
 from lmpipe.model.build import build_model, check_sequence_length, model_positions
 from lmpipe.model.lora import MERGED_DIR, save_merged, wrap_lora
 from lmpipe.model.tokenizer import load_tokenizer
+from lmpipe.run.checkpoints import resume_checkpoint
 from lmpipe.run.hub import CheckpointPusher, HubTarget, push_run
 from lmpipe.run.session import run_session
 from lmpipe.training.exact_eval import token_byte_lengths
@@ -224,7 +225,7 @@ def train_finetune(recipe: Recipe, template: str | None, hub: HubTarget | None) 
     model = trainer.model
     if hub:
         trainer.add_callback(CheckpointPusher(hub))
-    metrics = train_and_evaluate(trainer, recipe)
+    metrics = train_and_evaluate(trainer, recipe, resume_checkpoint(recipe, training))
     if data.mixture:
         metrics["mixture"] = data.mixture
     metrics.update(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,8 @@ from lmpipe.data.streaming import PackedStream, check_streaming_arguments, strea
 from lmpipe.errors import LmpipeError
 from lmpipe.loss.install import install_chunked_loss
 from lmpipe.model.build import build_model, check_sequence_length, model_positions
-from lmpipe.model.tokenizer import check_tokenizer_arguments, load_tokenizer
+from lmpipe.model.tokenizer import check_tokenizer_arguments, load_saved_tokenizer, load_tokenizer
+from lmpipe.run.checkpoints import resume_checkpoint
 from lmpipe.run.distributed import on_main_process
 from lmpipe.run.hub import CheckpointPusher, HubTarget, push_run
 from lmpipe.run.session import run_session
@@ -52,14 +54,19 @@ class PackedCorpus:
 
 
 def prepare_corpus(
-    data: DataArguments, tokenizer_args: TokenizerArguments, model: ModelArguments, training: TrainingArguments
+    data: DataArguments,
+    tokenizer_args: TokenizerArguments,
+    model: ModelArguments,
+    training: TrainingArguments,
+    resume_from: str | None = None,
 ) -> PackedCorpus:
-    """Load, split, tokenise and pack; the tokenizer is trained on the train split when the recipe asks."""
+    """Load, split, tokenise and pack; the tokenizer is trained on the train split when the recipe asks (a run
+    resumed from a checkpoint loads the one saved with it: `run_tokenizer`)."""
     check_tokenizer_arguments(tokenizer_args, model.model_name_or_path)
     if data.datasets and (data.train_file or data.validation_file):
         raise LmpipeError("datasets: lists the sources; remove train_file / validation_file")
     if data.streaming:
-        return prepare_streaming_corpus(data, tokenizer_args, model, training)
+        return prepare_streaming_corpus(data, tokenizer_args, model, training, resume_from)
     source = "datasets" if data.datasets else data.train_file or data.dataset_name or "data"
     if data.datasets:
         seed = training.data_seed or training.seed
@@ -75,10 +82,7 @@ def prepare_corpus(
     check_no_null_text(corpus, data.text_column, {"train": source, "validation": data.validation_file or source})
     corpus = split_validation(corpus, data.validation_split_percentage, source)
     check_text_column(corpus, data.text_column, source)
-    texts = corpus["train"][data.text_column] if tokenizer_args.train_tokenizer else None
-    tokenizer = on_main_process(
-        training, load_tokenizer, tokenizer_args, model.model_name_or_path, texts, model.trust_remote_code
-    )
+    tokenizer = run_tokenizer(tokenizer_args, model, training, lambda: corpus["train"][data.text_column], resume_from)
     with training.main_process_first(desc="tokenising and packing"):
         tokenized = {
             name: tokenize_documents(split, tokenizer, data.text_column, data.preprocessing_num_workers)
@@ -102,8 +106,29 @@ def prepare_corpus(
 UNIGRAM_SAMPLE_TOKENS = 1 << 20
 
 
+def run_tokenizer(
+    tokenizer_args: TokenizerArguments,
+    model: ModelArguments,
+    training: TrainingArguments,
+    texts: Callable[[], Iterable[str]],
+    resume_from: str | None,
+) -> PreTrainedTokenizerBase:
+    """The recipe's tokenizer, trained on `texts()` when it asks; a resumed run never trains it again but loads the
+    one saved with its checkpoint, so the embeddings it resumes index the same tokens."""
+    if tokenizer_args.train_tokenizer and resume_from:
+        return load_saved_tokenizer(resume_from)
+    return on_main_process(
+        training, load_tokenizer, tokenizer_args, model.model_name_or_path,
+        texts() if tokenizer_args.train_tokenizer else None, model.trust_remote_code,
+    )
+
+
 def prepare_streaming_corpus(
-    data: DataArguments, tokenizer_args: TokenizerArguments, model: ModelArguments, training: TrainingArguments
+    data: DataArguments,
+    tokenizer_args: TokenizerArguments,
+    model: ModelArguments,
+    training: TrainingArguments,
+    resume_from: str | None = None,
 ) -> PackedCorpus:
     """Train blocks packed lazily from a stream; validation blocks in memory, so evaluation stays exact."""
     check_streaming_arguments(training)
@@ -115,9 +140,9 @@ def prepare_streaming_corpus(
     else:
         source = data.train_file or data.dataset_name or "data"
         train_documents, validation_documents = stream_documents(data, source)
-    texts = stream_texts(train_documents, data.text_column, source, files) if tokenizer_args.train_tokenizer else None
-    tokenizer = on_main_process(
-        training, load_tokenizer, tokenizer_args, model.model_name_or_path, texts, model.trust_remote_code
+    tokenizer = run_tokenizer(
+        tokenizer_args, model, training,
+        lambda: stream_texts(train_documents, data.text_column, source, files), resume_from,
     )
     with training.main_process_first(desc="tokenising validation"):
         validation_ids = tokenize_documents(validation_documents, tokenizer, data.text_column)
@@ -160,10 +185,13 @@ def trained_blocks(trainer: ExactEvalTrainer, block_size: int) -> int:
     return trainer.state.num_input_tokens_seen // block_size
 
 
-def build_pretrain_trainer(recipe: Recipe, training: TrainingArguments) -> tuple[ExactEvalTrainer, PackedCorpus]:
-    """Corpus, tokenizer, model and Trainer of a pretraining recipe: pretraining and the loss check train on this."""
+def build_pretrain_trainer(
+    recipe: Recipe, training: TrainingArguments, resume_from: str | None = None
+) -> tuple[ExactEvalTrainer, PackedCorpus]:
+    """Corpus, tokenizer, model and Trainer of a pretraining recipe: pretraining and the loss check train on this;
+    `resume_from`: the checkpoint the run will resume (its tokenizer is the run's)."""
     model_args, data_args = recipe.model, recipe.data
-    corpus = prepare_corpus(data_args, recipe.tokenizer, model_args, training)
+    corpus = prepare_corpus(data_args, recipe.tokenizer, model_args, training, resume_from)
     model = build_model(model_args, corpus.tokenizer, data_args.block_size)
     install_chunked_loss(model, model_args.chunked_loss, model_args.chunked_loss_tokens)
     byte_lengths = token_byte_lengths(corpus.tokenizer, model.config.vocab_size)
@@ -194,12 +222,13 @@ def train_pretrain(recipe: Recipe, hub: HubTarget | None) -> dict[str, Any]:
     """The run itself, with output_dir held and checked: corpus, model, Trainer, training, outputs, push."""
     training = recipe.training
     set_seed(training.seed)
-    trainer, corpus = build_pretrain_trainer(recipe, training)
+    resume_from = resume_checkpoint(recipe, training)
+    trainer, corpus = build_pretrain_trainer(recipe, training, resume_from)
     if corpus.mixture and trainer.is_world_process_zero():
         print(format_shares(corpus.mixture), flush=True)
     if hub:
         trainer.add_callback(CheckpointPusher(hub))
-    metrics = train_and_evaluate(trainer, recipe)
+    metrics = train_and_evaluate(trainer, recipe, resume_from)
     mixture = corpus.mixture
     if corpus.stream_mixture is not None and trainer.is_world_process_zero():  # rank 0 alone read the stream
         data = recipe.data

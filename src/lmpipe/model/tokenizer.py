@@ -66,6 +66,16 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> GPT2Tokenizer:
         return gpt2_tokenizer_from_files(vocab_file, merges_file)
 
 
+def load_saved_tokenizer(checkpoint: str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a checkpoint (the Trainer saves it in each): a resumed run that trained its own
+    continues with it rather than training it again."""
+    check_model_files(checkpoint, ("tokenizer",))
+    try:
+        return AutoTokenizer.from_pretrained(checkpoint)
+    except (OSError, ValueError) as e:
+        raise LmpipeError(f"{checkpoint}: cannot load its tokenizer ({str(e).strip().splitlines()[0]})") from None
+
+
 def check_tokenizer_arguments(args: TokenizerArguments, model_name_or_path: str | None = None) -> None:
     """A trained tokenizer excludes a named one and a pretrained model, and a named directory must hold a
     tokenizer; checked before any data is read."""

@@ -6,6 +6,7 @@ Written at the end of every run, pushed or not, so a folder copied anywhere stil
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from lmpipe.config.arguments import DataArguments
 from lmpipe.run.files import CARD_NAME, RESOLVED_RECIPE_NAME, write_text_atomically
+from lmpipe.run.identity import recorded_resumes
 
 TAGS = ["lmpipe", "gpt2"]
 
@@ -59,8 +61,11 @@ def _table(metrics: dict[str, Any], rows: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def render_model_card(name: str, metrics: dict[str, Any], recipe_text: str) -> ModelCard:
-    """Metadata through huggingface_hub's ModelCardData (exact floats from metrics.json), then a short body."""
+def render_model_card(
+    name: str, metrics: dict[str, Any], recipe_text: str, resumes: Sequence[dict[str, Any]] = ()
+) -> ModelCard:
+    """Metadata through huggingface_hub's ModelCardData (exact floats from metrics.json), then a short body; the
+    recipe is the last session's, and `resumes` (`run.identity.recorded_resumes`) says which keys changed when."""
     recipe = yaml.safe_load(recipe_text) or {}
     data_name, hub_datasets = describe_data(recipe)
     evaluations = [
@@ -76,7 +81,7 @@ def render_model_card(name: str, metrics: dict[str, Any], recipe_text: str) -> M
         pipeline_tag="text-generation", tags=TAGS, datasets=hub_datasets or None,
         base_model=base_model(recipe), model_name=name, eval_results=evaluations or None,
     )
-    body = "\n\n".join([
+    sections = [
         f"# {name}",
         f"A GPT-2 style causal language model trained with lmpipe on `{data_name}`.",
         "## Evaluation\n\nOn the held-out validation split, every scored token counted once.\n\n"
@@ -84,14 +89,20 @@ def render_model_card(name: str, metrics: dict[str, Any], recipe_text: str) -> M
         "## Training\n\n" + _table(metrics, TRAINING_ROWS),
         f"## Recipe\n\nThe resolved recipe (`{RESOLVED_RECIPE_NAME}`) that produced this model:\n\n"
         f"```yaml\n{recipe_text.rstrip()}\n```",
-    ])
+    ]
+    if resumes:
+        changed = [f"- from step {resume['step']}: {'; '.join(resume['changes'])}" for resume in resumes]
+        sections.append("## Resumes\n\nResumed with these keys changed; the recipe above holds their last values.\n\n"
+                        + "\n".join(changed))
+    body = "\n\n".join(sections)
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}\n")
 
 
 def write_model_card(output_dir: str | os.PathLike, metrics: dict[str, Any]) -> Path:
     """Render the card from the folder's `recipe.yaml` and these metrics; written atomically as README.md."""
     folder = Path(output_dir)
-    card = render_model_card(folder.absolute().name, metrics, (folder / RESOLVED_RECIPE_NAME).read_text("utf-8"))
+    recipe_text = (folder / RESOLVED_RECIPE_NAME).read_text("utf-8")
+    card = render_model_card(folder.absolute().name, metrics, recipe_text, recorded_resumes(folder))
     path = folder / CARD_NAME
     write_text_atomically(path, str(card))
     return path

@@ -31,6 +31,7 @@ from transformers.utils import (
 from lmpipe.config.recipe import Recipe
 
 RESOLVED_RECIPE_NAME = "recipe.yaml"  # the run's resolved recipe: written first, compared on every rerun
+IDENTITY_NAME = "identity.json"  # what recipe.yaml only names: file contents, processes; resumes that changed keys
 METRICS_NAME = "metrics.json"  # written last: its presence marks a finished run
 PLOT_NAME = "loss.png"
 CARD_NAME = "README.md"  # the model card, as the Hub shows it

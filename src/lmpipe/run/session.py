@@ -34,7 +34,7 @@ from lmpipe.run.disk_full import full_disk_is_one_line
 from lmpipe.run.distributed import check_launch, restore_cpu_threads
 from lmpipe.run.files import METRICS_NAME, RESOLVED_RECIPE_NAME
 from lmpipe.run.hub import HubTarget, check_hub_push
-from lmpipe.run.identity import identity_changes
+from lmpipe.run.identity import checkpoint_world_size, identity_changes
 from lmpipe.run.lock import exclusive_output_dir
 
 Checked = TypeVar("Checked")
@@ -77,6 +77,13 @@ def check_output_dir(recipe: Recipe, args: TrainingArguments) -> None:
         problem = checkpoint_problem(args.resume_from_checkpoint, args.save_only_model)
         if problem:
             raise LmpipeError(f"resume_from_checkpoint: {problem}")
+        saved_by = checkpoint_world_size(args.resume_from_checkpoint)
+        if saved_by not in (None, args.world_size):
+            raise LmpipeError(
+                f"resume_from_checkpoint: {args.resume_from_checkpoint} was saved by {saved_by} process(es), this run"
+                f" has {args.world_size}: world_size may not change between resumes (it would skip or repeat data);"
+                f" launch {saved_by} process(es)"
+            )
         return
     if getattr(args, "overwrite_output_dir", False):  # plain TrainingArguments have no such key: never overwrite
         return

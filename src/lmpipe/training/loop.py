@@ -13,8 +13,9 @@ from lmpipe.errors import LmpipeError
 from lmpipe.loss.train_loss import mean_train_loss
 from lmpipe.model.finite import non_finite_metrics
 from lmpipe.run.card import write_model_card
-from lmpipe.run.checkpoints import TRAINER_STATE, resume_checkpoint
+from lmpipe.run.checkpoints import TRAINER_STATE
 from lmpipe.run.files import METRICS_NAME, PLOT_NAME, model_files, write_resolved_recipe, write_text_atomically
+from lmpipe.run.identity import record_identity
 from lmpipe.run.manifest import write_manifest
 from lmpipe.run.signals import restore_signal_handlers
 from lmpipe.training.callbacks import TrainingAlreadyDone, logged_loss_at
@@ -40,12 +41,13 @@ def tokens_seen_at(checkpoint: str | None) -> int:
     return state.get("num_input_tokens_seen", 0)
 
 
-def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, Any]:
-    """Resume if a checkpoint exists, train, evaluate exactly, save the model and its manifest; returns the run's
-    metrics. A finished run's metrics.json goes once training has started (`NotFinishedOnceStarted`)."""
+def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe, resume_from: str | None) -> dict[str, Any]:
+    """Resume from `resume_from` (`run.checkpoints.resume_checkpoint`), train, evaluate exactly, save the model and
+    its manifest; returns the run's metrics. A finished run's metrics.json goes once training has started
+    (`NotFinishedOnceStarted`)."""
     output_dir = trainer.args.output_dir
-    resume_from = resume_checkpoint(recipe, trainer.args)
     if trainer.is_world_process_zero():
+        record_identity(recipe, output_dir, resume_from)  # before recipe.yaml: it records what changed since
         write_resolved_recipe(recipe, output_dir)
     tokens_before = tokens_seen_at(resume_from)  # read now: save_total_limit may delete that checkpoint
     try:

@@ -19,6 +19,7 @@ from lmpipe.training.exact_eval import NllStatistics, compute_exact_metrics
 from lmpipe.training.flops import ModelFlopsMeter, device_peak_flops, flops_per_token
 from lmpipe.training.host_memory import keep_freed_host_memory
 from lmpipe.training.optimizers import muon_with_adamw, schedule_kwargs
+from lmpipe.training.resume_settings import RecipeSettingsOnResume
 from lmpipe.training.zero_shot_tasks import ZeroShotTask, prepare_zero_shot_tasks, score_zero_shot_tasks
 
 
@@ -45,6 +46,8 @@ class ExactEvalTrainer(Trainer):
         self.eval_data_collator = eval_data_collator or self.data_collator
         self.flops_meter = flops_meter
         self.zero_shot = zero_shot or []
+        self.recipe_settings = RecipeSettingsOnResume()
+        self.add_callback(self.recipe_settings)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Training logs also carry the model TFLOP/s (and MFU on a known GPU) since the previous one."""
@@ -53,11 +56,14 @@ class ExactEvalTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def create_optimizer(self, model=None):
-        """`optimizer: muon`: Muon on the blocks' matrices and AdamW on the rest (`training.optimizers`)."""
+        """`optimizer: muon`: Muon on the blocks' matrices and AdamW on the rest (`training.optimizers`). The
+        hyperparameters the recipe gives are kept to be put back over a resumed checkpoint's."""
         if self.optimizer is None and getattr(self.args, "optimizer", "adamw") == "muon":
             model = self.model if model is None else model
             self.optimizer = muon_with_adamw(model, self.args, self.get_decay_parameter_names(model))
-        return super().create_optimizer(model)
+        optimizer = super().create_optimizer(model)
+        self.recipe_settings.keep(optimizer)
+        return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """The Trainer's own scheduler, given warmup_stable_decay's recipe keys as `lr_scheduler_kwargs`."""
