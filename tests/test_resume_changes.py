@@ -20,6 +20,7 @@ from lmpipe.cli import main
 from lmpipe.config.arguments import PRETRAIN_GROUPS, RunTrainingArguments
 from lmpipe.config.recipe import parse_recipe
 from lmpipe.run import identity
+from lmpipe.run.manifest import MANIFEST_NAME
 
 from conftest import REPO, arm, tiny_run, write_pydoc_corpus
 
@@ -165,6 +166,7 @@ def test_a_named_checkpoint_of_two_processes_is_refused_on_one(corpus, finished,
     checkpoint = shutil.copytree(finished / "checkpoint-4", tmp_path / "checkpoint-4")
     (checkpoint / "rng_state.pth").rename(checkpoint / "rng_state_0.pth")
     shutil.copy(checkpoint / "rng_state_0.pth", checkpoint / "rng_state_1.pth")
+    (checkpoint / MANIFEST_NAME).unlink()  # its sha256 manifest lists one process's files: as if saved before manifests
     assert main(command(corpus, tmp_path / "run", 6, "--resume_from_checkpoint", str(checkpoint))) == 2
     assert last_error(capsys) == (
         f"error: resume_from_checkpoint: {checkpoint} was saved by 2 process(es), this run has 1: world_size may not"
