@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lmpipe.config.rules import check_values
-from lmpipe.errors import LmpipeError
+from lmpipe.errors import LmpipeError, cannot_load
 from lmpipe.model.checks import check_model_files
 from lmpipe.model.finite import non_finite_metrics
 from lmpipe.zero_shot.run import ZeroShotArguments, evaluate_zero_shot
@@ -58,8 +58,7 @@ def evaluate_file(args: EvaluateArguments) -> dict[str, float | int]:
     try:
         config = AutoConfig.from_pretrained(args.model_name_or_path)
     except (OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0]
-        raise LmpipeError(f"{args.model_name_or_path}: cannot load a model config ({reason})") from None
+        raise cannot_load(args.model_name_or_path, "a model config", e) from None
     block_size, stride = window_sizes(args.block_size, args.stride, config.n_positions)
     zero_shot = ZeroShotArguments(
         model_name_or_path=args.model_name_or_path, task="perplexity", data=args.validation_file,
