@@ -15,7 +15,7 @@ from lmpipe.model.finite import non_finite_metrics
 from lmpipe.run.card import write_model_card
 from lmpipe.run.checkpoints import TRAINER_STATE, resume_checkpoint
 from lmpipe.run.files import METRICS_NAME, PLOT_NAME, write_resolved_recipe, write_text_atomically
-from lmpipe.run.signals import restore_signal_handlers
+from lmpipe.run.signals import stops_the_final_evaluation
 from lmpipe.training.callbacks import TrainingAlreadyDone
 from lmpipe.training.plot import plot_history
 from lmpipe.training.trainer import ExactEvalTrainer
@@ -28,6 +28,15 @@ def final_evaluation(trainer: ExactEvalTrainer) -> dict[str, Any] | None:
     if evaluations and evaluations[-1]["step"] == trainer.state.global_step:
         return evaluations[-1]
     return trainer.evaluate() if trainer.args.final_evaluation else None
+
+
+def save_last_step(trainer: ExactEvalTrainer) -> None:
+    """`checkpoint-N` of the last step when the save strategy wrote none (`no`, `best`): the final evaluation was
+    stopped, and the rerun resumes there and evaluates instead of training again. `_save_checkpoint` is the
+    Trainer's own save of a complete checkpoint (every rank's RNG state included); it has no public name."""
+    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+    if not (checkpoint / TRAINER_STATE).is_file():  # the Trainer writes it last
+        trainer._save_checkpoint(trainer.model, trial=None)
 
 
 def tokens_seen_at(checkpoint: str | None) -> int:
@@ -46,15 +55,15 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe) -> dict[str, A
         (Path(output_dir) / METRICS_NAME).unlink(missing_ok=True)  # not finished while it trains on
         write_resolved_recipe(recipe, output_dir)
     tokens_before = tokens_seen_at(resume_from)  # read now: save_total_limit may delete that checkpoint
-    try:
-        train_output = trainer.train(resume_from_checkpoint=resume_from)
-        runtime, session_loss = train_output.metrics["train_runtime"], train_output.training_loss
-    except TrainingAlreadyDone:  # resumed from the last step: evaluate and save what it holds
-        runtime, session_loss = 0.0, None
-    finally:
-        restore_signal_handlers(trainer.callback_handler.callbacks)
-    evaluation = final_evaluation(trainer)
-    trainer.save_model(output_dir)
+    with stops_the_final_evaluation(trainer.callback_handler.callbacks, lambda: save_last_step(trainer)) as trained:
+        try:
+            train_output = trainer.train(resume_from_checkpoint=resume_from)
+            runtime, session_loss = train_output.metrics["train_runtime"], train_output.training_loss
+        except TrainingAlreadyDone:  # resumed from the last step: evaluate and save what it holds
+            runtime, session_loss = 0.0, None
+        trained()
+        evaluation = final_evaluation(trainer)
+        trainer.save_model(output_dir)
     session_tokens = trainer.state.num_input_tokens_seen - tokens_before
     flops = {}
     if trainer.flops_meter is not None and session_tokens > 0 and runtime:
