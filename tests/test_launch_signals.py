@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from lmpipe.cli import main
 from lmpipe.run.checkpoints import checkpoint_problem
+from lmpipe.run.lock import LOCK_NAME
 
 from conftest import REPO, tiny_run, write_pydoc_corpus
 
@@ -121,6 +122,7 @@ def test_a_signal_to_the_launcher_saves_on_every_rank_and_returns_their_code(pro
     assert "Traceback" not in err
     assert checkpoint_problem(output / f"checkpoint-{step}") is None
     assert len(list((output / f"checkpoint-{step}").glob("rng_state*.pth"))) == ranks
+    assert not (output / LOCK_NAME).exists()  # released, not left stale
     if stop == signal.SIGTERM:  # and it resumes from there (a two-rank resume is tests/test_two_ranks.py's subject)
         assert main(["pretrain", *args, "--max_steps", str(step + 1)]) == 0
         metrics = json.loads((output / "metrics.json").read_text())
