@@ -334,6 +334,20 @@ def test_a_rank_cut_off_from_another_is_one_line_and_none_under_lmpipe_launch(mo
         raise RuntimeError("a bug")
 
 
+def test_more_processes_than_gpus_are_refused_by_the_launcher(monkeypatch, capsys):
+    """`lmpipe launch --num_processes 2` starts two processes (through torchrun; Accelerate alone starts one on a
+    machine with fewer than two GPUs); with one GPU the second would fail on cuda:1 once loaded, so it is refused
+    before anything starts. (tests/test_launch_signals.py starts two CPU processes this way.)"""
+    from lmpipe.cli import main
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["launch", "--num_processes", "2", "pretrain", "--n_layer", "-1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --num_processes 2: this machine has 1 GPU(s), one for each process; launch at most 1 a machine, or"
+        " CPU processes with --cpu (and --use_cpu true for the run)"
+    )
+
+
 def test_fsdp_without_an_accelerator_is_refused_before_any_data(monkeypatch):
     """Accelerate's FSDP plugin raises only at Trainer construction when no GPU is found (tried on this machine)."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")

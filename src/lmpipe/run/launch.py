@@ -75,8 +75,24 @@ def launch_command(argv: list[str], commands: Collection[str] = ()) -> int:
                           "DeepSpeed, TPU or SageMaker")
     several_local = (args.num_processes or 1) > 1 and not args.mpirun_hostfile  # not Accelerate's MULTI_CPU + mpirun
     if several_local or (not args.cpu and (args.multi_gpu or args.use_fsdp or args.use_megatron_lm)):
+        check_one_process_per_gpu(args)
         return launch_several(args)
     return launch_one(args)
+
+
+def check_one_process_per_gpu(args) -> None:
+    """Each process trains on the GPU of its local rank: more processes on a machine than it has GPUs would fail
+    in the extra ranks (an invalid device ordinal) once they had loaded everything. Without a GPU, or with
+    `--cpu`, the processes are CPU processes."""
+    import torch
+
+    gpus = torch.cuda.device_count() if not args.cpu else 0
+    per_machine = (args.num_processes or 1) // (args.num_machines or 1)
+    if 0 < gpus < per_machine:
+        raise LmpipeError(
+            f"--num_processes {args.num_processes}: this machine has {gpus} GPU(s), one for each process; launch"
+            f" at most {gpus} a machine, or CPU processes with --cpu (and --use_cpu true for the run)"
+        )
 
 
 def launch_one(args) -> int:
