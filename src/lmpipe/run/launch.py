@@ -14,8 +14,9 @@ FORWARDED_SIGNALS), whose exceptions are turned back into the exit code of the r
 signal. A rank killed by a signal is named in one line; the ranks that only lost their connection to it leave that
 line to the launcher. The launcher returns only once every process it started is gone.
 
-`--num_processes N` above 1 starts N processes (torchrun's), with or without a GPU or a config file: Accelerate
-alone would start one process on a machine without GPUs, and say nothing.
+`--num_processes N` above 1 starts N processes (torchrun's), with or without a config file: Accelerate alone
+would start one on a machine with fewer than two GPUs, and say nothing. More processes than a machine's GPUs
+are refused.
 """
 
 from __future__ import annotations
