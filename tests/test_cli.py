@@ -4,6 +4,7 @@ where they pointed."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -105,6 +106,19 @@ def test_a_missing_relative_path_names_where_it_was_resolved(tmp_path, monkeypat
     )
     with pytest.raises(LmpipeError, match=r"no such local directory \(resolved to .*outputs/none from"):
         _load_missing_model()
+
+
+def test_evaluate_on_a_missing_model_directory_leads_with_the_directory(tmp_path, monkeypatch, capsys):
+    """Not the Hub's message about repository ids first: `outputs/none` is likelier a mistyped directory."""
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "mc.jsonl"
+    data.write_text(json.dumps({"context": "2 + 2 =", "choices": [" 4", " 5"], "label": 0}) + "\n")
+    assert main(["evaluate", "outputs/none", "--task", "multiple_choice", "--data", str(data)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(
+        f"error: outputs/none: no such local directory (resolved to {tmp_path / 'outputs' / 'none'} from the working"
+        f" directory {tmp_path}); nor a tokenizer on the Hub ("
+    ), line
 
 
 def _load_missing_model():

@@ -92,3 +92,14 @@ def test_an_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: output_dir {tmp_path / 'taken'}: is a file, not a directory"
     )
+
+
+def test_a_lock_file_that_is_a_directory_is_one_line(tmp_path, capsys):
+    (tmp_path / "run" / LOCK_NAME).mkdir(parents=True)
+    assert main(["pretrain", "--output_dir", str(tmp_path / "run"), "--report_to", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'run' / LOCK_NAME}: is a directory, where lmpipe keeps its lock file:"
+        " remove it, then rerun"
+    )
+    assert "Traceback" not in err

@@ -206,6 +206,39 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(corpus, tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
+class SendSignalAgainAtStepEnd(SendSignalAt):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step + 1:
+            os.kill(os.getpid(), self.signal_number)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGUSR2, signal.SIGXCPU], ids=lambda stop: stop.name)
+def test_usr2_and_xcpu_save_a_checkpoint_and_exit_128_plus_the_signal(stop, corpus, tmp_path, monkeypatch, capsys):
+    """LSF's and SGE's warnings before a kill, and a CPU-time limit. The kernel repeats SIGXCPU every CPU second:
+    a repeat is no second signal that stops at once. (HUP and USR1 go through `lmpipe launch` in
+    tests/test_launch_signals.py.) This test's own handler stands in for the default action, which would end the
+    test's process: without lmpipe's, it records the signal and the run trains to the end."""
+    output, received = tmp_path / "run", []
+
+    def record(number, frame):
+        received.append(number)
+
+    previous = signal.signal(stop, record)
+    try:
+        monkeypatch.setattr("lmpipe.run.signals.SAME_STOP_WITHIN_S", 0.0)  # any repeat would count as insisting
+        arm(monkeypatch, (SendSignalAgainAtStepEnd if stop == signal.SIGXCPU else SendSignalAt)(stop, step=2))
+        assert main(["pretrain", *command(corpus, output)]) == 128 + stop
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: stopped by {stop.name} after step 3: saved {output}/checkpoint-3; rerun the same command to"
+            " resume from it"
+        )
+        assert checkpoint_problem(output / "checkpoint-3") is None and received == []
+        assert signal.getsignal(stop) is record  # put back
+    finally:
+        signal.signal(stop, previous)
+
+
 class PoisonWeightsAfter(TrainerCallback):
     """Make every later forward pass produce NaN, as a diverging run does."""
 

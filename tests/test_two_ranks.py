@@ -334,6 +334,48 @@ def test_processes_the_trainer_does_not_see_are_refused(monkeypatch):
     check_launch(SimpleNamespace(world_size=1, device=torch.device("cpu")))
 
 
+def test_a_rank_cut_off_from_another_is_one_line_and_none_under_lmpipe_launch(monkeypatch):
+    """gloo's error when a peer died (as a survivor got it from a SIGKILLed rank; tests/test_launch_signals.py kills
+    one for real): one line instead of the transport's traceback; under `lmpipe launch`, which names the dead
+    rank itself, nothing. Other errors pass through."""
+    from lmpipe.run.distributed import RankLost, a_lost_rank_is_one_line
+    from lmpipe.run.launch import LAUNCHER_NAMES_THE_LOST_RANK
+
+    gloo = RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:43747:"
+        " Connection reset by peer. This is typically caused by a remote worker hanging or failing."
+    )
+    training = SimpleNamespace(world_size=2, process_index=0)
+    monkeypatch.delenv(LAUNCHER_NAMES_THE_LOST_RANK, raising=False)
+    with pytest.raises(RankLost) as lost, a_lost_rank_is_one_line(training):
+        raise gloo
+    assert str(lost.value) == (
+        "rank 0 of 2 lost its connection to another rank (Read error [127.0.0.1]:43747: Connection reset by peer),"
+        " which died or was stopped: its launcher's log names it; rerun the same command to resume from the newest"
+        " complete checkpoint"
+    )
+    assert lost.value.exit_code == 4
+    monkeypatch.setenv(LAUNCHER_NAMES_THE_LOST_RANK, "1")
+    with pytest.raises(RankLost, match="^$"), a_lost_rank_is_one_line(training):
+        raise gloo
+    with pytest.raises(RuntimeError, match="a bug"), a_lost_rank_is_one_line(training):
+        raise RuntimeError("a bug")
+
+
+def test_more_processes_than_gpus_are_refused_by_the_launcher(monkeypatch, capsys):
+    """`lmpipe launch --num_processes 2` starts two processes (through torchrun; Accelerate alone starts one on a
+    machine with fewer than two GPUs); with one GPU the second would fail on cuda:1 once loaded, so it is refused
+    before anything starts. (tests/test_launch_signals.py starts two CPU processes this way.)"""
+    from lmpipe.cli import main
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["launch", "--num_processes", "2", "pretrain", "--n_layer", "-1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --num_processes 2: this machine has 1 GPU(s), one for each process; launch at most 1 a machine, or"
+        " CPU processes with --cpu (and --use_cpu true for the run)"
+    )
+
+
 def test_fsdp_without_an_accelerator_is_refused_before_any_data(monkeypatch):
     """Accelerate's FSDP plugin raises only at Trainer construction when no GPU is found (tried on this machine)."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import sys
@@ -214,8 +215,9 @@ def push_command(argv: list[str]) -> None:
 
 
 def launch_command(argv: list[str]) -> int:
-    """`accelerate launch` that forwards SIGTERM/Ctrl-C to the training processes and returns their exit code; the
-    script may be a command's name (`lmpipe launch --num_processes 2 pretrain RECIPE`)."""
+    """`accelerate launch` that forwards SIGTERM, Ctrl-C and the other stop signals to the training processes and
+    returns their exit code; the script may be a command's name (`lmpipe launch --num_processes 2 pretrain
+    RECIPE`)."""
     from lmpipe.run.launch import launch_command as launch
 
     return launch(argv, commands=[name for name in COMMANDS if name != "launch"])
@@ -270,8 +272,10 @@ def run(name: str, argv: list[str], prog: str | None = None) -> int:
         print(f"usage: {prog or f'lmpipe {name}'} {command.usage}\n\n{inspect.getdoc(command.function)}\n\n{keys}")
         return 0
     except LmpipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code  # 2; 3 when a finished run failed to upload (lmpipe.run.hub.HubPushError)
+        if str(e):  # empty: said elsewhere (lmpipe launch names a rank that died, not each rank cut off from it)
+            with contextlib.suppress(OSError):  # stderr gone with the terminal (SIGHUP): the exit code still says it
+                print(f"error: {e}", file=sys.stderr)
+        return e.exit_code  # 2; 3: a full disk or a finished run that failed to upload; 4: a lost rank; 128 + N
 
 
 def overview() -> str:

@@ -24,6 +24,11 @@ def not_found(path: str, what: str) -> LmpipeError:
     return LmpipeError(f"{path}: {what} not found{where_relative(path)}")
 
 
-def not_a_directory_hint(name: str) -> str:
-    """Appended when a model or tokenizer failed to load: a Hub id and a relative directory look alike."""
-    return "" if Path(name).exists() else f"; no such local directory{where_relative(name)}"
+def cannot_load(name: str, what: str, error: Exception) -> LmpipeError:
+    """`NAME: cannot load WHAT (the loader's first line)`; when NAME is no local path, the line leads with that:
+    a Hub id and a relative directory look alike, and the Hub's message about repository ids would hide a
+    mistyped or missing directory."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if Path(name).exists():
+        return LmpipeError(f"{name}: cannot load {what} ({reason})")
+    return LmpipeError(f"{name}: no such local directory{where_relative(name)}; nor {what} on the Hub ({reason})")

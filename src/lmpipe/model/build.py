@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from lmpipe.config.arguments import ModelArguments
-from lmpipe.errors import LmpipeError, not_a_directory_hint
+from lmpipe.errors import LmpipeError, cannot_load
 from lmpipe.model.checks import check_finite_weights, check_model_files, check_vocab
 
 logger = logging.getLogger(__name__)
@@ -69,8 +69,7 @@ def model_positions(args: ModelArguments) -> int:
     try:
         config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
-        name, first_line = args.model_name_or_path, str(e).strip().splitlines()[0]
-        raise LmpipeError(f"{name}: cannot load a model config ({first_line}){not_a_directory_hint(name)}") from None
+        raise cannot_load(args.model_name_or_path, "a model config", e) from None
     return config.n_positions
 
 
@@ -94,9 +93,6 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, attn_imp
             attn_implementation=attn_implementation,
         )
     except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or corrupted file
-        first_line = str(e).strip().splitlines()[0]
-        raise LmpipeError(
-            f"{name_or_path}: cannot load a safetensors model ({first_line}){not_a_directory_hint(name_or_path)}"
-        ) from None
+        raise cannot_load(name_or_path, "a safetensors model", e) from None
     check_finite_weights(model, name_or_path)
     return model

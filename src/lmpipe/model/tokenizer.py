@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 from lmpipe.config.arguments import TokenizerArguments
-from lmpipe.errors import LmpipeError, not_a_directory_hint, not_found
+from lmpipe.errors import LmpipeError, cannot_load, not_found
 from lmpipe.model.checks import check_model_files, check_tokenizer_vocabulary
 
 EOS_TOKEN = "<|endoftext|>"
@@ -118,8 +118,7 @@ def load_tokenizer(
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
-            first_line = str(e).strip().splitlines()[0]
-            raise LmpipeError(f"{name}: cannot load a tokenizer ({first_line}){not_a_directory_hint(name)}") from None
+            raise cannot_load(name, "a tokenizer", e) from None
         check_tokenizer_vocabulary(tokenizer, name)
     else:
         raise LmpipeError(

@@ -1,10 +1,12 @@
-"""Multi-process runs: refuse launches that would train independent copies, and give every rank rank 0's result."""
+"""Multi-process runs: refuse launches that would train independent copies, give every rank rank 0's result, and
+turn a rank cut off from another into one line."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
@@ -12,6 +14,7 @@ from accelerate.utils import broadcast_object_list
 from transformers import TrainingArguments
 
 from lmpipe.errors import LmpipeError
+from lmpipe.run.launch import LAUNCHER_NAMES_THE_LOST_RANK, LOST_RANK_EXIT_CODE
 
 Result = TypeVar("Result")
 logger = logging.getLogger(__name__)
@@ -74,3 +77,40 @@ def on_main_process(training: TrainingArguments, compute: Callable[..., Result],
     if isinstance(payload[0], LmpipeError):
         raise payload[0]
     return payload[0]
+
+
+class RankLost(LmpipeError):
+    """This rank lost its connection to another (which died, or the network failed); its message is empty when
+    `lmpipe launch` names the rank that died (LAUNCHER_NAMES_THE_LOST_RANK), so the line is printed once."""
+
+    exit_code = LOST_RANK_EXIT_CODE
+
+
+def lost_connection(error: BaseException) -> str | None:
+    """The transport's reason when `error` says a collective lost its peer, else None. NCCL and the stores raise
+    torch's DistError; gloo raises a plain RuntimeError from its transport (`.../gloo/transport/tcp/pair.cc:537]
+    Read error [127.0.0.1]:43747: Connection reset by peer. This is typically caused by ...`)."""
+    text = str(error).strip()
+    if not (isinstance(error, torch.distributed.DistError) or "gloo/transport" in text):
+        return None
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first.split("] ", 1)[-1].split(". ", 1)[0]
+
+
+@contextlib.contextmanager
+def a_lost_rank_is_one_line(training: TrainingArguments) -> Iterator[None]:
+    """A rank whose peer died (SIGKILL, out of memory, a lost node) fails inside whatever collective it was in,
+    with a long traceback from the transport; instead it stops with one line, or none under `lmpipe launch`."""
+    try:
+        yield
+    except RuntimeError as error:
+        reason = lost_connection(error) if training.world_size > 1 else None
+        if reason is None:
+            raise
+        if os.environ.get(LAUNCHER_NAMES_THE_LOST_RANK) == "1":
+            raise RankLost("") from None
+        raise RankLost(
+            f"rank {training.process_index} of {training.world_size} lost its connection to another rank ({reason}),"
+            " which died or was stopped: its launcher's log names it; rerun the same command to resume from the"
+            " newest complete checkpoint"
+        ) from None

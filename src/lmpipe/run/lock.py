@@ -58,7 +58,14 @@ class OutputDirLock:
 
     def _acquire(self) -> int:
         while True:  # the file we locked must still be the one at the path (a holder unlinks it on release)
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            except IsADirectoryError:
+                raise LmpipeError(
+                    f"{self.lock_file}: is a directory, where lmpipe keeps its lock file: remove it, then rerun"
+                ) from None
+            except OSError as e:
+                raise LmpipeError(f"{self.lock_file}: cannot open the lock file ({e.strerror})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:

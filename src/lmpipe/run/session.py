@@ -31,7 +31,7 @@ from lmpipe.config.rules import check_optimizer, check_training_length, check_va
 from lmpipe.errors import LmpipeError
 from lmpipe.run.checkpoints import checkpoint_problem, newest_complete_checkpoint, saved_model_problem
 from lmpipe.run.disk_full import full_disk_is_one_line
-from lmpipe.run.distributed import check_launch, restore_cpu_threads
+from lmpipe.run.distributed import a_lost_rank_is_one_line, check_launch, restore_cpu_threads
 from lmpipe.run.files import METRICS_NAME, RESOLVED_RECIPE_NAME
 from lmpipe.run.hub import HubTarget, check_hub_push
 from lmpipe.run.identity import checkpoint_world_size, identity_changes
@@ -49,7 +49,7 @@ def run_session(
     checked = check_run(recipe, check)
     restore_cpu_threads(recipe.training)
     hub = check_hub_push(recipe.training)  # before any data is loaded; None unless this process pushes
-    with hold_output_dir(recipe.training):
+    with a_lost_rank_is_one_line(recipe.training), hold_output_dir(recipe.training):
         check_output_dir(recipe, recipe.training)
         return finished_run(recipe, recipe.training) or train(checked, hub)
 

@@ -17,7 +17,7 @@ from lmpipe.run.checkpoints import TRAINER_STATE
 from lmpipe.run.files import METRICS_NAME, PLOT_NAME, model_files, write_resolved_recipe, write_text_atomically
 from lmpipe.run.identity import record_identity
 from lmpipe.run.manifest import write_manifest
-from lmpipe.run.signals import restore_signal_handlers
+from lmpipe.run.signals import stops_the_final_evaluation
 from lmpipe.training.callbacks import TrainingAlreadyDone, logged_loss_at
 from lmpipe.training.plot import plot_history
 from lmpipe.training.trainer import ExactEvalTrainer
@@ -31,6 +31,15 @@ def final_evaluation(trainer: ExactEvalTrainer) -> dict[str, Any] | None:
     if evaluations and evaluations[-1]["step"] == trainer.state.global_step:
         return evaluations[-1]
     return trainer.evaluate() if trainer.args.final_evaluation else None
+
+
+def save_last_step(trainer: ExactEvalTrainer) -> None:
+    """`checkpoint-N` of the last step when the save strategy wrote none (`no`, `best`): the final evaluation was
+    stopped, and the rerun resumes there and evaluates instead of training again. `_save_checkpoint` is the
+    Trainer's own save of a complete checkpoint (every rank's RNG state included); it has no public name."""
+    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+    if not (checkpoint / TRAINER_STATE).is_file():  # the Trainer writes it last
+        trainer._save_checkpoint(trainer.model, trial=None)
 
 
 def tokens_seen_at(checkpoint: str | None) -> int:
@@ -50,15 +59,15 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe, resume_from: s
         record_identity(recipe, output_dir, resume_from)  # before recipe.yaml: it records what changed since
         write_resolved_recipe(recipe, output_dir)
     tokens_before = tokens_seen_at(resume_from)  # read now: save_total_limit may delete that checkpoint
-    try:
-        train_output = trainer.train(resume_from_checkpoint=resume_from)
-        runtime, session_loss = train_output.metrics["train_runtime"], train_output.training_loss
-    except TrainingAlreadyDone:  # resumed from the last step: evaluate and save what it holds
-        runtime, session_loss = 0.0, None
-    finally:
-        restore_signal_handlers(trainer.callback_handler.callbacks)
-    evaluation = final_evaluation(trainer)
-    trainer.save_model(output_dir)
+    with stops_the_final_evaluation(trainer.callback_handler.callbacks, lambda: save_last_step(trainer)) as trained:
+        try:
+            train_output = trainer.train(resume_from_checkpoint=resume_from)
+            runtime, session_loss = train_output.metrics["train_runtime"], train_output.training_loss
+        except TrainingAlreadyDone:  # resumed from the last step: evaluate and save what it holds
+            runtime, session_loss = 0.0, None
+        trained()
+        evaluation = final_evaluation(trainer)
+        trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
         step, loss = trainer.state.global_step, logged_loss_at(trainer.state)
         write_manifest(output_dir, sorted(model_files(Path(output_dir))), step, loss)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lmpipe.config.rules import check_values
-from lmpipe.errors import LmpipeError
+from lmpipe.errors import LmpipeError, cannot_load
 from lmpipe.model.checks import check_model_files
 from lmpipe.model.finite import non_finite_metrics
 from lmpipe.run.checkpoints import verified_model_dir
@@ -60,8 +60,7 @@ def evaluate_file(args: EvaluateArguments) -> dict[str, float | int]:
     try:
         config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0]
-        raise LmpipeError(f"{model}: cannot load a model config ({reason})") from None
+        raise cannot_load(model, "a model config", e) from None
     block_size, stride = window_sizes(args.block_size, args.stride, config.n_positions)
     zero_shot = ZeroShotArguments(
         model_name_or_path=model, task="perplexity", data=args.validation_file,
