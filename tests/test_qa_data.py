@@ -109,6 +109,10 @@ BAD_ROWS = {
     "null answer": (["hi", "hey"], ["yo", None], "qa.jsonl row 2: answer is missing"),
     "null in list": (["hi", "hey"], [["yo"], ["no", None]], "qa.jsonl row 2: answer 2 is NoneType, not text"),
     "null question": ([None, "hey"], ["yo", "no"], "qa.jsonl row 1: column 'question' is NoneType, not text"),
+    # the rule for empty content: an empty or whitespace-only question is refused like an empty answer
+    "empty question": (["hi", ""], ["yo", "no"], "qa.jsonl row 2: column 'question' is empty"),
+    "blank question": (["hi", " \n\t"], ["yo", "no"], "qa.jsonl row 2: column 'question' is empty"),
+    "empty second answer": (["hi", "hey"], [["yo"], ["no", ""]], "qa.jsonl row 2: answer 2 is empty"),
 }
 
 
@@ -119,10 +123,14 @@ def test_bad_row_is_named(name, tiny_tokenizer):
         encode(tiny_tokenizer, questions, answers)
 
 
-def test_empty_prompt_is_named(tiny_tokenizer):
+def test_empty_question_or_context_is_named_even_when_the_template_adds_text(tiny_tokenizer):
+    """'Question: \nAnswer:' is a prompt, but its question is empty: refused, not learned as an answer to nothing."""
     split = Dataset.from_dict({"question": ["hi", ""], "answer": ["yo", "no"]})
-    with pytest.raises(LmpipeError, match="^qa.jsonl row 2: the prompt is empty"):
-        tokenize_qa(split, tiny_tokenizer, QAArguments(), "{question}", "qa.jsonl")
+    with pytest.raises(LmpipeError, match="^qa.jsonl row 2: column 'question' is empty$"):
+        tokenize_qa(split, tiny_tokenizer, QAArguments(), "Question: {question}\nAnswer:", "qa.jsonl")
+    split = Dataset.from_dict({"question": ["hi", "hey"], "passage": ["text", "  "], "answer": ["yo", "no"]})
+    with pytest.raises(LmpipeError, match="^qa.jsonl row 2: column 'passage' is empty$"):
+        tokenize_qa(split, tiny_tokenizer, QAArguments(context_column="passage"), "{context} {question}", "qa.jsonl")
 
 
 def test_missing_or_non_text_columns_are_named():

@@ -120,7 +120,8 @@ def check_messages_column(corpus: DatasetDict, column: str, source: str) -> None
 
 
 def check_conversation(value, column: str, row: str, fmt: ChatFormat) -> list[tuple[str, str]]:
-    """(role, content) of each turn; any malformed turn is one error naming the row and turn."""
+    """(role, content) of each turn; any malformed or empty (whitespace-only) turn is one error naming the row and
+    turn."""
     if not isinstance(value, list):
         raise LmpipeError(f"{row}: column '{column}' is {type(value).__name__}, not a list of turns")
     if not value:
@@ -136,6 +137,8 @@ def check_conversation(value, column: str, row: str, fmt: ChatFormat) -> list[tu
             raise LmpipeError(f"{row}: turn {number}: the chat template cannot render a lone {role} turn")
         if not isinstance(content, str):
             raise LmpipeError(f"{row}: turn {number} ({role}) content is {type(content).__name__}, not text")
+        if not content.strip():  # the rule for empty content, as for QA: an empty answer would teach a bare EOS
+            raise LmpipeError(f"{row}: turn {number} ({role}) content is empty")
         turns.append((role, content))
     if not any(role == "assistant" for role, _ in turns):
         raise LmpipeError(f"{row}: no assistant turn (nothing to learn)")

@@ -64,8 +64,11 @@ def accepted_answers(value, row: str) -> list[str]:
 
 
 def _text(value, column: str, row: str) -> str:
+    """A question or context: text with something besides whitespace (an empty one is refused, like an answer)."""
     if not isinstance(value, str):
         raise LmpipeError(f"{row}: column '{column}' is {type(value).__name__}, not text")
+    if not value.strip():
+        raise LmpipeError(f"{row}: column '{column}' is empty")
     return value
 
 
@@ -89,7 +92,8 @@ def tokenize_qa(
 
     Also keeps `prompt` (the text the model saw), `question` and `answers` (all accepted) for evaluation.
     A prompt too long for `max_length` loses tokens from its left; an answer that leaves no room for one prompt
-    token is dropped. Bad rows raise an error naming the row (1-based, the N-th record of the file).
+    token is dropped. Bad rows raise an error naming the row (1-based, the N-th record of the file); an empty or
+    whitespace-only question, context or answer is a bad row (the rule for empty content, docs/finetuning.md).
     """
     eos = tokenizer.eos_token_id
 
@@ -109,8 +113,6 @@ def tokenize_qa(
         for row, prompt, prompt_tokens, answer_tokens, question, accepted in zip(
             rows, prompts, prompt_ids, answer_ids, questions, answers
         ):
-            if not prompt_tokens:
-                raise LmpipeError(f"{row}: the prompt is empty (nothing to answer after)")
             target = answer_tokens + [eos]
             room = qa.max_length - len(target)
             if room < 1:
