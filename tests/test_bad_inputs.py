@@ -79,7 +79,8 @@ def root(tmp_path_factory, gpt2_tokenizer):
 
 QA = ["finetune-qa", "--model_name_or_path", "{root}/gpt2-tiny", "--max_length", "32"]
 PRETRAIN = ["pretrain"]  # the default recipe: every error below comes before its corpus is tokenised
-SMALL = ["pretrain", "--train_file", "{root}/corpus.txt", "--block_size", "32", "--tokenizer_vocab_size", "300"]
+SMALL_GIVEN_TOKENIZER = ["pretrain", "--train_file", "{root}/corpus.txt", "--block_size", "32"]
+SMALL = [*SMALL_GIVEN_TOKENIZER, "--tokenizer_vocab_size", "300"]
 
 # name: (command line, text the last stderr line must contain: it names the file, row, key or flag)
 # A column of mixed types: datasets with the `Json` feature (2026) reads it, and lmpipe refuses the column; older
@@ -141,18 +142,19 @@ BAD_INPUTS = {
         [*PRETRAIN, "--vocab_file", "{root}/empty.txt", "--merges_file", "{root}/empty.txt"],
         "train_tokenizer: true and vocab_file / merges_file both choose the tokenizer"),
     "everything held out": ([*PRETRAIN, "--validation_split_percentage", "100"], "validation_split_percentage"),
-    "vocab file without merges": ([*SMALL, "--train_tokenizer", "false", "--vocab_file", "{root}/empty.txt"],
-                                  "vocab_file and merges_file go together"),
+    "vocab file without merges": (
+        [*SMALL_GIVEN_TOKENIZER, "--train_tokenizer", "false", "--vocab_file", "{root}/empty.txt"],
+        "vocab_file and merges_file go together"),
     # models, checkpoints, output directories
     "tokenizer larger than the embeddings": (
-        [*SMALL, "--model_name_or_path", "{root}/gpt2-64-rows", "--tokenizer_name_or_path", "{root}/gpt2-tiny",
+        [*SMALL_GIVEN_TOKENIZER, "--model_name_or_path", "{root}/gpt2-64-rows", "--tokenizer_name_or_path", "{root}/gpt2-tiny",
          "--train_tokenizer", "false"],
         "gpt2-64-rows: tokenizer has 50257 tokens but the model has 64 embedding rows"),
     "model with a torn safetensors file": (
-        [*SMALL, "--model_name_or_path", "{root}/gpt2-torn", "--train_tokenizer", "false"],
+        [*SMALL_GIVEN_TOKENIZER, "--model_name_or_path", "{root}/gpt2-torn", "--train_tokenizer", "false"],
         "gpt2-torn: cannot load a safetensors model"),
     "model shipped only as a pickle": (
-        [*SMALL, "--model_name_or_path", "{root}/gpt2-pickle", "--train_tokenizer", "false"],
+        [*SMALL_GIVEN_TOKENIZER, "--model_name_or_path", "{root}/gpt2-pickle", "--train_tokenizer", "false"],
         "gpt2-pickle: not a whole model directory, missing weights (*.safetensors; pytorch_model.bin is a pickle"
         " and is never loaded)"),
     "checkpoint with a corrupted safetensors file": (

@@ -187,7 +187,7 @@ BAD_RUNS = {
     "bad row": (["--train_file", "{root}/bad.jsonl"], "bad.jsonl row 2: turn 2 has role 'bot'; roles are system"),
     "too many dropped": (["--max_length", "40"], "chats.jsonl: 40 of 40 conversations (100.0%) have no learned token"),
     "mixture and train_file": (["--datasets", '{{"path": "{root}/chats.jsonl", "weight": 2}}'],
-                               "datasets: lists the sources; remove train_file"),
+                               "--train_file is not used by this run: datasets lists the sources"),
     "bad share": (["--max_dropped_share", "1.5"], "max_dropped_share must be in [0, 1], got 1.5"),
 }
 
