@@ -147,8 +147,8 @@ BAD_INPUTS = {
         "vocab_file and merges_file go together"),
     # models, checkpoints, output directories
     "tokenizer larger than the embeddings": (
-        [*SMALL_GIVEN_TOKENIZER, "--model_name_or_path", "{root}/gpt2-64-rows", "--tokenizer_name_or_path", "{root}/gpt2-tiny",
-         "--train_tokenizer", "false"],
+        [*SMALL_GIVEN_TOKENIZER, "--model_name_or_path", "{root}/gpt2-64-rows", "--tokenizer_name_or_path",
+         "{root}/gpt2-tiny", "--train_tokenizer", "false"],
         "gpt2-64-rows: tokenizer has 50257 tokens but the model has 64 embedding rows"),
     "model with a torn safetensors file": (
         [*SMALL_GIVEN_TOKENIZER, "--model_name_or_path", "{root}/gpt2-torn", "--train_tokenizer", "false"],

@@ -110,8 +110,8 @@ def tokenize_qa(
         prompt_ids = plain_text_ids(tokenizer, prompts)  # a quoted <|endoftext|> stays text
         answer_ids = plain_text_ids(tokenizer, [qa.answer_prefix + a[0] for a in answers])
         out = {"input_ids": [], "labels": [], "prompt": [], "question": [], "answers": [], "truncated": []}
-        for row, prompt, prompt_tokens, answer_tokens, question, accepted in zip(
-            rows, prompts, prompt_ids, answer_ids, questions, answers
+        for prompt, prompt_tokens, answer_tokens, question, accepted in zip(
+            prompts, prompt_ids, answer_ids, questions, answers
         ):
             target = answer_tokens + [eos]
             room = qa.max_length - len(target)
