@@ -57,6 +57,7 @@ def root(tmp_path_factory, gpt2_tokenizer):
     (root / "notes.docx").write_text("not a corpus format")
     (root / "rows.jsonl").write_text('{"body": "hello"}\n{"body": "world"}\n')
     (root / "numbers.jsonl").write_text('{"text": 1}\n{"text": 2}\n')
+    (root / "mixed_text.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n{"text": 12345}\n{"text": "four"}\n')
     (root / "broken.jsonl").write_text('{"text": "fine"}\n{"text": "no closing quote}\n{"text": "fine"}\n')
     qa = {
         "no_question.jsonl": [{"query": "q", "answer": ["a"]}],
@@ -83,11 +84,15 @@ SMALL_GIVEN_TOKENIZER = ["pretrain", "--train_file", "{root}/corpus.txt", "--blo
 SMALL = [*SMALL_GIVEN_TOKENIZER, "--tokenizer_vocab_size", "300"]
 
 # name: (command line, text the last stderr line must contain: it names the file, row, key or flag)
-# A column of mixed types: datasets with the `Json` feature (2026) reads it, and lmpipe refuses the column; older
+# A column of mixed types: datasets with the `Json` feature (2026) reads it and lmpipe names the row; older
 # releases (the lower bound, 4.0) fail to read the file. Either way one line naming the file.
 MIXED_ANSWERS = (
-    "int_answer.jsonl (train): column 'answer' holds List(Json" if hasattr(datasets, "Json")
+    "int_answer.jsonl row 2: answer 1 is int, not text" if hasattr(datasets, "Json")
     else "int_answer.jsonl: cannot parse as json"
+)
+MIXED_TEXT = (
+    "mixed_text.jsonl row 3: column 'text' holds int, not text" if hasattr(datasets, "Json")
+    else "mixed_text.jsonl: cannot parse as json"
 )
 BAD_INPUTS = {
     # recipes
@@ -111,6 +116,7 @@ BAD_INPUTS = {
                             "rows.jsonl (train): no column 'text'; columns are body"),
     "text column of numbers": ([*PRETRAIN, "--train_file", "{root}/numbers.jsonl"],
                                "numbers.jsonl (train): column 'text' holds int64 values, not text"),
+    "text column of mixed types": ([*PRETRAIN, "--train_file", "{root}/mixed_text.jsonl"], MIXED_TEXT),
     "corpus shorter than a block": ([*PRETRAIN, "--train_file", "{root}/short.txt"], "fewer than one block"),
     "validation file alone": ([*PRETRAIN, "--validation_file", "{root}/short.txt"],
                               "validation_file needs a train_file"),

@@ -78,7 +78,8 @@ def test_answer_only_eval_loss_and_saved_template(root):
     assert metrics["eval_tokens"] == sum(counts)
     assert metrics["eval_loss"] == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
     assert metrics["eval_loss"] < metrics["initial_eval_loss"]
-    assert metrics["examples"] == {"train": {"kept": CONVERSATIONS, "truncated": 0, "dropped": 0}}
+    assert metrics["examples"] == {"train": {"kept": CONVERSATIONS - HELD_OUT, "truncated": 0, "dropped": 0},
+                                   "validation": {"kept": HELD_OUT, "truncated": 0, "dropped": 0}}
     assert "exact_match" not in metrics and not (output / "predictions.jsonl").exists()
     assert AutoTokenizer.from_pretrained(output).chat_template == DEFAULT_CHAT_TEMPLATE
 

@@ -1,16 +1,19 @@
 """QA rows: prompt/answer masking checked id by id in both batching modes, truncation, bad rows, packed attention."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 from lmpipe.config.arguments import QAArguments
 from lmpipe.data.collate import padded_collator, padding_free_collator, real_token_fraction
 from lmpipe.data.qa import TRAINING_COLUMNS, check_qa_columns, prompt_template, tokenize_qa
+from lmpipe.data.sources import load_corpus
 from lmpipe.errors import LmpipeError
+from lmpipe.finetune import prepare_qa_data
 from lmpipe.model.tokenizer import gpt2_tokenizer_from_files
 
 # A byte-level BPE with no merges: every character is one token, so every id below is known by hand.
@@ -219,3 +222,30 @@ def test_answer_only_loss_equals_a_manual_gather_in_both_modes(three_rows, tiny_
         packed = model(**padding_free_collator()(rows)).loss.item()
     assert padded == pytest.approx(manual, rel=1e-5)
     assert packed == pytest.approx(manual, rel=1e-5)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_answers_as_text_in_some_rows_and_lists_in_others_are_read_from_a_file(tiny_tokenizer, tmp_path):
+    """datasets reads such a column as `Json`: each row is checked as text or a list of text, not the column."""
+    rows = [{"question": "hi", "answer": "yo"}, {"question": "hey", "answer": ["no", "yo"]}]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    corpus = load_corpus(None, train_file=path).flatten()
+    check_qa_columns(corpus, QAArguments(), path)
+    encoded, _ = tokenize_qa(corpus["train"], tiny_tokenizer, QAArguments(), TEMPLATE, path)
+    assert encoded["answers"] == [["yo"], ["no", "yo"]] and encoded["labels"][1] == [X] * len(PROMPT_2) + ANSWER_2
+
+
+def test_kept_truncated_and_dropped_are_counted_per_split(tiny_tokenizer, tmp_path):
+    """20 rows, the 3rd and the last too long for max_length: 18 kept, the last kept one held out for validation;
+    each split counts the dropped rows of its own part of the file."""
+    rows = [{"question": "hi", "answer": "yoyo" if i in (2, 19) else "yo"} for i in range(20)]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    qa = QAArguments(train_file=path, max_length=6, validation_split_percentage=10)
+    data = prepare_qa_data(qa, tiny_tokenizer, TrainingArguments(output_dir=str(tmp_path), use_cpu=True), "{question}")
+    assert {name: dataclasses.astuple(counts) for name, counts in data.counts.items()} == {
+        "train": (17, 0, 1), "validation": (1, 0, 1)}
+    assert (len(data.train), len(data.validation)) == (17, 1) and data.validation["row"] == [18]

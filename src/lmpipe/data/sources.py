@@ -138,8 +138,24 @@ def _is_text(feature) -> bool:
     return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
 
 
-def check_text_column(corpus: DatasetDict, column: str, source: str, lists_too: bool = False) -> None:
-    """The column exists in every split and holds text (or, with `lists_too`, lists of text)."""
+def _is_mixed(feature) -> bool:
+    """datasets (5.x) reads a JSON column whose rows hold different types (text here, a number or list there) as
+    `Json`, decoded row by row; older releases fail to read the file instead."""
+    return type(feature).__name__ == "Json"
+
+
+def check_text_column(
+    corpus: DatasetDict,
+    column: str,
+    source: str,
+    lists_too: bool = False,
+    sources: dict[str, str] | None = None,
+    mixed_ok: bool = False,
+) -> None:
+    """The column exists in every split and holds text (or, with `lists_too`, lists of text).
+
+    A column of mixed types is named by its first row that is not text (from 1, the split's own file as
+    `sources` names it), or with `mixed_ok` left to a caller that checks every row (QA tokenisation)."""
     for name, split in corpus.items():
         if column not in split.column_names:
             raise LmpipeError(
@@ -148,6 +164,12 @@ def check_text_column(corpus: DatasetDict, column: str, source: str, lists_too: 
         feature = split.features[column]
         if _is_text(feature) or (lists_too and _is_text(getattr(feature, "feature", None))):
             continue
+        if mixed_ok and (_is_mixed(feature) or (lists_too and _is_mixed(getattr(feature, "feature", None)))):
+            continue
+        if _is_mixed(feature):
+            number, value = next((i, v) for i, v in enumerate(split[column], start=1) if not isinstance(v, str))
+            where = (sources or {}).get(name, source)
+            raise LmpipeError(f"{where} row {number}: column '{column}' holds {type(value).__name__}, not text")
         kind = getattr(feature, "dtype", None) or feature
         expected = "text or lists of text" if lists_too else "text"
         raise LmpipeError(f"{source} ({name}): column '{column}' holds {kind} values, not {expected}")
