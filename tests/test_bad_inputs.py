@@ -84,14 +84,14 @@ SMALL_GIVEN_TOKENIZER = ["pretrain", "--train_file", "{root}/corpus.txt", "--blo
 SMALL = [*SMALL_GIVEN_TOKENIZER, "--tokenizer_vocab_size", "300"]
 
 # name: (command line, text the last stderr line must contain: it names the file, row, key or flag)
-# A column of mixed types: datasets with the `Json` feature (2026) reads it and lmpipe names the row; older
-# releases (the lower bound, 4.0) fail to read the file. Either way one line naming the file.
+# A column of mixed types: datasets with the `Json` feature (2026) reads it and lmpipe names the row from the file;
+# older releases (the lower bound, 4.0) fail to read the file. Either way one line naming the file.
 MIXED_ANSWERS = (
-    "int_answer.jsonl row 2: answer 1 is int, not text" if hasattr(datasets, "Json")
+    "int_answer.jsonl row 2: column 'answer' item 1 holds a number where row 1 holds text" if hasattr(datasets, "Json")
     else "int_answer.jsonl: cannot parse as json"
 )
 MIXED_TEXT = (
-    "mixed_text.jsonl row 3: column 'text' holds int, not text" if hasattr(datasets, "Json")
+    "mixed_text.jsonl row 3: column 'text' holds a number where row 1 holds text" if hasattr(datasets, "Json")
     else "mixed_text.jsonl: cannot parse as json"
 )
 BAD_INPUTS = {

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -229,14 +230,24 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def test_answers_as_text_in_some_rows_and_lists_in_others_are_read_from_a_file(tiny_tokenizer, tmp_path):
-    """datasets reads such a column as `Json`: each row is checked as text or a list of text, not the column."""
-    rows = [{"question": "hi", "answer": "yo"}, {"question": "hey", "answer": ["no", "yo"]}]
+# name: (rows of a JSON Lines file, the error after its path). datasets reads a column of mixed types as `Json`,
+# whose values are not the file's (the text "0" comes back as the number 0): the rows are read from the file.
+MIXED = {
+    "answers as text, then a list": ([{"answer": "0"}, {"answer": "yo"}, {"answer": ["no", "yo"]}],
+                                     "row 3: column 'answer' holds a list where row 1 holds text"),
+    "content parts in one turn": (
+        [{"messages": [{"role": "user", "content": "0"}]},
+         {"messages": [{"role": "user", "content": [{"text": "hi"}]}]}],
+        "row 2: column 'messages' item 1 'content' holds a list where row 1 holds text"),
+}
+
+
+@pytest.mark.parametrize("name", MIXED)
+def test_a_column_of_mixed_types_is_named_by_its_first_row_of_another_type(name, tmp_path):
+    rows, message = MIXED[name]
     path = write_jsonl(tmp_path / "qa.jsonl", rows)
-    corpus = load_corpus(None, train_file=path).flatten()
-    check_qa_columns(corpus, QAArguments(), path)
-    encoded, _ = tokenize_qa(corpus["train"], tiny_tokenizer, QAArguments(), TEMPLATE, path)
-    assert encoded["answers"] == [["yo"], ["no", "yo"]] and encoded["labels"][1] == [X] * len(PROMPT_2) + ANSWER_2
+    with pytest.raises(LmpipeError, match=f"^{re.escape(path)} {re.escape(message)}"):
+        load_corpus(None, train_file=path)
 
 
 def test_kept_truncated_and_dropped_are_counted_per_split(tiny_tokenizer, tmp_path):

@@ -71,10 +71,9 @@ def prepare_corpus(
         )
     if data.max_train_documents:
         corpus["train"] = corpus["train"].select(range(min(data.max_train_documents, len(corpus["train"]))))
-    files = {"train": source, "validation": data.validation_file or source}
-    check_no_null_text(corpus, data.text_column, files)
-    check_text_column(corpus, data.text_column, source, sources=files)  # before the split: rows are the files'
+    check_no_null_text(corpus, data.text_column, {"train": source, "validation": data.validation_file or source})
     corpus = split_validation(corpus, data.validation_split_percentage, source)
+    check_text_column(corpus, data.text_column, source)
     texts = corpus["train"][data.text_column] if tokenizer_args.train_tokenizer else None
     tokenizer = on_main_process(
         training, load_tokenizer, tokenizer_args, model.model_name_or_path, texts, model.trust_remote_code

@@ -46,11 +46,10 @@ def prompt_template(qa: QAArguments) -> str:
 
 
 def check_qa_columns(corpus: DatasetDict, qa: QAArguments, source: str) -> None:
-    """Question (and context) columns hold text; the answer column holds text or lists of text. A column of mixed
-    types (answers as text in some rows, lists in others) passes here: `tokenize_qa` checks and names every row."""
+    """Question (and context) columns hold text; the answer column holds text or lists of text."""
     for column in filter(None, (qa.question_column, qa.context_column)):
-        check_text_column(corpus, column, source, mixed_ok=True)
-    check_text_column(corpus, qa.answer_column, source, lists_too=True, mixed_ok=True)
+        check_text_column(corpus, column, source)
+    check_text_column(corpus, qa.answer_column, source, lists_too=True)
 
 
 def accepted_answers(value, row: str) -> list[str]:
