@@ -5,8 +5,8 @@ checkpoint present, ...), so the classification is mechanical:
 
 - WRONG: the outcome is not the expected one (wrong exit code, missing line, no checkpoint, training continued on
   what it should have refused, ...);
-- NOISY: the expected outcome, but a traceback or more than one line of error output on stderr (progress bars
-  and the Trainer's own log lines are not error output);
+- NOISY: the expected outcome, but a traceback or more than one line of error output on stderr (progress bars,
+  the Trainer's log lines, library warnings and lmpipe's "SIGTERM: saving ..." notice are not error output);
 - CLEAN: otherwise.
 
 One tiny pretraining run (4 steps, checkpoints at 2 and 4) is trained once and copied by the cases that resume or
@@ -45,8 +45,11 @@ LAUNCH = {1: ["launch", "--num_processes", "1"],
           2: ["launch", "--config_file", str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml")]}
 FINETUNE = ["--max_length", "32", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
             "--max_steps", "1", "--eval_strategy", "no"]
-# stderr lines that are not error output: progress bars, the Trainer's log dicts, lmpipe's own result lines
-NOT_ERROR_OUTPUT = re.compile(r"it/s\]|examples/s\]|%\||^\{'|^\s*$")
+# stderr lines that are not error output: progress bars, the Trainer's log dicts, library warnings (transformers',
+# torch's `W1205 ...`, DDP's `[rank0]:[W...`) and lmpipe's notice that a signal arrived (`SIGTERM: saving ...`)
+NOT_ERROR_OUTPUT = re.compile(
+    r"it/s\]|examples/s\]|%\||^\{'|^\s*$|^\[transformers\] |^[WI]\d{4} |^\[rank\d+\]:\[W|^SIG[A-Z0-9]+: "
+)
 TIMEOUT_S = 300
 
 
@@ -81,7 +84,12 @@ def lmpipe(args: list[str], cwd: Path, timeout: float = TIMEOUT_S) -> Outcome:
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         return Outcome(None, e.stdout or "", e.stderr or "", f"no exit within {timeout:.0f} s")
-    return Outcome(done.returncode, done.stdout, done.stderr)
+    return Outcome(shell_code(done.returncode), done.stdout, done.stderr)
+
+
+def shell_code(returncode: int) -> int:
+    """The exit code a shell shows: 128 + N for a process killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -212,7 +220,8 @@ class Launched:
                 os.kill(pid, signal.SIGKILL)
         self.process.wait()
         self.out.seek(0), self.err.seek(0)
-        outcome = Outcome(rc, self.out.read(), self.err.read(), None if rc is not None else "no exit in time")
+        code = None if rc is None else shell_code(rc)
+        outcome = Outcome(code, self.out.read(), self.err.read(), None if rc is not None else "no exit in time")
         self.out.close(), self.err.close()
         return outcome
 
@@ -571,6 +580,7 @@ def main() -> None:
             tmp.mkdir()
             began = time.monotonic()
             out = case.run(tmp, root)
+            (tmp / "case.stdout").write_text(out.stdout), (tmp / "case.stderr").write_text(out.stderr)
             lines = error_lines(out.stderr)
             case.result = {
                 "case": case.name, "issue": case.issue, "processes": case.processes, "expected": case.expected,
