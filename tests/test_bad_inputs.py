@@ -57,6 +57,7 @@ def root(tmp_path_factory, gpt2_tokenizer):
     (root / "notes.docx").write_text("not a corpus format")
     (root / "rows.jsonl").write_text('{"body": "hello"}\n{"body": "world"}\n')
     (root / "numbers.jsonl").write_text('{"text": 1}\n{"text": 2}\n')
+    (root / "mixed_text.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n{"text": 12345}\n{"text": "four"}\n')
     (root / "broken.jsonl").write_text('{"text": "fine"}\n{"text": "no closing quote}\n{"text": "fine"}\n')
     qa = {
         "no_question.jsonl": [{"query": "q", "answer": ["a"]}],
@@ -79,14 +80,19 @@ def root(tmp_path_factory, gpt2_tokenizer):
 
 QA = ["finetune-qa", "--model_name_or_path", "{root}/gpt2-tiny", "--max_length", "32"]
 PRETRAIN = ["pretrain"]  # the default recipe: every error below comes before its corpus is tokenised
-SMALL = ["pretrain", "--train_file", "{root}/corpus.txt", "--block_size", "32", "--tokenizer_vocab_size", "300"]
+SMALL_GIVEN_TOKENIZER = ["pretrain", "--train_file", "{root}/corpus.txt", "--block_size", "32"]
+SMALL = [*SMALL_GIVEN_TOKENIZER, "--tokenizer_vocab_size", "300"]
 
 # name: (command line, text the last stderr line must contain: it names the file, row, key or flag)
-# A column of mixed types: datasets with the `Json` feature (2026) reads it, and lmpipe refuses the column; older
-# releases (the lower bound, 4.0) fail to read the file. Either way one line naming the file.
+# A column of mixed types: datasets with the `Json` feature (2026) reads it and lmpipe names the row from the file;
+# older releases (the lower bound, 4.0) fail to read the file. Either way one line naming the file.
 MIXED_ANSWERS = (
-    "int_answer.jsonl (train): column 'answer' holds List(Json" if hasattr(datasets, "Json")
+    "int_answer.jsonl row 2: column 'answer' item 1 holds a number where row 1 holds text" if hasattr(datasets, "Json")
     else "int_answer.jsonl: cannot parse as json"
+)
+MIXED_TEXT = (
+    "mixed_text.jsonl row 3: column 'text' holds a number where row 1 holds text" if hasattr(datasets, "Json")
+    else "mixed_text.jsonl: cannot parse as json"
 )
 BAD_INPUTS = {
     # recipes
@@ -110,6 +116,7 @@ BAD_INPUTS = {
                             "rows.jsonl (train): no column 'text'; columns are body"),
     "text column of numbers": ([*PRETRAIN, "--train_file", "{root}/numbers.jsonl"],
                                "numbers.jsonl (train): column 'text' holds int64 values, not text"),
+    "text column of mixed types": ([*PRETRAIN, "--train_file", "{root}/mixed_text.jsonl"], MIXED_TEXT),
     "corpus shorter than a block": ([*PRETRAIN, "--train_file", "{root}/short.txt"], "fewer than one block"),
     "validation file alone": ([*PRETRAIN, "--validation_file", "{root}/short.txt"],
                               "validation_file needs a train_file"),
@@ -141,18 +148,19 @@ BAD_INPUTS = {
         [*PRETRAIN, "--vocab_file", "{root}/empty.txt", "--merges_file", "{root}/empty.txt"],
         "train_tokenizer: true and vocab_file / merges_file both choose the tokenizer"),
     "everything held out": ([*PRETRAIN, "--validation_split_percentage", "100"], "validation_split_percentage"),
-    "vocab file without merges": ([*SMALL, "--train_tokenizer", "false", "--vocab_file", "{root}/empty.txt"],
-                                  "vocab_file and merges_file go together"),
+    "vocab file without merges": (
+        [*SMALL_GIVEN_TOKENIZER, "--train_tokenizer", "false", "--vocab_file", "{root}/empty.txt"],
+        "vocab_file and merges_file go together"),
     # models, checkpoints, output directories
     "tokenizer larger than the embeddings": (
-        [*SMALL, "--model_name_or_path", "{root}/gpt2-64-rows", "--tokenizer_name_or_path", "{root}/gpt2-tiny",
-         "--train_tokenizer", "false"],
+        [*SMALL_GIVEN_TOKENIZER, "--model_name_or_path", "{root}/gpt2-64-rows", "--tokenizer_name_or_path",
+         "{root}/gpt2-tiny", "--train_tokenizer", "false"],
         "gpt2-64-rows: tokenizer has 50257 tokens but the model has 64 embedding rows"),
     "model with a torn safetensors file": (
-        [*SMALL, "--model_name_or_path", "{root}/gpt2-torn", "--train_tokenizer", "false"],
+        [*SMALL_GIVEN_TOKENIZER, "--model_name_or_path", "{root}/gpt2-torn", "--train_tokenizer", "false"],
         "gpt2-torn: cannot load a safetensors model"),
     "model shipped only as a pickle": (
-        [*SMALL, "--model_name_or_path", "{root}/gpt2-pickle", "--train_tokenizer", "false"],
+        [*SMALL_GIVEN_TOKENIZER, "--model_name_or_path", "{root}/gpt2-pickle", "--train_tokenizer", "false"],
         "gpt2-pickle: not a whole model directory, missing weights (*.safetensors; pytorch_model.bin is a pickle"
         " and is never loaded)"),
     "checkpoint with a corrupted safetensors file": (

@@ -105,6 +105,13 @@ BAD_ROWS = {
     "unknown role": ([{"role": "bot", "content": "x"}], "row 2: turn 1 has role 'bot'; roles are system, user"),
     "empty conversation": ([], "row 2: the conversation is empty"),
     "no assistant turn": ([{"role": "user", "content": "x"}], "row 2: no assistant turn"),
+    # the rule for empty content: any role, whitespace-only too (an empty assistant turn would teach a bare EOS)
+    "empty assistant turn": ([{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}],
+                             r"row 2: turn 2 \(assistant\) content is empty$"),
+    "blank user turn": ([{"role": "user", "content": " \n"}, {"role": "assistant", "content": "y"}],
+                        r"row 2: turn 1 \(user\) content is empty$"),
+    "empty system turn": ([{"role": "system", "content": ""}, {"role": "user", "content": "x"},
+                           {"role": "assistant", "content": "y"}], r"row 2: turn 1 \(system\) content is empty$"),
 }
 
 

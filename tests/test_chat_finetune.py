@@ -78,7 +78,8 @@ def test_answer_only_eval_loss_and_saved_template(root):
     assert metrics["eval_tokens"] == sum(counts)
     assert metrics["eval_loss"] == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
     assert metrics["eval_loss"] < metrics["initial_eval_loss"]
-    assert metrics["examples"] == {"train": {"kept": CONVERSATIONS, "truncated": 0, "dropped": 0}}
+    assert metrics["examples"] == {"train": {"kept": CONVERSATIONS - HELD_OUT, "truncated": 0, "dropped": 0},
+                                   "validation": {"kept": HELD_OUT, "truncated": 0, "dropped": 0}}
     assert "exact_match" not in metrics and not (output / "predictions.jsonl").exists()
     assert AutoTokenizer.from_pretrained(output).chat_template == DEFAULT_CHAT_TEMPLATE
 
@@ -187,7 +188,7 @@ BAD_RUNS = {
     "bad row": (["--train_file", "{root}/bad.jsonl"], "bad.jsonl row 2: turn 2 has role 'bot'; roles are system"),
     "too many dropped": (["--max_length", "40"], "chats.jsonl: 40 of 40 conversations (100.0%) have no learned token"),
     "mixture and train_file": (["--datasets", '{{"path": "{root}/chats.jsonl", "weight": 2}}'],
-                               "datasets: lists the sources; remove train_file"),
+                               "--train_file is not used by this run: datasets lists the sources"),
     "bad share": (["--max_dropped_share", "1.5"], "max_dropped_share must be in [0, 1], got 1.5"),
 }
 

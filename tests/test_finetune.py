@@ -208,7 +208,8 @@ def hand_answer_only_loss(model_dir, predictions) -> tuple[float, int]:
 
 def check_run(metrics, predictions):
     assert metrics["eval_loss"] < metrics["initial_eval_loss"]
-    assert metrics["examples"] == {"train": {"kept": EXAMPLES, "truncated": 0, "dropped": 0}}
+    assert metrics["examples"] == {"train": {"kept": EXAMPLES - HELD_OUT, "truncated": 0, "dropped": 0},
+                                   "validation": {"kept": HELD_OUT, "truncated": 0, "dropped": 0}}
     assert (metrics["train_examples"], metrics["validation_examples"], len(predictions)) == (270, 30, HELD_OUT)
     assert metrics["exact_match"] == pytest.approx(100 * sum(row["em"] for row in predictions) / HELD_OUT)
     assert metrics["f1"] == pytest.approx(100 * sum(row["f1"] for row in predictions) / HELD_OUT)

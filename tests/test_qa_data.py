@@ -1,16 +1,20 @@
 """QA rows: prompt/answer masking checked id by id in both batching modes, truncation, bad rows, packed attention."""
 
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 from lmpipe.config.arguments import QAArguments
 from lmpipe.data.collate import padded_collator, padding_free_collator, real_token_fraction
 from lmpipe.data.qa import TRAINING_COLUMNS, check_qa_columns, prompt_template, tokenize_qa
+from lmpipe.data.sources import load_corpus
 from lmpipe.errors import LmpipeError
+from lmpipe.finetune import prepare_qa_data
 from lmpipe.model.tokenizer import gpt2_tokenizer_from_files
 
 # A byte-level BPE with no merges: every character is one token, so every id below is known by hand.
@@ -109,6 +113,10 @@ BAD_ROWS = {
     "null answer": (["hi", "hey"], ["yo", None], "qa.jsonl row 2: answer is missing"),
     "null in list": (["hi", "hey"], [["yo"], ["no", None]], "qa.jsonl row 2: answer 2 is NoneType, not text"),
     "null question": ([None, "hey"], ["yo", "no"], "qa.jsonl row 1: column 'question' is NoneType, not text"),
+    # the rule for empty content: an empty or whitespace-only question is refused like an empty answer
+    "empty question": (["hi", ""], ["yo", "no"], "qa.jsonl row 2: column 'question' is empty"),
+    "blank question": (["hi", " \n\t"], ["yo", "no"], "qa.jsonl row 2: column 'question' is empty"),
+    "empty second answer": (["hi", "hey"], [["yo"], ["no", ""]], "qa.jsonl row 2: answer 2 is empty"),
 }
 
 
@@ -119,10 +127,14 @@ def test_bad_row_is_named(name, tiny_tokenizer):
         encode(tiny_tokenizer, questions, answers)
 
 
-def test_empty_prompt_is_named(tiny_tokenizer):
+def test_empty_question_or_context_is_named_even_when_the_template_adds_text(tiny_tokenizer):
+    """'Question: \nAnswer:' is a prompt, but its question is empty: refused, not learned as an answer to nothing."""
     split = Dataset.from_dict({"question": ["hi", ""], "answer": ["yo", "no"]})
-    with pytest.raises(LmpipeError, match="^qa.jsonl row 2: the prompt is empty"):
-        tokenize_qa(split, tiny_tokenizer, QAArguments(), "{question}", "qa.jsonl")
+    with pytest.raises(LmpipeError, match="^qa.jsonl row 2: column 'question' is empty$"):
+        tokenize_qa(split, tiny_tokenizer, QAArguments(), "Question: {question}\nAnswer:", "qa.jsonl")
+    split = Dataset.from_dict({"question": ["hi", "hey"], "passage": ["text", "  "], "answer": ["yo", "no"]})
+    with pytest.raises(LmpipeError, match="^qa.jsonl row 2: column 'passage' is empty$"):
+        tokenize_qa(split, tiny_tokenizer, QAArguments(context_column="passage"), "{context} {question}", "qa.jsonl")
 
 
 def test_missing_or_non_text_columns_are_named():
@@ -211,3 +223,40 @@ def test_answer_only_loss_equals_a_manual_gather_in_both_modes(three_rows, tiny_
         packed = model(**padding_free_collator()(rows)).loss.item()
     assert padded == pytest.approx(manual, rel=1e-5)
     assert packed == pytest.approx(manual, rel=1e-5)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+# name: (rows of a JSON Lines file, the error after its path). datasets reads a column of mixed types as `Json`,
+# whose values are not the file's (the text "0" comes back as the number 0): the rows are read from the file.
+MIXED = {
+    "answers as text, then a list": ([{"answer": "0"}, {"answer": "yo"}, {"answer": ["no", "yo"]}],
+                                     "row 3: column 'answer' holds a list where row 1 holds text"),
+    "content parts in one turn": (
+        [{"messages": [{"role": "user", "content": "0"}]},
+         {"messages": [{"role": "user", "content": [{"text": "hi"}]}]}],
+        "row 2: column 'messages' item 1 'content' holds a list where row 1 holds text"),
+}
+
+
+@pytest.mark.parametrize("name", MIXED)
+def test_a_column_of_mixed_types_is_named_by_its_first_row_of_another_type(name, tmp_path):
+    rows, message = MIXED[name]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    with pytest.raises(LmpipeError, match=f"^{re.escape(path)} {re.escape(message)}"):
+        load_corpus(None, train_file=path)
+
+
+def test_kept_truncated_and_dropped_are_counted_per_split(tiny_tokenizer, tmp_path):
+    """20 rows, the 3rd and the last too long for max_length: 18 kept, the last kept one held out for validation;
+    each split counts the dropped rows of its own part of the file."""
+    rows = [{"question": "hi", "answer": "yoyo" if i in (2, 19) else "yo"} for i in range(20)]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    qa = QAArguments(train_file=path, max_length=6, validation_split_percentage=10)
+    data = prepare_qa_data(qa, tiny_tokenizer, TrainingArguments(output_dir=str(tmp_path), use_cpu=True), "{question}")
+    assert {name: dataclasses.astuple(counts) for name, counts in data.counts.items()} == {
+        "train": (17, 0, 1), "validation": (1, 0, 1)}
+    assert (len(data.train), len(data.validation)) == (17, 1) and data.validation["row"] == [18]

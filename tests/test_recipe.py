@@ -1,8 +1,11 @@
 """Recipes: YAML values, CLI overrides, unknown keys and bad values are one-line errors."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
+from lmpipe.config.arguments import FINETUNE_QA_GROUPS, PRETRAIN_GROUPS
 from lmpipe.config.recipe import parse_recipe
 from lmpipe.errors import LmpipeError
 from lmpipe.run.files import write_resolved_recipe
@@ -65,3 +68,60 @@ def test_resolved_recipe_reruns_the_same_arguments(tmp_path):
     again = parse_recipe([str(written)])
     assert again.model.n_layer == 3 and again.training.seed == 7
     assert again.training.lr_scheduler_type == recipe.training.lr_scheduler_type
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+CHAT_MIXTURE, NQ_OPEN = str(RECIPES / "finetune" / "chat_mixture.yaml"), str(RECIPES / "finetune" / "nq_open.yaml")
+DEFAULT = str(RECIPES / "pretrain" / "default.yaml")
+# name: (arguments, groups, the one-line error): a key the run would not read is refused, never ignored
+UNUSED = {
+    "QA key in a conversation recipe": ([CHAT_MIXTURE, "--question_column", "q"], FINETUNE_QA_GROUPS,
+                                        "^--question_column is not used by this run: messages_column is set"),
+    "validation file beside datasets": ([CHAT_MIXTURE, "--validation_file", "v.jsonl"], FINETUNE_QA_GROUPS,
+                                        "^--validation_file is not used by this run: datasets lists the sources"),
+    "chat key in a QA recipe": ([NQ_OPEN, "--learn_assistant_turns", "last"], FINETUNE_QA_GROUPS,
+                                "^--learn_assistant_turns is not used by this run: only conversations"),
+    "LoRA key without LoRA": ([NQ_OPEN, "--lora_r", "4"], FINETUNE_QA_GROUPS,
+                              r"^--lora_r is not used by this run: only LoRA \(use_lora: true\)"),
+    "stream key without streaming": ([DEFAULT, "--streaming_validation_documents", "5"], PRETRAIN_GROUPS,
+                                     "^--streaming_validation_documents is not used by this run: only a streamed"),
+    "Hub dataset beside a file": (["--train_file", "a.txt", "--dataset_name", "x/y"], PRETRAIN_GROUPS,
+                                  "^--dataset_name is not used by this run: train_file is read instead"),
+    "split share beside a validation file": (
+        ["--train_file", "a.txt", "--validation_file", "b.txt", "--validation_split_percentage", "5"],
+        PRETRAIN_GROUPS, "^--validation_split_percentage is not used by this run: validation_file is the validation"),
+    "vocabulary size of no trained tokenizer": (
+        [DEFAULT, "--train_tokenizer", "false", "--tokenizer_vocab_size", "300"], PRETRAIN_GROUPS,
+        r"^--tokenizer_vocab_size is not used by this run: only train_tokenizer: true"),
+}
+
+
+@pytest.mark.parametrize("name", UNUSED)
+def test_a_key_the_run_does_not_read_is_refused_in_one_line(name):
+    argv, groups, message = UNUSED[name]
+    with pytest.raises(LmpipeError, match=message):
+        parse_recipe(argv, groups)
+
+
+def test_a_recipe_that_sets_a_key_it_does_not_read_is_named(tmp_path):
+    path = write(tmp_path, "messages_column: messages\ntrain_file: chats.jsonl\nprompt_template: 'Q: {question}'\n")
+    with pytest.raises(LmpipeError, match="recipe.yaml: prompt_template is not used by this run: messages_column"):
+        parse_recipe([path], FINETUNE_QA_GROUPS)
+
+
+def test_a_flag_may_turn_off_what_a_recipe_key_is_for():
+    """The default recipe's tokenizer_vocab_size under --train_tokenizer false: the user's choice, not a mistake."""
+    assert parse_recipe([DEFAULT, "--train_tokenizer", "false"]).tokenizer.train_tokenizer is False
+
+
+def test_a_data_source_on_the_command_line_replaces_the_recipes_whole_source():
+    """show-data / finetune-qa of chat_mixture.yaml with --train_file reads that file, not the recipe's datasets."""
+    recipe = parse_recipe([CHAT_MIXTURE, "--train_file", "mine.jsonl"], FINETUNE_QA_GROUPS)
+    assert (recipe.data.train_file, recipe.data.datasets) == ("mine.jsonl", None)
+    assert "datasets" not in recipe.explicit and recipe.data.messages_column == "messages"  # the rest stays
+    recipe = parse_recipe([NQ_OPEN, "--dataset_name", "x/y"], FINETUNE_QA_GROUPS)
+    assert (recipe.data.dataset_name, recipe.data.train_file) == ("x/y", None)
+    recipe = parse_recipe([DEFAULT, "--train_file", "a.txt"])  # the default recipe's builtin:pydoc gives way
+    assert recipe.data.train_file == "a.txt" and "dataset_name" not in recipe.explicit
+    recipe = parse_recipe([NQ_OPEN, "--validation_file", "v.jsonl"], FINETUNE_QA_GROUPS)  # a validation file adds
+    assert (recipe.data.train_file, recipe.data.validation_file) == ("data/nq_open_efficientqa_dev.jsonl", "v.jsonl")

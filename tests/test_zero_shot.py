@@ -181,6 +181,9 @@ BAD_ROWS = {
                            "row 2: 'label' must be an integer index into the 2 choices, got 2 (native format)"),
     "one choice": ({"context": "a", "choices": ["b"], "label": 0},
                    "row 2: 'choices' must be a list of at least 2 non-empty texts (native format)"),
+    # Arrow would read the column as floats and name row 1 for its 0.0: the row as written is the bad one
+    "label 1.0": ({"context": "a", "choices": ["b", "c"], "label": 1.0},
+                  "row 2: 'label' must be an integer index into the 2 choices, got 1.0 (native format)"),
 }
 
 

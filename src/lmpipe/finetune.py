@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments, set_seed
 
 from lmpipe.config.arguments import LoraArguments, ModelArguments, QAArguments
@@ -22,8 +22,8 @@ from lmpipe.data.chat import (
 )
 from lmpipe.data.collate import padded_collator, qa_collator, real_token_fraction
 from lmpipe.data.mixture import format_shares, parse_sources, prepare_mixture
-from lmpipe.data.qa import TRAINING_COLUMNS, QACounts, check_qa_columns, prompt_template, tokenize_qa
-from lmpipe.data.sources import load_corpus, split_validation
+from lmpipe.data.qa import TRAINING_COLUMNS, QACounts, check_qa_columns, hold_out, prompt_template, tokenize_qa
+from lmpipe.data.sources import load_corpus
 from lmpipe.errors import LmpipeError
 from lmpipe.generate import GenerationSettings, generate_from_ids
 from lmpipe.loss.install import install_chunked_loss
@@ -45,7 +45,8 @@ PREDICTIONS_NAME = "predictions.jsonl"
 
 @dataclass
 class QAData:
-    """Tokenised train/validation rows (with their prompt text and accepted answers) and per-file row counts."""
+    """Tokenised train/validation rows (with their prompt text and accepted answers) and the row counts of each
+    split (of each source's splits in a mixture)."""
 
     train: Dataset
     validation: Dataset
@@ -106,8 +107,9 @@ def prepare_qa_data(
         for name, split in corpus.items():
             split_source = qa.validation_file if name == "validation" and qa.validation_file else source
             encoded[name], counts[name] = tokenize(split, tokenizer, qa, template, split_source)
-    splits = split_validation(DatasetDict(encoded), qa.validation_split_percentage, source)
-    return QAData(splits["train"], splits["validation"], counts)
+    if "validation" not in encoded:  # held out of the train file: each split counted apart
+        encoded, counts = hold_out(encoded["train"], len(corpus["train"]), qa.validation_split_percentage, source)
+    return QAData(encoded["train"], encoded["validation"], counts)
 
 
 def evaluate_qa(

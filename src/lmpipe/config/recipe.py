@@ -1,7 +1,9 @@
 """Recipes: one flat YAML per run, parsed into named argument groups (`config.arguments`); CLI flags override.
 
 Every YAML key becomes a `--key value` flag placed before the command-line flags, so YAML values are
-type-checked by the same `HfArgumentParser` as flags and a later flag wins. Unknown keys are errors.
+type-checked by the same `HfArgumentParser` as flags and a later flag wins. Unknown keys are errors, and so are keys
+the run would not read (`config.rules.UNUSED_WHEN`). A data source on the command line (`--train_file`,
+`--dataset_name`, `--datasets`) replaces the recipe's whole source, its validation_file included.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from lmpipe.config.arguments import (
     RunTrainingArguments,
     TokenizerArguments,
 )
-from lmpipe.config.rules import check_nulls, check_recipe_values
+from lmpipe.config.rules import check_nulls, check_recipe_values, unused_reason
 from lmpipe.errors import LmpipeError
 
 Group = TypeVar("Group")
@@ -41,6 +43,9 @@ FORBIDDEN_KEYS = {"hub_token"}
 TASK_KEY = "task"
 # Keys another task takes, refused with the reason rather than a "did you mean" guess.
 NOT_FOR_TASK = {("qa", "streaming"): "only pretraining streams; QA and conversation data are read in memory"}
+# Where a run's data comes from: a source named on the command line replaces all of the recipe file's.
+SOURCE_KEYS = ("train_file", "validation_file", "dataset_name", "dataset_config_name", "datasets")
+NAMING_A_SOURCE = ("train_file", "dataset_name", "datasets")
 # A value such as -1e-3 or -.5 after a flag: argparse would take it for an option.
 NEGATIVE_NUMBER = re.compile(r"^-(\d|\.\d|inf$|nan$)", re.IGNORECASE)
 
@@ -237,6 +242,9 @@ def parse_recipe(
             raise LmpipeError(f"--{key} may not be given; use HF_TOKEN or `hf auth login`")
         if key not in known and not (key.startswith("no_") and key[3:] in known):
             raise LmpipeError(f"unknown option --{key}{_why_unknown(key, known, task, '--')}")
+    flag_keys = [k[3:] if k.startswith("no_") else k for k in _flag_keys(cli)]
+    if any(key in flag_keys for key in NAMING_A_SOURCE):
+        recipe = {key: value for key, value in recipe.items() if key not in SOURCE_KEYS}
     recipe_flags = _to_flags({**defaults, **recipe})
     try:  # with the flags first: a flag may satisfy a check the recipe alone fails (bf16 needs --use_cpu on CPU)
         parsed = dict(zip(groups, _parse(parser, recipe_flags + cli)))
@@ -247,11 +255,29 @@ def parse_recipe(
             if str(recipe_error) == str(error):
                 raise LmpipeError(f"{source}: {error}") from None
         raise
-    flag_keys = [k[3:] if k.startswith("no_") else k for k in _flag_keys(cli)]
     check_nulls(recipe, parsed.values(), source)
     check_recipe_values(parsed.values(), set(recipe) - set(flag_keys), source)
+    check_unused_keys(recipe, flag_keys, parsed.values(), source)
     explicit = dict.fromkeys([*recipe, *flag_keys])
     return Recipe(groups=parsed, explicit=explicit, source=source, task=task)
+
+
+def check_unused_keys(recipe: dict[str, Any], flag_keys: list[str], groups: Any, source: str | None) -> None:
+    """Refuse a key the run would not read (`config.rules.UNUSED_WHEN`), never ignore it: a flag against the final
+    values, a recipe file's key against the file's own (a flag that turns a recipe key off, such as
+    `--train_tokenizer false` under a `tokenizer_vocab_size`, is the user's choice)."""
+    fields = {f.name: (args, f) for args in groups for f in dataclasses.fields(args)}
+    final = {name: getattr(args, name) for name, (args, _) in fields.items()}
+    own = {name: recipe.get(name, None if f.default is dataclasses.MISSING else f.default)
+           for name, (_, f) in fields.items()}
+    for key in dict.fromkeys(flag_keys):
+        reason = unused_reason(key, final)
+        if reason:
+            raise LmpipeError(f"--{key} is not used by this run: {reason}")
+    for key in recipe:
+        reason = None if key in flag_keys else unused_reason(key, own)
+        if reason:
+            raise LmpipeError(f"{source}: {key} is not used by this run: {reason}")
 
 
 def parse_arguments(argv: list[str], group: type[Group]) -> Group:

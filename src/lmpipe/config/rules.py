@@ -159,3 +159,38 @@ def check_optimizer(training: Any, use_lora: bool = False) -> None:
         raise LmpipeError(f"set {both} or lr_scheduler_kwargs' {WSD_KEYS[both]}, not both")
     if wsd and "decay_fraction" not in given and "num_decay_steps" not in kwargs:
         raise LmpipeError("lr_scheduler_type: warmup_stable_decay needs decay_fraction (the share of steps decaying)")
+
+
+_CONVERSATIONS = "messages_column is set: a conversation has no question/answer columns, prompt or generated answers"
+_SOURCES = "datasets lists the sources; give them there or drop the list"
+# Keys a run does not read, by key name: while another key has a value (True) or has none (False). A rule applies
+# only to a command that has both keys. `parse_recipe` refuses such a key in one line instead of running without it.
+UNUSED_WHEN: dict[str, list[tuple[str, bool, str]]] = {
+    **{key: [("datasets", True, _SOURCES)] for key in ("train_file", "validation_file")},
+    "dataset_config_name": [("datasets", True, _SOURCES), ("dataset_name", False, "it configures a dataset_name")],
+    "dataset_name": [("datasets", True, _SOURCES), ("train_file", True, "train_file is read instead")],
+    "validation_split_percentage": [("validation_file", True, "validation_file is the validation split")],
+    **{
+        key: [("messages_column", True, _CONVERSATIONS)]
+        for key in ("question_column", "answer_column", "context_column", "prompt_template", "answer_prefix",
+                    "generation_max_new_tokens")
+    },
+    **{
+        key: [("messages_column", False, "only conversations (messages_column) use it")]
+        for key in ("chat_template", "learn_assistant_turns", "max_dropped_share")
+    },
+    **{
+        key: [("use_lora", False, "only LoRA (use_lora: true) uses it")]
+        for key in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+    },
+    "streaming_validation_documents": [("streaming", False, "only a streamed corpus holds out its first documents")],
+    "tokenizer_vocab_size": [("train_tokenizer", False, "only train_tokenizer: true makes a vocabulary")],
+}
+
+
+def unused_reason(key: str, values: dict[str, Any]) -> str | None:
+    """Why the run does not read `key`, given every key's value (`values`, the command's keys only); else None."""
+    for other, present, reason in UNUSED_WHEN.get(key, ()):
+        if other in values and bool(values[other]) == present:
+            return reason
+    return None

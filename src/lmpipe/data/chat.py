@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmpipe.config.arguments import QAArguments
 from lmpipe.data.fingerprint import map_tokenized
-from lmpipe.data.qa import QACounts
+from lmpipe.data.qa import COUNTING_COLUMNS, QACounts, counts_of
 from lmpipe.errors import LmpipeError
 from lmpipe.loss.reference import IGNORE_INDEX
 from lmpipe.model.tokenizer import plain_text_ids
@@ -120,7 +120,8 @@ def check_messages_column(corpus: DatasetDict, column: str, source: str) -> None
 
 
 def check_conversation(value, column: str, row: str, fmt: ChatFormat) -> list[tuple[str, str]]:
-    """(role, content) of each turn; any malformed turn is one error naming the row and turn."""
+    """(role, content) of each turn; any malformed or empty (whitespace-only) turn is one error naming the row and
+    turn."""
     if not isinstance(value, list):
         raise LmpipeError(f"{row}: column '{column}' is {type(value).__name__}, not a list of turns")
     if not value:
@@ -136,6 +137,8 @@ def check_conversation(value, column: str, row: str, fmt: ChatFormat) -> list[tu
             raise LmpipeError(f"{row}: turn {number}: the chat template cannot render a lone {role} turn")
         if not isinstance(content, str):
             raise LmpipeError(f"{row}: turn {number} ({role}) content is {type(content).__name__}, not text")
+        if not content.strip():  # the rule for empty content, as for QA: an empty answer would teach a bare EOS
+            raise LmpipeError(f"{row}: turn {number} ({role}) content is empty")
         turns.append((role, content))
     if not any(role == "assistant" for role, _ in turns):
         raise LmpipeError(f"{row}: no assistant turn (nothing to learn)")
@@ -179,7 +182,8 @@ def conversation_example(
 def tokenize_conversations(
     split: Dataset, tokenizer: PreTrainedTokenizerBase, qa: QAArguments, fmt: ChatFormat, source: str
 ) -> tuple[Dataset, QACounts]:
-    """Rows of `input_ids` and `labels` (-100 but on learned assistant turns), with kept / truncated / dropped counts.
+    """Rows of `input_ids` and `labels` (-100 but on learned assistant turns) and `COUNTING_COLUMNS`, with kept /
+    truncated / dropped counts.
 
     A row with no learned token is dropped and counted; more than `max_dropped_share` dropped stops the run.
     """
@@ -197,13 +201,13 @@ def tokenize_conversations(
                     " (header + content + end marker each); lmpipe learns turn by turn and needs such a template"
                 )
         content_ids = iter(plain_text_ids(tokenizer, [content for turns in conversations for _, content in turns]))
-        out = {"input_ids": [], "labels": [], "truncated": []}
-        for turns in conversations:
+        out = {key: [] for key in ("input_ids", "labels", *COUNTING_COLUMNS)}
+        for index, turns in zip(indices, conversations):
             roles = [role for role, _ in turns]
             contents = [next(content_ids) for _ in turns]
             example = conversation_example(roles, contents, fmt, qa.learn_assistant_turns, qa.max_length)
             if example is not None:
-                for key, value in zip(out, example):
+                for key, value in zip(out, (*example, index)):
                     out[key].append(value)
         return out
 
@@ -216,6 +220,4 @@ def tokenize_conversations(
             f"{source}: {dropped} of {len(split)} conversations ({dropped / len(split):.1%}) have no learned token "
             f"within max_length={qa.max_length} (max_dropped_share={qa.max_dropped_share}); raise max_length"
         )
-    truncated = sum(encoded["truncated"])
-    counts = QACounts(kept=len(encoded) - truncated, truncated=truncated, dropped=dropped)
-    return encoded.remove_columns("truncated"), counts
+    return encoded, counts_of(encoded, dropped)

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmpipe.config.arguments import QAArguments
 from lmpipe.data.chat import ChatFormat, check_messages_column, tokenize_conversations
-from lmpipe.data.qa import QACounts, check_qa_columns, prompt_template, tokenize_qa
+from lmpipe.data.qa import QACounts, check_qa_columns, hold_out, prompt_template, tokenize_qa
 from lmpipe.data.sources import BUILDERS, check_text_column, first_line, load_local_file, split_validation
 from lmpipe.errors import LmpipeError
 from lmpipe.loss.reference import IGNORE_INDEX
@@ -160,7 +160,8 @@ def format_shares(shares: dict[str, dict[str, float]]) -> str:
 
 @dataclass
 class Mixture:
-    """The mixed train rows (with a `source` column), the held-out rows of every source, and what was realised."""
+    """The mixed train rows (with a `source` column), the held-out rows of every source, the row counts of each
+    source's two splits (`SOURCE train`, `SOURCE validation`) and the realised shares."""
 
     train: Dataset
     validation: Dataset
@@ -182,14 +183,15 @@ def prepare_mixture(
         split = DatasetDict({"train": load_source(source)})
         if chat is not None:
             check_messages_column(split, source_qa.messages_column, source.name)
-            rows, counts[source.name] = tokenize_conversations(split["train"], tokenizer, source_qa, chat, source.name)
+            rows, _ = tokenize_conversations(split["train"], tokenizer, source_qa, chat, source.name)
         else:
             split = split.flatten()
             check_qa_columns(split, source_qa, source.name)
             template = prompt_template(source_qa)
-            rows, counts[source.name] = tokenize_qa(split["train"], tokenizer, source_qa, template, source.name)
+            rows, _ = tokenize_qa(split["train"], tokenizer, source_qa, template, source.name)
         rows = rows.add_column("source", [source.name] * len(rows))
-        held = split_validation(DatasetDict({"train": rows}), qa.validation_split_percentage, source.name)
+        held, held_counts = hold_out(rows, len(split["train"]), qa.validation_split_percentage, source.name)
+        counts.update({f"{source.name} {name}": count for name, count in held_counts.items()})
         trains.append(held["train"].select(weighted_indices(len(held["train"]), source.weight, seed + index)))
         validations.append(held["validation"])
     train = concatenate_datasets(trains)

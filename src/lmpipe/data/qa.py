@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmpipe.config.arguments import QAArguments
 from lmpipe.data.fingerprint import map_tokenized
-from lmpipe.data.sources import check_text_column
+from lmpipe.data.sources import check_text_column, split_validation
 from lmpipe.errors import LmpipeError
 from lmpipe.loss.reference import IGNORE_INDEX
 from lmpipe.model.tokenizer import plain_text_ids
@@ -22,6 +22,8 @@ from lmpipe.model.tokenizer import plain_text_ids
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
 DEFAULT_CONTEXT_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
 TRAINING_COLUMNS = ["input_ids", "labels"]
+# Beside every tokenised row: whether its prompt or first turns were cut, and its row in the file (0-based).
+COUNTING_COLUMNS = ("truncated", "row")
 
 
 def prompt_template(qa: QAArguments) -> str:
@@ -64,8 +66,11 @@ def accepted_answers(value, row: str) -> list[str]:
 
 
 def _text(value, column: str, row: str) -> str:
+    """A question or context: text with something besides whitespace (an empty one is refused, like an answer)."""
     if not isinstance(value, str):
         raise LmpipeError(f"{row}: column '{column}' is {type(value).__name__}, not text")
+    if not value.strip():
+        raise LmpipeError(f"{row}: column '{column}' is empty")
     return value
 
 
@@ -78,6 +83,27 @@ class QACounts:
     dropped: int
 
 
+def counts_of(rows: Dataset, dropped: int) -> QACounts:
+    truncated = sum(rows["truncated"])
+    return QACounts(kept=len(rows) - truncated, truncated=truncated, dropped=dropped)
+
+
+def hold_out(
+    rows: Dataset, file_rows: int, percentage: float, source: str
+) -> tuple[DatasetDict, dict[str, QACounts]]:
+    """`split_validation` of one file's tokenised rows, and the counts of each split: its rows kept whole and
+    truncated, and the rows dropped from the part of the file it was cut from (validation: the file's end)."""
+    splits = split_validation(DatasetDict({"train": rows}), percentage, source)
+    cut = splits["validation"]["row"][0]
+    dropped = sorted(set(range(file_rows)) - set(rows["row"]))
+    held_out_dropped = sum(row > cut for row in dropped)
+    counts = {
+        "train": counts_of(splits["train"], len(dropped) - held_out_dropped),
+        "validation": counts_of(splits["validation"], held_out_dropped),
+    }
+    return splits, counts
+
+
 def tokenize_qa(
     split: Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -87,9 +113,11 @@ def tokenize_qa(
 ) -> tuple[Dataset, QACounts]:
     """Rows of `input_ids` = prompt ids + answer ids + EOS and `labels` = -100 on the prompt, the ids elsewhere.
 
-    Also keeps `prompt` (the text the model saw), `question` and `answers` (all accepted) for evaluation.
+    Also keeps `prompt` (the text the model saw), `question` and `answers` (all accepted) for evaluation, and
+    `COUNTING_COLUMNS` for `hold_out`.
     A prompt too long for `max_length` loses tokens from its left; an answer that leaves no room for one prompt
-    token is dropped. Bad rows raise an error naming the row (1-based, the N-th record of the file).
+    token is dropped. Bad rows raise an error naming the row (1-based, the N-th record of the file); an empty or
+    whitespace-only question, context or answer is a bad row (the rule for empty content, docs/finetuning.md).
     """
     eos = tokenizer.eos_token_id
 
@@ -105,12 +133,10 @@ def tokenize_qa(
         prompts = [template.format(question=q, context=c) for q, c in zip(questions, contexts)]
         prompt_ids = plain_text_ids(tokenizer, prompts)  # a quoted <|endoftext|> stays text
         answer_ids = plain_text_ids(tokenizer, [qa.answer_prefix + a[0] for a in answers])
-        out = {"input_ids": [], "labels": [], "prompt": [], "question": [], "answers": [], "truncated": []}
-        for row, prompt, prompt_tokens, answer_tokens, question, accepted in zip(
-            rows, prompts, prompt_ids, answer_ids, questions, answers
+        out = {key: [] for key in ("input_ids", "labels", "prompt", "question", "answers", *COUNTING_COLUMNS)}
+        for index, prompt, prompt_tokens, answer_tokens, question, accepted in zip(
+            indices, prompts, prompt_ids, answer_ids, questions, answers
         ):
-            if not prompt_tokens:
-                raise LmpipeError(f"{row}: the prompt is empty (nothing to answer after)")
             target = answer_tokens + [eos]
             room = qa.max_length - len(target)
             if room < 1:
@@ -125,6 +151,7 @@ def tokenize_qa(
             out["question"].append(question)
             out["answers"].append(accepted)
             out["truncated"].append(truncated)
+            out["row"].append(index)
         return out
 
     encoded = map_tokenized(
@@ -132,6 +159,4 @@ def tokenize_qa(
     )
     if len(encoded) == 0:
         raise LmpipeError(f"{source}: no example fits max_length={qa.max_length} (all {len(split)} answers too long)")
-    truncated = sum(encoded["truncated"])
-    counts = QACounts(kept=len(encoded) - truncated, truncated=truncated, dropped=len(split) - len(encoded))
-    return encoded.remove_columns("truncated"), counts
+    return encoded, counts_of(encoded, len(split) - len(encoded))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, Value, load_dataset
@@ -54,7 +55,60 @@ def load_local_file(path: str, sample_by: str = "paragraph", streaming: bool = F
         raise LmpipeError(f"{path}: {problem}") from None
     if not streaming and len(dataset) == 0:
         raise LmpipeError(f"{path}: no rows")
+    if builder == "json" and not streaming and _holds_json(dataset.features):
+        mixed = first_mixed_row(file, dataset.features)
+        raise LmpipeError(f"{path} {mixed}" if mixed else f"{path}: a column holds values of different types")
     return dataset
+
+
+def _holds_json(feature) -> bool:
+    """Whether a feature is, or holds, datasets' `Json`: what datasets 5 makes of a JSON column whose rows hold
+    different types. Its values are not what the file says (the text "0" comes back as the number 0)."""
+    if type(feature).__name__ == "Json":
+        return True
+    if isinstance(feature, dict):
+        return any(_holds_json(f) for f in feature.values())
+    return _holds_json(feature.feature) if hasattr(feature, "feature") else False
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    names = {str: "text", int: "a number", float: "a number", list: "a list", dict: "a mapping"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _json_kinds(value, feature, where: str):
+    """(where, kind) of each value under a `Json` part of `feature`, read from the file's own row."""
+    if type(feature).__name__ == "Json":
+        if value is not None:
+            yield where, _kind(value)
+    elif isinstance(feature, dict) and isinstance(value, dict):
+        for key, sub in feature.items():
+            yield from _json_kinds(value.get(key), sub, f"{where} '{key}'" if where else f"column '{key}'")
+    elif hasattr(feature, "feature") and isinstance(value, list):
+        for number, item in enumerate(value, start=1):
+            yield from _json_kinds(item, feature.feature, f"{where} item {number}")
+
+
+def first_mixed_row(file: Path, features) -> str | None:
+    """The first row (from 1) whose value under a mixed column is of another kind than the first row's, read from
+    the file: one kind per column (and per key of a column's mappings, e.g. every turn's 'content')."""
+    text = file.read_text(encoding="utf-8")
+    try:
+        rows = json.loads(text)
+    except ValueError:
+        rows = None
+    if not isinstance(rows, list):  # JSON Lines (a .json file may be either)
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    first: dict[str, tuple[str, int]] = {}
+    for number, row in enumerate(rows, start=1):
+        for where, kind in _json_kinds(row, features, ""):
+            field = re.sub(r" item \d+", "", where)  # every item of a list is one field
+            seen, seen_row = first.setdefault(field, (kind, number))
+            if kind != seen:
+                return f"row {number}: {where} holds {kind} where row {seen_row} holds {seen} (one type per column)"
+    return None
 
 
 def _check_utf8(file: Path) -> None:

@@ -22,8 +22,12 @@ FORMATS = ("auto", "native", "hellaswag", "arc", "piqa")
 def load_rows(data: str, split: str | None, config: str | None, sample_by: str) -> tuple[list[dict], str]:
     """The rows as dicts and a sha256: of the file for a local file, of the rows' JSON for a Hub dataset."""
     if Path(data).exists() or Path(data).suffix:
-        dataset = load_local_file(data, sample_by)
-        return dataset.to_list(), hashlib.sha256(Path(data).read_bytes()).hexdigest()
+        dataset = load_local_file(data, sample_by)  # checks the file, names a bad line
+        digest = hashlib.sha256(Path(data).read_bytes()).hexdigest()
+        if Path(data).suffix.lower() == ".jsonl":  # as written: Arrow would make every label 1.0 if one row has 1.0
+            with Path(data).open(encoding="utf-8") as handle:
+                return [json.loads(line) for line in handle if line.strip()], digest
+        return dataset.to_list(), digest
     if not split:
         raise LmpipeError(f"{data}: no such file; for a Hub dataset give --split (e.g. validation)")
     try:
