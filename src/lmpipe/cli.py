@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmpipe.config.arguments import FINETUNE_QA_GROUPS, TASKS
+from lmpipe.config.arguments import DPO_GROUPS, FINETUNE_QA_GROUPS, TASKS
 from lmpipe.config.recipe import HelpRequested, parse_arguments, parse_recipe, recipe_task
 from lmpipe.errors import LmpipeError
 from lmpipe.run.files import RESOLVED_RECIPE_NAME
@@ -161,6 +161,28 @@ def finetune_qa_command(argv: list[str]) -> None:
         )
 
 
+def dpo_command(argv: list[str]) -> None:
+    """Tune a fine-tuned model (full or LoRA) on preference pairs with TRL's DPOTrainer; held-out DPO loss and
+    reward accuracy."""
+    from lmpipe.dpo import dpo
+
+    recipe = parse_recipe(argv, groups=DPO_GROUPS)
+    metrics = dpo(recipe)
+    if recipe.training.process_index != 0:
+        return
+    rows = " | ".join(
+        f"{name}: " + ", ".join(f"{v:,} {k}" for k, v in c.items()) for name, c in metrics["examples"].items()
+    )
+    evaluated = (
+        f"held-out DPO loss {metrics['eval_loss']:.4f} | reward accuracy {metrics['eval_reward_accuracy']:.3f}"
+        f" | reward margin {metrics['eval_reward_margin']:.4f} over {metrics['validation_pairs']:,} pairs"
+    ) if "eval_loss" in metrics else not_evaluated(metrics)
+    print(
+        f"\n{evaluated}\npairs {rows}"
+        f"\nmodel saved to {metrics.get('merged_model_dir', recipe.training.output_dir)}"
+    )
+
+
 def generate_command(argv: list[str]) -> None:
     """Print a saved model's continuation of `--prompt`, or its replies to `--chat` messages (greedy, or sampled
     with `--do_sample`)."""
@@ -220,8 +242,9 @@ COMMANDS = {
     "launch": Command(launch_command, "[accelerate launch options] COMMAND|SCRIPT [arguments ...]"),
     "pretrain": Command(pretrain_command, "[RECIPE.yaml] [--key value ...]"),
     "finetune-qa": Command(finetune_qa_command, "RECIPE.yaml [--key value ...]"),
+    "dpo": Command(dpo_command, "RECIPE.yaml [--key value ...]"),
     "check-loss": Command(
-        check_loss_command, "[RECIPE.yaml | RUN_DIR] [--task pretrain|qa] [--batches N] [--key value ...]"
+        check_loss_command, "[RECIPE.yaml | RUN_DIR] [--task pretrain|qa|dpo] [--batches N] [--key value ...]"
     ),
     "perplexity": Command(perplexity_command, "--model_name_or_path DIR --validation_file FILE [--key value ...]"),
     "evaluate": Command(
@@ -234,7 +257,7 @@ COMMANDS = {
         "--model_name_or_path DIR (--prompt TEXT | --chat MESSAGE ... [--system TEXT]) [--key value ...]",
     ),
     "show-data": Command(
-        show_data_command, "[RECIPE.yaml] [--task pretrain|qa] [--rows N] [--jsonl PATH] [--key value ...]"
+        show_data_command, "[RECIPE.yaml] [--task pretrain|qa|dpo] [--rows N] [--jsonl PATH] [--key value ...]"
     ),
 }
 

@@ -222,7 +222,8 @@ def parse_recipe(
         if recipe[TASK_KEY] != task:
             raise LmpipeError(
                 f"{source}: a '{recipe.pop(TASK_KEY)}' recipe, not '{task}'; "
-                "pretraining recipes run with `lmpipe pretrain`, qa ones with `lmpipe finetune-qa`"
+                "pretraining recipes run with `lmpipe pretrain`, qa ones with `lmpipe finetune-qa`, "
+                "dpo ones with `lmpipe dpo`"
             )
         del recipe[TASK_KEY]
     if adjust is not None:
