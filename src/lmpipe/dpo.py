@@ -121,8 +121,19 @@ def build_policy(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, config_dir:
     return model, lora_config(model, lora) if lora.use_lora else None
 
 
-def build_dpo_trainer(recipe: Recipe, training, config_dir: str) -> tuple[PreferenceTrainer, PreferenceData]:
-    """Tokenizer, pairs, policy and the DPOTrainer with lmpipe's callbacks: training and the loss check use this."""
+def load_reference(recipe: Recipe, name_or_path: str) -> PreTrainedModel:
+    """A reference model other than the policy as loaded (the loss check of a finished DPO run: the model it started
+    from)."""
+    model_args = dataclasses.replace(recipe.model, model_name_or_path=name_or_path)
+    tokenizer = load_tokenizer(recipe.tokenizer, name_or_path, None, model_args.trust_remote_code)
+    return build_model(model_args, tokenizer, recipe.data.max_length).eval()
+
+
+def build_dpo_trainer(
+    recipe: Recipe, training, config_dir: str, reference: PreTrainedModel | None = None
+) -> tuple[PreferenceTrainer, PreferenceData]:
+    """Tokenizer, pairs, policy and the DPOTrainer with lmpipe's callbacks: training and the loss check use this.
+    Without `reference`, TRL makes it from the policy."""
     tokenizer, data = prepare_dpo_data(recipe, training)
     model, peft_config = build_policy(recipe, tokenizer, config_dir)
     if getattr(training, "host_memory_reuse", False) and training.device.type == "cpu":
@@ -130,7 +141,7 @@ def build_dpo_trainer(recipe: Recipe, training, config_dir: str) -> tuple[Prefer
     try:
         trainer = PreferenceTrainer(
             model=model,
-            ref_model=None,
+            ref_model=reference,
             args=without_trainer_push(training),
             train_dataset=data.train.select_columns(PAIR_COLUMNS),
             eval_dataset=data.validation.select_columns(PAIR_COLUMNS),

@@ -52,9 +52,9 @@ def _training_section(group: type, training_defaults: dict[str, Any]) -> str:
 
 
 def lmpipe_training_fields(group: type) -> list[dataclasses.Field]:
-    """The keys lmpipe adds to TrainingArguments (RunTrainingArguments' own): always shown."""
+    """The keys lmpipe adds to TrainingArguments (RunTrainingArguments' own, and DPOConfig's for DPO): always shown."""
     inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
-    return [f for f in dataclasses.fields(group) if f.name not in inherited]
+    return [f for f in dataclasses.fields(group) if f.name not in inherited and f.init]
 
 
 def _describe(f: dataclasses.Field, overrides: dict[str, Any] | None = None) -> str:

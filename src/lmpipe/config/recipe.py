@@ -80,7 +80,7 @@ class Recipe:
         values = {}
         for args in self.groups.values():
             for f in dataclasses.fields(args):
-                if f.name in self.explicit:
+                if f.name in self.explicit and f.init:  # init=False: set by lmpipe, not a key (DPO's max_length)
                     values[f.name] = _plain(getattr(args, f.name))
         if values.get("report_to") == []:  # TrainingArguments parses "none" into []: write what parses back to it
             values["report_to"] = "none"
@@ -263,6 +263,11 @@ def parse_arguments(argv: list[str], group: type[Group]) -> Group:
 def task_of(groups: dict[str, type]) -> str | None:
     """The training task whose groups `groups` holds (the loss check adds its own), else None."""
     return next((task for task, task_groups in TASKS.items() if task_groups.items() <= groups.items()), None)
+
+
+def read_recipe_file(path: str) -> dict[str, Any]:
+    """A recipe file's keys as written (one line on any error)."""
+    return _read_yaml(path)
 
 
 def recipe_task(path: str) -> str | None:

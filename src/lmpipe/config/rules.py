@@ -98,7 +98,8 @@ RULES: dict[str, Rule] = {
 
 
 def _fields(arguments: Iterable[Any]) -> dict[str, tuple[Any, dataclasses.Field]]:
-    return {field.name: (group, field) for group in arguments for field in dataclasses.fields(group)}
+    """Every recipe key's group and field; `init=False` fields are set by lmpipe, not keys (DPO's max_length)."""
+    return {field.name: (group, field) for group in arguments for field in dataclasses.fields(group) if field.init}
 
 
 def check_nulls(mapping: dict[str, Any], arguments: Iterable[Any], source: str) -> None:

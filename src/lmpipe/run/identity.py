@@ -37,7 +37,7 @@ def identity_changes(recipe: Recipe, output_dir: str) -> list[str]:
         return [f"an unreadable {RESOLVED_RECIPE_NAME} ({type(e).__name__})"]
     if not isinstance(before, dict):
         return [f"a {RESOLVED_RECIPE_NAME} that is not a mapping"]
-    fields = {f.name: (group, f) for group in recipe.groups.values() for f in dataclasses.fields(group)}
+    fields = {f.name: (group, f) for group in recipe.groups.values() for f in dataclasses.fields(group) if f.init}
     foreign = sorted(key for key in before if key not in fields and key != TASK_KEY)
     changes = [f"keys of another command: {', '.join(foreign)}"] if foreign else []
     if before.get(TASK_KEY, recipe.task) != recipe.task:
