@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -383,16 +383,16 @@ def hand_values(beta: float, policy: list[tuple[float, float]], reference: list[
     return values, (chosen > rejected).double().mean().item()
 
 
-def reference_context(trainer) -> tuple[torch.nn.Module, contextlib.AbstractContextManager]:
-    """The model that scores the reference and the context it needs: TRL's reference model, else the policy with its
-    adapters disabled (new LoRA) or its frozen `ref` adapter, else the policy itself (precomputed reference
-    log-probabilities: before any step, the policy is the reference)."""
+def reference_context(trainer) -> tuple[torch.nn.Module, Callable[[], contextlib.AbstractContextManager]]:
+    """The model that scores the reference and (a maker of) the context it needs: TRL's reference model, else the
+    policy with its adapters disabled (new LoRA) or its frozen `ref` adapter, else the policy itself (precomputed
+    reference log-probabilities: before any step, the policy is the reference)."""
     if trainer.ref_model is not None:
-        return trainer.ref_model, contextlib.nullcontext()
+        return trainer.ref_model, contextlib.nullcontext
     model = trainer.model
     if is_peft_model(model):
-        return model, use_adapter(model, "ref" if "ref" in model.peft_config else None)
-    return model, contextlib.nullcontext()
+        return model, lambda: use_adapter(model, "ref" if "ref" in model.peft_config else None)
+    return model, contextlib.nullcontext
 
 
 def check_preferences(trainer, pairs: list[dict], batch_size: int) -> PreferenceCheck:
@@ -416,7 +416,7 @@ def check_preferences(trainer, pairs: list[dict], batch_size: int) -> Preference
         with torch.no_grad():
             policy = [tuple(sequence_log_prob(model, p["prompt_ids"], p[k]) for k in ("chosen_ids", "rejected_ids"))
                       for p in batch_pairs]
-            with reference:
+            with reference():
                 ref = [tuple(sequence_log_prob(reference_model, p["prompt_ids"], p[k])
                              for k in ("chosen_ids", "rejected_ids")) for p in batch_pairs]
             manual, accuracy = hand_values(beta, policy, ref)
@@ -465,7 +465,7 @@ def fused_sequence_log_probs(trainer, model, inputs, reference_model, reference)
     policy = model(**model_inputs, labels=labels, fused_lm_head=True).log_probs.sum(1)
     if "ref_chosen_logps" in inputs:
         return policy, torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
-    with reference:
+    with reference():
         ref = reference_model(**model_inputs, labels=labels, fused_lm_head=True).log_probs.sum(1)
     return policy, ref
 
