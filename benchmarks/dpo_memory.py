@@ -1,16 +1,17 @@
-"""Peak RSS of one DPO training step with GPT-2's 50,257-token vocabulary at 512 tokens per sequence: TRL's default
-(its fused LM head: log-probabilities a tile of tokens x vocabulary columns at a time, recomputed in the backward)
-vs the full `[tokens x vocab]` logits (the model's own LM head, then log_softmax + gather: what a DPO step costs
-when the logits are built whole, as TRL did before its fused head).
+"""Peak RSS of one DPO training step with GPT-2's 50,257-token vocabulary at 512 tokens per sequence, three ways of
+getting the policy's and the reference's log-probabilities: `chunked`, lmpipe's (`chunked_loss: true`, the
+default of `lmpipe dpo`: the scored positions only, a chunk at a time); `fused`, TRL's default (its fused LM head:
+every position, in tiles of up to 4,096 tokens x 32,768 vocabulary columns, recomputed in the backward); `logits`,
+the full `[tokens x vocab]` logits (the model's own LM head, then log_softmax + gather, as TRL did before its
+fused head).
 
-`lmpipe dpo`'s step is TRL's: `PreferenceTrainer` (lmpipe's DPOTrainer subclass) on pre-tokenised pairs. lmpipe's
-own chunked loss (`lmpipe.loss.chunked`) is not a variant here: it cannot give DPO its log-probabilities (see
-docs/preference.md#memory). Each measurement runs in a fresh child process (peak RSS is a per-process high-water
-mark): it builds a GPT-2 (`--layers`, `--dim`; 50,304 embedding rows after lmpipe's rounding), policy and frozen
-reference, `--pairs` pairs of random token ids (a 384-token prompt, two 128-token answers ending in EOS: 512 tokens
-per sequence), and runs one optimizer step (`trainer.train()`, max_steps 1); it reports the process's peak RSS and
-its RSS before the step. The logits variant returns the same fields TRL reads (entropy as zeros, so that it is not
-charged for a metric). The variants run interleaved, in an order that rotates per repetition.
+The step is TRL's DPOTrainer as `lmpipe dpo` builds it (`PreferenceTrainer`, pre-tokenised pairs). Each
+measurement runs in a fresh child process (peak RSS is a per-process high-water mark): it builds a GPT-2
+(`--layers`, `--dim`; 50,304 embedding rows after lmpipe's rounding), policy and frozen reference, `--pairs` pairs
+of random token ids (a 384-token prompt, two 128-token answers ending in EOS: 512 tokens per sequence), and runs
+one optimizer step (`trainer.train()`, max_steps 1); it reports the process's peak RSS and its RSS before the
+step. The logits variant returns the same fields TRL reads (entropy as zeros, so that it is not charged for a
+metric). The variants run interleaved, in an order that rotates per repetition.
 
     HF_HUB_OFFLINE=1 python benchmarks/dpo_memory.py [--pairs 1,2] [--repeats 2]
     HF_HUB_OFFLINE=1 python benchmarks/dpo_memory.py --tiny     # seconds: checks the script works
@@ -33,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit_json, fmt, load_average, machine, print_table, summary  # noqa: E402
 
-VARIANTS = ("fused", "logits")
+VARIANTS = ("chunked", "fused", "logits")
 PROMPT, ANSWER = 384, 128
 
 
@@ -112,7 +113,8 @@ def child(spec: dict) -> dict:
             logging_strategy="no", disable_tqdm=True, max_length=None, dataloader_pin_memory=False,
         )
         trainer = PreferenceTrainer(
-            model=model, ref_model=reference, args=args, train_dataset=pairs, processing_class=tokenizer
+            model=model, ref_model=reference, args=args, train_dataset=pairs, processing_class=tokenizer,
+            chunked_log_probs=spec["variant"] == "chunked",
         )
         if spec["variant"] == "logits":
             full_logits_forward(trainer.model)
@@ -160,23 +162,23 @@ def main() -> None:
     rows, payload = [], {"benchmark": "dpo_memory", "machine": machine(), "load_start": load_start,
                          "layers": args.layers, "dim": args.dim, "results": []}
     for pairs in map(int, args.pairs.split(",")):
-        peaks = {v: summary([r.get("peak_rss_mb") for r in results[(pairs, v)]]) for v in VARIANTS}
-        steps = {v: summary([r["peak_rss_mb"] - r["rss_before_mb"] for r in results[(pairs, v)] if "peak_rss_mb" in r])
-                 for v in VARIANTS}
-        ratios = summary([
-            (logits["peak_rss_mb"] - logits["rss_before_mb"]) / (fused["peak_rss_mb"] - fused["rss_before_mb"])
-            for fused, logits in zip(results[(pairs, "fused")], results[(pairs, "logits")])
-            if "peak_rss_mb" in fused and "peak_rss_mb" in logits
-        ])
-        tokens = next((r["tokens"] for v in VARIANTS for r in results[(pairs, v)] if "tokens" in r), None)
-        rows.append([pairs, tokens, fmt(peaks["fused"], 0), fmt(peaks["logits"], 0),
-                     fmt(steps["fused"], 0), fmt(steps["logits"], 0), fmt(ratios)])
+        runs = {v: [r for r in results[(pairs, v)] if "peak_rss_mb" in r] for v in VARIANTS}
+        peaks = {v: summary([r["peak_rss_mb"] for r in runs[v]]) for v in VARIANTS}
+        steps = {v: summary([r["peak_rss_mb"] - r["rss_before_mb"] for r in runs[v]]) for v in VARIANTS}
+        ratios = {  # paired per repetition: each variant's step over the chunked one's
+            v: summary([(o["peak_rss_mb"] - o["rss_before_mb"]) / (c["peak_rss_mb"] - c["rss_before_mb"])
+                        for c, o in zip(runs["chunked"], runs[v])])
+            for v in VARIANTS[1:]
+        }
+        tokens = next((r["tokens"] for v in VARIANTS for r in runs[v]), None)
+        rows.append([pairs, tokens, *(fmt(peaks[v], 0) for v in VARIANTS), *(fmt(steps[v], 0) for v in VARIANTS),
+                     *(fmt(ratios[v]) for v in VARIANTS[1:])])
         errors = [r["error"] for v in VARIANTS for r in results[(pairs, v)] if "error" in r]
-        payload["results"].append({"pairs": pairs, "peak_rss_mb": peaks, "step_rss_mb": steps,
-                                   "step_ratio_logits_over_fused": ratios, "errors": errors})
+        payload["results"].append({"pairs": pairs, "tokens": tokens, "peak_rss_mb": peaks, "step_rss_mb": steps,
+                                   "step_ratio_over_chunked": ratios, "errors": errors})
     payload["load_end"] = load_average()
-    print_table(["pairs", "tokens", "peak MB, fused (TRL)", "peak MB, full logits", "step MB, fused",
-                 "step MB, full logits", "step: logits / fused"], rows)
+    print_table(["pairs", "tokens", *(f"peak MB, {v}" for v in VARIANTS), *(f"step MB, {v}" for v in VARIANTS),
+                 *(f"step {v} / chunked" for v in VARIANTS[1:])], rows)
     emit_json(payload)
 
 

@@ -19,6 +19,7 @@ from lmpipe.config.recipe import parse_recipe
 from lmpipe.data.chat import DEFAULT_CHAT_TEMPLATE, chat_format
 from lmpipe.data.preference import prepare_preference_data, tokenize_pairs
 from lmpipe.errors import LmpipeError
+from lmpipe.loss.install import ChunkedLogProbOutput
 from lmpipe.loss_check import LossCheckArguments, check_preferences, run_preference_check
 from lmpipe.model.build import build_model
 
@@ -144,12 +145,6 @@ def test_dpo_keys_are_recipe_keys_with_help_and_ranges(capsys):
     assert shown.count("--max_length ") == 1
 
 
-def test_chunked_loss_keys_are_refused_for_dpo(policy, capsys):
-    assert main(["dpo", "--model_name_or_path", str(policy), "--train_file", "x.jsonl", "--output_dir", "x",
-                 "--chunked_loss", "false", "--use_cpu", "true"]) == 2
-    assert capsys.readouterr().err.startswith("error: chunked_loss: DPO's log-probabilities go through TRL's fused")
-
-
 def check_recipe(policy, train_file, *flags):
     groups = {**DPO_GROUPS, "loss_check": LossCheckArguments}
     return parse_recipe([
@@ -179,11 +174,13 @@ def perturb(model, seed=1):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [
-    [], ["--use_lora", "true"], ["--precompute_ref_log_probs", "true", "--reference_model_name_or_path", "POLICY"]
-], ids=["full", "lora", "precomputed"])
+    [], ["--use_lora", "true"], ["--precompute_ref_log_probs", "true", "--reference_model_name_or_path", "POLICY"],
+    ["--chunked_loss", "false"],
+], ids=["full", "lora", "precomputed", "trl-fused-head"])
 def test_check_loss_agrees_with_trl_on_real_batches(flags, policy, tmp_path, monkeypatch):
     """Full: the reference is TRL's frozen copy; LoRA: the adapters disabled; precomputed: TRL's reference
-    log-probs computed before training (from a reference model: the policy is moved away after)."""
+    log-probs computed before training (from a reference model: the policy is moved away after); the log-probs
+    from lmpipe's chunked loss, or from TRL's own fused LM head."""
     recipe = check_recipe(policy, odd_pairs(tmp_path), *[str(policy) if f == "POLICY" else f for f in flags])
     build = lmpipe.dpo.build_dpo_trainer
 
@@ -293,3 +290,32 @@ def test_dpo_run_survives_sigterm_and_resumes_to_the_uninterrupted_weights(polic
     assert resumed["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-6)
     assert main(dpo_command(policy, train_file, stopped)) == 0  # finished: nothing is trained again
     assert "nothing to train" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_chunked_log_probs_give_trls_loss_metrics_and_gradients(policy, tmp_path):
+    """The same DPO step through lmpipe's chunked log-probs and through TRL's fused LM head: one loss, one set of
+    logged metrics (entropy, mean logits, token accuracy included), one gradient."""
+    train_file = odd_pairs(tmp_path)
+    results = {}
+    for chunked in ("true", "false"):
+        recipe = check_recipe(policy, train_file, "--chunked_loss", chunked)
+        trainer, _ = lmpipe.dpo.build_dpo_trainer(recipe, recipe.training, str(policy))
+        perturb(trainer.model)
+        inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(3)]))
+        outputs = trainer.model(input_ids=inputs["input_ids"], labels=inputs["input_ids"], fused_lm_head=True)
+        assert isinstance(outputs, ChunkedLogProbOutput) == (chunked == "true")
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        gradients = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+        results[chunked] = loss.item(), {k: v[-1] for k, v in trainer._metrics["train"].items()}, gradients
+    (loss, logged, gradients), (trl_loss, trl_logged, trl_gradients) = results["true"], results["false"]
+    assert loss == pytest.approx(trl_loss, rel=1e-5)
+    assert logged.keys() == trl_logged.keys()
+    for key in logged:
+        assert logged[key] == pytest.approx(trl_logged[key], rel=1e-4, abs=1e-6), key
+    assert gradients.keys() == trl_gradients.keys()
+    for name in gradients:
+        scale = trl_gradients[name].abs().max().item()
+        assert (gradients[name] - trl_gradients[name]).abs().max().item() <= 1e-5 * max(scale, 1e-6), name

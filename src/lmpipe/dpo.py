@@ -2,10 +2,11 @@
 frozen reference -> TRL's `DPOTrainer` with lmpipe's reliability callbacks -> metrics, loss.png, card, push.
 
 TRL does the training: the DPO losses, the reference (a frozen copy of the policy; with LoRA the same model with
-its adapters disabled, or a frozen copy of an adapter the policy already has), `precompute_ref_log_probs`, and the
-log-probabilities through its fused LM head (never the full `[tokens x vocab]` logits). lmpipe adds what TRL lacks:
-pairs tokenised apart at an exact prompt/answer boundary (`data.preference`), the run's lifecycle (`run.session`)
-and the callbacks that make it resumable, finite and stoppable.
+its adapters disabled, or a frozen copy of an adapter the policy already has), `precompute_ref_log_probs`. lmpipe
+adds what TRL lacks: pairs tokenised apart at an exact prompt/answer boundary (`data.preference`), log-probabilities
+from only the scored positions a chunk at a time (`chunked_loss`; TRL's fused head scores every position on a
+machine without Triton, in large float32 tiles), the run's lifecycle (`run.session`) and the callbacks that make it
+resumable, finite and stoppable.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lmpipe.data.chat import chat_format, resolve_chat_template
 from lmpipe.data.mixture import format_shares, parse_sources
 from lmpipe.data.preference import PAIR_COLUMNS, PREFERENCE_COLUMN_KEYS, PreferenceData, prepare_preference_data
 from lmpipe.errors import LmpipeError
+from lmpipe.loss.install import install_chunked_log_probs
 from lmpipe.model.build import build_model, check_sequence_length, model_positions
 from lmpipe.model.lora import MERGED_DIR, base_model_of, is_adapter_directory, load_adapter, lora_config, save_merged
 from lmpipe.model.tokenizer import load_tokenizer
@@ -35,8 +37,6 @@ from lmpipe.training.loop import train_and_evaluate, write_run_outputs
 from lmpipe.training.plot import plot_preference_history
 from lmpipe.training.trainer import without_trainer_push
 
-# Keys of the model group that DPO does not use: its log-probabilities go through TRL's fused LM head.
-NOT_FOR_DPO = ("chunked_loss", "chunked_loss_tokens")
 # (metrics.json key, DPOTrainer's evaluation key): the final evaluation of a preference run.
 EVALUATION_KEYS = (
     ("eval_loss", "eval_loss"),
@@ -50,7 +50,26 @@ EVALUATION_KEYS = (
 
 
 class PreferenceTrainer(DPOTrainer):
-    """TRL's DPOTrainer on pairs lmpipe has tokenised (`data.preference`)."""
+    """TRL's DPOTrainer on pairs lmpipe has tokenised (`data.preference`); with `chunked_log_probs`, the policy's
+    and the reference's log-probabilities come from lmpipe's chunked linear + log-softmax
+    (`loss.install.install_chunked_log_probs`) instead of TRL's fused LM head."""
+
+    def __init__(self, *args, chunked_log_probs: bool = True, chunk_tokens: int | None = None, **kwargs):
+        self.chunked_log_probs, self.chunk_tokens = chunked_log_probs, chunk_tokens  # read by the precompute
+        super().__init__(*args, **kwargs)
+        self._install_log_probs()
+
+    def _install_log_probs(self) -> None:
+        if self.chunked_log_probs:
+            for model in (self.model, self.ref_model):
+                if model is not None:
+                    install_chunked_log_probs(getattr(model, "module", model), self.chunk_tokens)
+
+    def _precompute_ref_logps(self, *args, **kwargs):
+        """TRL precomputes the reference log-probabilities inside its __init__: the chunked ones are installed
+        first."""
+        self._install_log_probs()
+        return super()._precompute_ref_logps(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """The pairs arrive as prompt_ids / chosen_ids / rejected_ids: TRL's own tokenising of prompt + answer
@@ -67,12 +86,8 @@ def check_dpo(recipe: Recipe) -> str:
     model, data, lora = recipe.model, recipe.data, recipe.lora
     if not model.model_name_or_path:
         raise LmpipeError("model_name_or_path is required: a fine-tuned run directory (a model or a LoRA adapter)")
-    set_keys = [key for key in NOT_FOR_DPO if key in recipe.explicit]
-    if set_keys:
-        raise LmpipeError(
-            f"{set_keys[0]}: DPO's log-probabilities go through TRL's fused LM head (chunked, never the full "
-            "logits); remove the key"
-        )
+    if model.chunked_loss and recipe.training.use_weighting:
+        raise LmpipeError("use_weighting needs TRL's fused LM head (log_sum_sq_probs): set chunked_loss: false")
     if data.datasets:
         parse_sources(data.datasets, PREFERENCE_COLUMN_KEYS)
         chosen = [key for key in ("train_file", "validation_file", "dataset_name") if getattr(data, key)]
@@ -147,6 +162,8 @@ def build_dpo_trainer(
             eval_dataset=data.validation.select_columns(PAIR_COLUMNS),
             processing_class=tokenizer,
             peft_config=peft_config,
+            chunked_log_probs=recipe.model.chunked_loss,
+            chunk_tokens=recipe.model.chunked_loss_tokens,
         )
     except (ValueError, NotImplementedError) as e:  # TRL's checks of combined DPO keys
         raise LmpipeError(f"dpo: {str(e).strip().splitlines()[0]}") from None
