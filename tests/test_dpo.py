@@ -126,6 +126,21 @@ def test_a_bad_row_is_one_line_naming_file_and_row(gpt2_tokenizer, tmp_path):
         prepare_preference_data(PreferenceArguments(train_file=missing), gpt2_tokenizer, None, 0)
 
 
+def test_a_mixture_of_pair_files_is_weighted_and_each_source_keeps_its_columns(gpt2_tokenizer, tmp_path):
+    first = write_jsonl(tmp_path / "a.jsonl", nq_pairs(10))
+    renamed = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in nq_pairs(20)[10:]]
+    second = write_jsonl(tmp_path / "b.jsonl", renamed)
+    sources = [{"path": first, "weight": 2}, {"path": second, "weight": 0.5, "prompt_column": "question",
+                                              "chosen_column": "good", "rejected_column": "bad"}]
+    data = prepare_preference_data(PreferenceArguments(datasets=sources), gpt2_tokenizer, None, 0)
+    # each source holds out its last 10 % (1 pair), then 9 pairs x 2 and a seeded half of 9 (round(4.5) = 4)
+    assert data.train["source"].count(first) == 18 and data.train["source"].count(second) == 4
+    assert len(data.validation) == 2
+    held_out = gpt2_tokenizer.encode(renamed[-1]["question"])
+    assert data.validation[1]["prompt_ids"] == held_out
+    assert data.mixture[first]["weight"] == 2 and data.mixture[second]["examples"] == 4
+
+
 def test_dpo_keys_are_recipe_keys_with_help_and_ranges(capsys):
     recipe = parse_recipe(["--output_dir", "x", "--beta", "0.25", "--loss_type", "sigmoid", "hinge"], DPO_GROUPS)
     assert (recipe.training.beta, recipe.training.loss_type, recipe.training.max_length) == (0.25, ["sigmoid", "hinge"],
@@ -319,3 +334,22 @@ def test_chunked_log_probs_give_trls_loss_metrics_and_gradients(policy, tmp_path
     for name in gradients:
         scale = trl_gradients[name].abs().max().item()
         assert (gradients[name] - trl_gradients[name]).abs().max().item() <= 1e-5 * max(scale, 1e-6), name
+
+
+@pytest.mark.slow
+def test_a_lora_runs_adapter_trains_on_against_its_frozen_copy(policy, gpt2_tokenizer, tmp_path):
+    """A LoRA SFT run's directory (an adapter) is the policy; its reference is the same adapter frozen (TRL's `ref`
+    copy), not the base model: at the start every reward is exactly 0 although the adapter is not zero."""
+    from transformers import AutoModelForCausalLM
+
+    from lmpipe.config.arguments import LoraArguments
+    from lmpipe.model.lora import wrap_lora
+
+    adapter = wrap_lora(AutoModelForCausalLM.from_pretrained(policy), LoraArguments(use_lora=True, lora_dropout=0.0))
+    perturb(adapter)
+    adapter.save_pretrained(tmp_path / "adapter")
+    gpt2_tokenizer.save_pretrained(tmp_path / "adapter")
+    recipe = check_recipe(tmp_path / "adapter", odd_pairs(tmp_path))
+    check = run_preference_check(recipe)
+    assert check.first_disagreement() is None
+    assert all(row.manual["reward_chosen"] == 0 == row.manual["reward_rejected"] for row in check.rows)

@@ -16,8 +16,9 @@ Pretraining and QA fine-tuning recipes are checked on the Trainer each would tra
 A DPO recipe (`check_preferences`) is checked on the DPOTrainer it would train with: each pair's chosen and
 rejected sequence is run alone, unpadded, through the policy and the reference, and its answer log-probability
 summed by hand (float64 `log_softmax` + `gather` over the answer tokens and their end marker); then the DPO loss
-`-logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`, the rewards and their margin by hand, compared with TRL's
-per-sequence log-probabilities (its fused LM head on the padded batch its collator builds) and with the loss,
+`-logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`, the rewards and their margin by hand, compared with the
+per-sequence log-probabilities TRL gets (the models' `fused_lm_head` forward on the padded batch its collator
+builds: lmpipe's chunked one, or TRL's own with `chunked_loss: false`) and with the loss,
 rewards and log-probabilities its `compute_loss` returns and logs for the same batch.
 """
 
@@ -328,7 +329,7 @@ class PreferenceBatch:
     manual: dict[str, float]
     trl: dict[str, float]
     reward_accuracy: float
-    sequence_difference: float  # max |TRL - manual| over the batch's policy and reference sequence log-probs
+    sequence_difference: float  # max |TRL's - manual| over the batch's policy and reference sequence log-probs
 
 
 @dataclass
@@ -354,7 +355,7 @@ class PreferenceCheck:
             if not row.sequence_difference / scale <= self.relative_tolerance:
                 return (
                     f"batch {row.batch}: a sequence's answer log-probability differs by {row.sequence_difference:.1e}"
-                    f" between TRL's fused LM head and the manual one"
+                    f" between the model's fused_lm_head forward (what TRL trains on) and the manual one"
                 )
         return None
 
@@ -485,8 +486,8 @@ def format_preference_table(check: PreferenceCheck) -> str:
                 f"{abs(trl - manual):>9.1e}"
             )
         lines.append(
-            f"{row.batch:>5} reward accuracy (manual) {row.reward_accuracy:.3f}; per-sequence log-probs, TRL's fused "
-            f"LM head vs manual: max |diff| {row.sequence_difference:.1e}"
+            f"{row.batch:>5} reward accuracy (manual) {row.reward_accuracy:.3f}; per-sequence log-probs, the "
+            f"fused_lm_head forward TRL calls vs manual: max |diff| {row.sequence_difference:.1e}"
         )
     return "\n".join(lines)
 
