@@ -281,6 +281,8 @@ def test_dpo_run_survives_sigterm_and_resumes_to_the_uninterrupted_weights(polic
     assert (metrics["eval_reward_accuracy"], metrics["eval_reward_margin"]) == (
         evaluation["eval_rewards/accuracies"], evaluation["eval_rewards/margins"])
     assert {"loss.png", "README.md", "recipe.yaml", "model.safetensors"} <= {p.name for p in straight.iterdir()}
+    card = (straight / "README.md").read_text()
+    assert f"favours chosen) | {metrics['eval_reward_accuracy']:.4f} |" in card
     history = json.loads((straight / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
     assert {"rewards/margins", "rewards/accuracies"} <= set(history[0])
 
