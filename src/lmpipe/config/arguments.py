@@ -43,7 +43,7 @@ class ModelArguments:
     chunked_loss: bool = field(
         default=True,
         metadata={"help": "Loss from the hidden states a chunk of tokens at a time, never the full logits; "
-                  "false: the model's own."},
+                  "false: the model's own (DPO: TRL's fused LM head)."},
     )
     chunked_loss_tokens: int | None = field(
         default=None,

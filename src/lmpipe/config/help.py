@@ -40,8 +40,9 @@ def recipe_help(types: tuple[type, ...], training_defaults: dict[str, Any]) -> s
 
 def _training_section(group: type, training_defaults: dict[str, Any]) -> str:
     fields = {f.name: f for f in dataclasses.fields(group)}
+    dpo = " and TRL's DPOConfig keys (the DPO ones below)" if hasattr(group, "beta") else ""
     lines = [
-        f"TrainingArguments: any field of transformers.TrainingArguments is a key ({TRAINING_ARGUMENTS_DOCS});"
+        f"TrainingArguments: any field of transformers.TrainingArguments is a key ({TRAINING_ARGUMENTS_DOCS}){dpo};"
         " those lmpipe's recipes use:"
     ]
     lines += [_describe(fields[name], training_defaults) for name in TRAINING_KEYS_SHOWN if name in fields]
