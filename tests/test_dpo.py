@@ -187,7 +187,6 @@ def perturb(model, seed=1):
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("flags", [
     [], ["--use_lora", "true"], ["--precompute_ref_log_probs", "true", "--reference_model_name_or_path", "POLICY"],
     ["--chunked_loss", "false"],
@@ -212,7 +211,6 @@ def test_check_loss_agrees_with_trl_on_real_batches(flags, policy, tmp_path, mon
     assert any(abs(row.manual["reward_margin"]) > 1e-3 for row in check.rows)
 
 
-@pytest.mark.slow
 def test_check_loss_names_a_collator_that_masks_eos_by_id(policy, tmp_path, monkeypatch):
     """pad = EOS: a completion mask made by token id (TRL #1284's kind of bug) drops each answer's own EOS."""
     recipe = check_recipe(policy, odd_pairs(tmp_path))
@@ -234,7 +232,6 @@ def test_check_loss_names_a_collator_that_masks_eos_by_id(policy, tmp_path, monk
     assert "logps_chosen" in run_preference_check(recipe).first_disagreement()
 
 
-@pytest.mark.slow
 def test_the_check_compares_with_the_values_trl_logs(policy, tmp_path, monkeypatch):
     """A TRL that reported other rewards than it trained on would be caught: the check reads TRL's own log."""
     recipe = check_recipe(policy, odd_pairs(tmp_path))
@@ -309,7 +306,6 @@ def test_dpo_run_survives_sigterm_and_resumes_to_the_uninterrupted_weights(polic
     assert "nothing to train" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_chunked_log_probs_give_trls_loss_metrics_and_gradients(policy, tmp_path):
     """The same DPO step through lmpipe's chunked log-probs and through TRL's fused LM head: one loss, one set of
     logged metrics (entropy, mean logits, token accuracy included), one gradient."""
@@ -338,7 +334,6 @@ def test_chunked_log_probs_give_trls_loss_metrics_and_gradients(policy, tmp_path
         assert (gradients[name] - trl_gradients[name]).abs().max().item() <= 1e-5 * max(scale, 1e-6), name
 
 
-@pytest.mark.slow
 def test_a_lora_runs_adapter_trains_on_against_its_frozen_copy(policy, gpt2_tokenizer, tmp_path):
     """A LoRA SFT run's directory (an adapter) is the policy; its reference is the same adapter frozen (TRL's `ref`
     copy), not the base model: at the start every reward is exactly 0 although the adapter is not zero."""
