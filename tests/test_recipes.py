@@ -25,8 +25,8 @@ ACCELERATE_DIR = REPO / "recipes" / "accelerate"
 ALL_YAML = sorted((REPO / "recipes").rglob("*.yaml"))
 ACCELERATE_CONFIGS = [REPO / "accelerate_config.yaml", *(path for path in ALL_YAML if path.parent == ACCELERATE_DIR)]
 LMPIPE_RECIPES = [path for path in ALL_YAML if path.parent != ACCELERATE_DIR]
-TASK_OF_FOLDER = {"pretrain": "pretrain", "finetune": "qa"}
-COMMAND_OF_TASK = {"pretrain": "pretrain", "qa": "finetune-qa"}
+TASK_OF_FOLDER = {"pretrain": "pretrain", "finetune": "qa", "preference": "dpo"}
+COMMAND_OF_TASK = {"pretrain": "pretrain", "qa": "finetune-qa", "dpo": "dpo"}
 
 
 def test_every_yaml_under_recipes_is_checked_here():

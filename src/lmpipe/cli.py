@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmpipe.config.arguments import FINETUNE_QA_GROUPS, TASKS
-from lmpipe.config.recipe import HelpRequested, parse_arguments, parse_recipe, recipe_task
+from lmpipe.config.arguments import DPO_GROUPS, FINETUNE_QA_GROUPS, TASKS
+from lmpipe.config.recipe import HelpRequested, parse_arguments, parse_recipe, read_recipe_file, recipe_task
 from lmpipe.errors import LmpipeError
 from lmpipe.run.files import RESOLVED_RECIPE_NAME
 
@@ -75,13 +75,21 @@ def _pop_task(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _run_directory_recipe(run_dir: str):
-    """A finished run's recipe.yaml with its saved model (and tokenizer) in place of the from-scratch keys.
+    """A finished run's recipe.yaml with its saved model (and tokenizer) in place of the from-scratch keys, and the
+    flags it adds.
 
-    A LoRA run's folder holds an adapter, not a model: its recipe is checked as written (base model + adapters).
+    A LoRA run's folder holds an adapter, not a model: its recipe is checked as written (base model + adapters). A
+    DPO run's folder is the policy (a model or an adapter) and the model it started from is the reference.
     """
     path = Path(run_dir) / RESOLVED_RECIPE_NAME
     if not path.is_file():
         raise LmpipeError(f"{run_dir}: not an lmpipe run directory (no {RESOLVED_RECIPE_NAME})")
+    if recipe_task(str(path)) == "dpo":
+        started_from = read_recipe_file(str(path)).get("model_name_or_path")
+        flags = ["--reference_model_name_or_path", started_from] if started_from else []
+        return str(path), lambda recipe: {
+            **{k: v for k, v in recipe.items() if k not in ("use_lora", "merge_lora")}, "model_name_or_path": run_dir
+        }, flags
 
     def load_saved_model(recipe: dict) -> dict:
         if recipe.get("use_lora"):
@@ -89,24 +97,32 @@ def _run_directory_recipe(run_dir: str):
         kept = {key: value for key, value in recipe.items() if key not in FROM_SCRATCH_KEYS}
         return {**kept, "model_name_or_path": run_dir}
 
-    return str(path), load_saved_model
+    return str(path), load_saved_model, []
 
 
 def check_loss_command(argv: list[str]) -> int:
-    """Compare the model's, a manual, F.cross_entropy's and the Trainer's loss on the recipe's first batches.
+    """Compare the model's, a manual, F.cross_entropy's and the Trainer's loss on the recipe's first batches; for a
+    DPO recipe, TRL's DPO loss, rewards and log-probabilities with the same computed by hand.
 
     The argument is a recipe or a finished run's directory (its recipe.yaml and its saved model). The recipe's
-    `task` key (which every run's recipe.yaml records) or `--task` says whether it is pretraining or QA
-    fine-tuning; without either, pretraining. Without a recipe: the default one, or with `--model_name_or_path`
-    the dataclass defaults (that model's tokenizer).
+    `task` key (which every run's recipe.yaml records) or `--task` says whether it is pretraining, QA
+    fine-tuning or DPO; without either, pretraining. Without a recipe: the default one, or with
+    `--model_name_or_path` the dataclass defaults (that model's tokenizer).
     """
-    from lmpipe.loss_check import LossCheckArguments, format_table, run_loss_check
+    from lmpipe.loss_check import (
+        LossCheckArguments,
+        PreferenceCheck,
+        format_preference_table,
+        format_table,
+        run_loss_check,
+    )
 
     task, argv = _pop_task(argv)
     adjust = None
     if argv and not argv[0].startswith("-") and Path(argv[0]).is_dir():
-        recipe_path, adjust = _run_directory_recipe(argv[0])
-        argv = [recipe_path, *argv[1:]]
+        recipe_path, adjust, flags = _run_directory_recipe(argv[0])
+        given = {arg.split("=", 1)[0] for arg in argv}
+        argv = [recipe_path, *(flags if flags and flags[0] not in given else []), *argv[1:]]
     has_recipe = bool(argv) and not argv[0].startswith("-")
     loads_a_model = any(arg.split("=", 1)[0] == "--model_name_or_path" for arg in argv)
     default = None if loads_a_model else DEFAULT_PRETRAIN_RECIPE
@@ -115,11 +131,16 @@ def check_loss_command(argv: list[str]) -> int:
         argv, groups={**TASKS[task], "loss_check": LossCheckArguments}, default_recipe=default, adjust=adjust
     )
     check = run_loss_check(recipe)
-    print(format_table(check))
+    dpo = isinstance(check, PreferenceCheck)
+    print(format_preference_table(check) if dpo else format_table(check))
     disagreement = check.first_disagreement()
     if disagreement:
         print(f"loss check failed: {disagreement}", file=sys.stderr)
         return 1
+    if dpo:
+        print(f"ok: TRL's DPO loss, rewards and log-probabilities agree with the manual ones within a relative "
+              f"{check.relative_tolerance:.0e}")
+        return 0
     print(
         f"ok: the five losses agree within a relative {check.relative_tolerance:.0e} (chunked: "
         f"{check.tolerance('chunked'):.0e}), the chunked gradients within {check.gradient_tolerance:.0e}"
@@ -173,6 +194,28 @@ def finetune_qa_command(argv: list[str]) -> None:
             f"\n{metrics['real_token_fraction']:.1%} of computed tokens are real ({metrics['batching']}) | {rows}"
             f"\nmodel saved to {metrics.get('merged_model_dir', training.output_dir)}"
         )
+
+
+def dpo_command(argv: list[str]) -> None:
+    """Tune a fine-tuned model (full or LoRA) on preference pairs with TRL's DPOTrainer; held-out DPO loss and
+    reward accuracy."""
+    from lmpipe.dpo import dpo
+
+    recipe = parse_recipe(argv, groups=DPO_GROUPS)
+    metrics = dpo(recipe)
+    if recipe.training.process_index != 0:
+        return
+    rows = " | ".join(
+        f"{name}: " + ", ".join(f"{v:,} {k}" for k, v in c.items()) for name, c in metrics["examples"].items()
+    )
+    evaluated = (
+        f"held-out DPO loss {metrics['eval_loss']:.4f} | reward accuracy {metrics['eval_reward_accuracy']:.3f}"
+        f" | reward margin {metrics['eval_reward_margin']:.4f} over {metrics['validation_pairs']:,} pairs"
+    ) if "eval_loss" in metrics else not_evaluated(metrics)
+    print(
+        f"\n{evaluated}\npairs {rows}"
+        f"\nmodel saved to {metrics.get('merged_model_dir', recipe.training.output_dir)}"
+    )
 
 
 def generate_command(argv: list[str]) -> None:
@@ -235,8 +278,9 @@ COMMANDS = {
     "launch": Command(launch_command, "[accelerate launch options] COMMAND|SCRIPT [arguments ...]"),
     "pretrain": Command(pretrain_command, "[RECIPE.yaml] [--key value ...]"),
     "finetune-qa": Command(finetune_qa_command, "RECIPE.yaml [--key value ...]"),
+    "dpo": Command(dpo_command, "RECIPE.yaml [--key value ...]"),
     "check-loss": Command(
-        check_loss_command, "[RECIPE.yaml | RUN_DIR] [--task pretrain|qa] [--batches N] [--key value ...]"
+        check_loss_command, "[RECIPE.yaml | RUN_DIR] [--task pretrain|qa|dpo] [--batches N] [--key value ...]"
     ),
     "perplexity": Command(perplexity_command, "--model_name_or_path DIR --validation_file FILE [--key value ...]"),
     "evaluate": Command(
@@ -249,7 +293,7 @@ COMMANDS = {
         "--model_name_or_path DIR (--prompt TEXT | --chat MESSAGE ... [--system TEXT]) [--key value ...]",
     ),
     "show-data": Command(
-        show_data_command, "[RECIPE.yaml] [--task pretrain|qa] [--rows N] [--jsonl PATH] [--key value ...]"
+        show_data_command, "[RECIPE.yaml] [--task pretrain|qa|dpo] [--rows N] [--jsonl PATH] [--key value ...]"
     ),
 }
 

@@ -12,19 +12,30 @@ Losses (1), (3) and (4) are per-call means; over several micro-batches they are 
 The gradients of the first micro-batch's loss (lm_head/wte, one attention weight, the final hidden states) are
 compared between the chunked loss and the model's own.
 Pretraining and QA fine-tuning recipes are checked on the Trainer each would train with (`check_trainer`).
+
+A DPO recipe (`check_preferences`) is checked on the DPOTrainer it would train with: each pair's chosen and
+rejected sequence is run alone, unpadded, through the policy and the reference, and its answer log-probability
+summed by hand (float64 `log_softmax` + `gather` over the answer tokens and their end marker); then the DPO loss
+`-logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`, the rewards and their margin by hand, compared with the
+per-sequence log-probabilities TRL gets (the models' `fused_lm_head` forward on the padded batch its collator
+builds: lmpipe's chunked one, or TRL's own with `chunked_loss: false`) and with the loss,
+rewards and log-probabilities its `compute_loss` returns and logs for the same batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import is_peft_model
 from transformers import Trainer, set_seed
+from trl.trainer.utils import use_adapter
 
 from lmpipe.config.arguments import QAArguments
 from lmpipe.config.recipe import Recipe
@@ -51,6 +62,11 @@ class LossCheckArguments:
 
     batches: int = field(
         default=4, metadata={"help": "Batches to compare; each is gradient_accumulation_steps micro-batches."}
+    )
+    reference_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "DPO: the frozen reference model (default: the policy as loaded; a DPO run directory: "
+                  "the model it started from)."},
     )
 
 
@@ -290,13 +306,213 @@ def check_trainer(recipe: Recipe, output_dir: str) -> Trainer:
     return build_pretrain_trainer(recipe, training)[0]
 
 
-def run_loss_check(recipe: Recipe) -> LossCheck:
-    """The check on the first `batches` training batches of the recipe, drawn by the Trainer's own dataloader; a
-    saved model that fails verification is replaced by its newest checkpoint that passes (`verified_model_dir`)."""
+def run_loss_check(recipe: Recipe) -> LossCheck | PreferenceCheck:
+    """The check on the first `batches` training batches of the recipe, drawn by the Trainer's own dataloader (a
+    DPO recipe: its first `batches` batches of pairs, in order); a saved model that fails verification is replaced
+    by its newest checkpoint that passes (`verified_model_dir`)."""
     check_args = recipe.groups["loss_check"]
     if recipe.model.model_name_or_path:
         recipe.model.model_name_or_path = verified_model_dir(recipe.model.model_name_or_path)
+    if recipe.task == "dpo":
+        return run_preference_check(recipe)
     with tempfile.TemporaryDirectory(prefix="lmpipe-check-loss-") as output_dir:
         trainer = check_trainer(recipe, output_dir)
         count = check_args.batches * trainer.args.gradient_accumulation_steps
         return check_losses(trainer, islice(trainer.get_train_dataloader(), count))
+
+
+# The DPO check ---------------------------------------------------------------------------------------------------
+
+PREFERENCE_VALUES = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "logps_chosen", "logps_rejected")
+
+
+@dataclass
+class PreferenceBatch:
+    """One batch of pairs: the hand-computed values, TRL's, and the largest per-sequence log-probability gap."""
+
+    batch: str
+    pairs: int
+    scored_tokens: int
+    manual: dict[str, float]
+    trl: dict[str, float]
+    reward_accuracy: float
+    sequence_difference: float  # max |TRL's - manual| over the batch's policy and reference sequence log-probs
+
+
+@dataclass
+class PreferenceCheck:
+    """Per-batch rows and the relative tolerance (of the value, or of 1 for values near 0) they must agree within."""
+
+    rows: list[PreferenceBatch]
+    relative_tolerance: float
+    dtype: str
+    beta: float
+
+    def first_disagreement(self) -> str | None:
+        for row in self.rows:
+            for name in PREFERENCE_VALUES:
+                manual, trl = row.manual[name], row.trl[name]
+                difference = abs(trl - manual) / max(abs(manual), 1.0)
+                if not difference <= self.relative_tolerance:
+                    return (
+                        f"batch {row.batch}: TRL's {name} {trl:.6f} vs manual {manual:.6f} "
+                        f"(relative difference {difference:.1e} > {self.relative_tolerance:.0e})"
+                    )
+            scale = max(1.0, max(abs(row.manual["logps_chosen"]), abs(row.manual["logps_rejected"])))
+            if not row.sequence_difference / scale <= self.relative_tolerance:
+                return (
+                    f"batch {row.batch}: a sequence's answer log-probability differs by {row.sequence_difference:.1e}"
+                    f" between the model's fused_lm_head forward (what TRL trains on) and the manual one"
+                )
+        return None
+
+
+def sequence_log_prob(model: torch.nn.Module, prompt: list[int], answer: list[int]) -> float:
+    """log p(answer | prompt) by hand: the sequence alone (no padding), float64 log_softmax, gather the answer's
+    tokens (its end marker included) at the positions before each."""
+    ids = torch.tensor([prompt + answer], device=next(model.parameters()).device)
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, len(prompt) - 1 : -1].double()
+    return torch.log_softmax(logits, dim=-1).gather(1, ids[0, len(prompt):, None]).sum().item()
+
+
+def hand_values(beta: float, policy: list[tuple[float, float]], reference: list[tuple[float, float]]
+                ) -> tuple[dict[str, float], float]:
+    """The batch means of the DPO values (and the reward accuracy) from each pair's (chosen, rejected) sums."""
+    chosen = torch.tensor([beta * (p[0] - r[0]) for p, r in zip(policy, reference)], dtype=torch.float64)
+    rejected = torch.tensor([beta * (p[1] - r[1]) for p, r in zip(policy, reference)], dtype=torch.float64)
+    values = {
+        "loss": -F.logsigmoid(chosen - rejected).mean().item(),
+        "reward_chosen": chosen.mean().item(),
+        "reward_rejected": rejected.mean().item(),
+        "reward_margin": (chosen - rejected).mean().item(),
+        "logps_chosen": sum(p[0] for p in policy) / len(policy),
+        "logps_rejected": sum(p[1] for p in policy) / len(policy),
+    }
+    return values, (chosen > rejected).double().mean().item()
+
+
+def reference_context(trainer) -> tuple[torch.nn.Module, Callable[[], contextlib.AbstractContextManager]]:
+    """The model that scores the reference and (a maker of) the context it needs: TRL's reference model, else the
+    policy with its adapters disabled (new LoRA) or its frozen `ref` adapter, else the policy itself (precomputed
+    reference log-probabilities: before any step, the policy is the reference)."""
+    if trainer.ref_model is not None:
+        return trainer.ref_model, contextlib.nullcontext
+    model = trainer.model
+    if is_peft_model(model):
+        return model, lambda: use_adapter(model, "ref" if "ref" in model.peft_config else None)
+    return model, contextlib.nullcontext
+
+
+def check_preferences(trainer, pairs: list[dict], batch_size: int) -> PreferenceCheck:
+    """Compare TRL's DPO values with the hand-computed ones on `pairs` (prompt_ids / chosen_ids / rejected_ids
+    rows, in order), `batch_size` pairs per batch collated by the trainer's own collator."""
+    args = trainer.args
+    if (list(args.loss_type) != ["sigmoid"] or args.f_divergence_type != "reverse_kl" or args.ld_alpha is not None
+            or args.use_weighting):
+        raise LmpipeError(
+            "check-loss checks the DPO sigmoid loss: loss_type sigmoid, f_divergence_type reverse_kl, no ld_alpha, "
+            "no use_weighting"
+        )
+    model = trainer.model
+    disable_dropout(model)
+    reference_model, reference = reference_context(trainer)
+    disable_dropout(reference_model)
+    beta, rows = args.beta, []
+    model.eval()
+    for start in range(0, len(pairs), batch_size):
+        batch_pairs = pairs[start : start + batch_size]
+        with torch.no_grad():
+            policy = [tuple(sequence_log_prob(model, p["prompt_ids"], p[k]) for k in ("chosen_ids", "rejected_ids"))
+                      for p in batch_pairs]
+            with reference():
+                ref = [tuple(sequence_log_prob(reference_model, p["prompt_ids"], p[k])
+                             for k in ("chosen_ids", "rejected_ids")) for p in batch_pairs]
+            manual, accuracy = hand_values(beta, policy, ref)
+            inputs = trainer._prepare_inputs(trainer.data_collator(batch_pairs))  # the Trainer's own move to device
+            trl_policy, trl_ref = fused_sequence_log_probs(trainer, model, inputs, reference_model, reference)
+            model.train()  # TRL logs the values of a training step under "train"
+            trl_loss = trainer.compute_loss(model, inputs).item()
+            model.eval()
+        logged = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+        trl = {
+            "loss": trl_loss,
+            "reward_chosen": logged["rewards/chosen"],
+            "reward_rejected": logged["rewards/rejected"],
+            "reward_margin": logged["rewards/margins"],
+            "logps_chosen": logged["logps/chosen"],
+            "logps_rejected": logged["logps/rejected"],
+        }
+        hand = torch.tensor([v for pair in policy + ref for v in pair], dtype=torch.float64)
+        fused = torch.tensor([*_pairs(trl_policy), *_pairs(trl_ref)], dtype=torch.float64)
+        rows.append(PreferenceBatch(
+            batch=str(len(rows) + 1),
+            pairs=len(batch_pairs),
+            scored_tokens=sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in batch_pairs),
+            manual=manual,
+            trl=trl,
+            reward_accuracy=accuracy,
+            sequence_difference=(fused - hand).abs().max().item(),
+        ))
+    for values in trainer._metrics.values():
+        values.clear()
+    dtype = next(model.parameters()).dtype
+    return PreferenceCheck(rows, relative_tolerance(dtype), str(dtype).removeprefix("torch."), beta)
+
+
+def _pairs(sums: torch.Tensor) -> list[float]:
+    """[chosen..., rejected...] sums as (chosen, rejected) pairs, flattened like the manual ones."""
+    chosen, rejected = sums.double().chunk(2)
+    return [v for pair in zip(chosen.tolist(), rejected.tolist()) for v in pair]
+
+
+def fused_sequence_log_probs(trainer, model, inputs, reference_model, reference) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's answer log-probability through TRL's fused LM head on the collated batch (chosen rows first,
+    then rejected), for the policy and the reference (or the precomputed reference values)."""
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
+    model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    policy = model(**model_inputs, labels=labels, fused_lm_head=True).log_probs.sum(1)
+    if "ref_chosen_logps" in inputs:
+        return policy, torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+    with reference():
+        ref = reference_model(**model_inputs, labels=labels, fused_lm_head=True).log_probs.sum(1)
+    return policy, ref
+
+
+def format_preference_table(check: PreferenceCheck) -> str:
+    """The DPO check's table: per batch, each value by hand and by TRL."""
+    lines = [
+        f"DPO loss check: {len(check.rows)} batches, beta {check.beta:g}, {check.dtype}, relative tolerance "
+        f"{check.relative_tolerance:.0e}; manual = each sequence alone, float64 log_softmax + gather",
+        f"{'batch':>5} {'pairs':>5} {'scored':>6} {'value':<15} {'manual':>13} {'TRL':>13} {'abs diff':>9}",
+    ]
+    for row in check.rows:
+        for name in PREFERENCE_VALUES:
+            manual, trl = row.manual[name], row.trl[name]
+            lines.append(
+                f"{row.batch:>5} {row.pairs:>5} {row.scored_tokens:>6} {name:<15} {manual:>13.6f} {trl:>13.6f} "
+                f"{abs(trl - manual):>9.1e}"
+            )
+        lines.append(
+            f"{row.batch:>5} reward accuracy (manual) {row.reward_accuracy:.3f}; per-sequence log-probs, the "
+            f"fused_lm_head forward TRL calls vs manual: max |diff| {row.sequence_difference:.1e}"
+        )
+    return "\n".join(lines)
+
+
+def run_preference_check(recipe: Recipe) -> PreferenceCheck:
+    """The DPO check on the recipe's first `batches` x per_device_train_batch_size training pairs, in order."""
+    from lmpipe.dpo import build_dpo_trainer, check_dpo, load_reference
+
+    check_args = recipe.groups["loss_check"]
+    config_dir = check_run(recipe, lambda: check_dpo(recipe))
+    with tempfile.TemporaryDirectory(prefix="lmpipe-check-loss-") as output_dir:
+        training = dataclasses.replace(recipe.training, output_dir=output_dir, report_to="none", push_to_hub=False)
+        set_seed(training.seed)
+        reference = None
+        if check_args.reference_model_name_or_path:
+            reference = load_reference(recipe, check_args.reference_model_name_or_path)
+        trainer = build_dpo_trainer(recipe, training, config_dir, reference)[0]
+        batch_size = training.per_device_train_batch_size
+        dataset = trainer.train_dataset
+        pairs = [dataset[i] for i in range(min(len(dataset), check_args.batches * batch_size))]
+        return check_preferences(trainer, pairs, batch_size)

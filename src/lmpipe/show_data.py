@@ -17,7 +17,7 @@ from pathlib import Path
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from lmpipe.config.arguments import QAArguments
+from lmpipe.config.arguments import PreferenceArguments, QAArguments
 from lmpipe.config.recipe import Recipe
 from lmpipe.config.rules import check_values
 from lmpipe.loss.reference import IGNORE_INDEX
@@ -30,7 +30,10 @@ LEARNED_COLOUR, RESET = "\033[1;32m", "\033[0m"
 class ShowDataArguments:
     """Flags of `show-data` beyond the recipe's."""
 
-    rows: int = field(default=3, metadata={"help": "Processed training examples to show (and to write with --jsonl)."})
+    rows: int = field(
+        default=3,
+        metadata={"help": "Processed training examples (DPO: pairs, shown as two) to show and to write with --jsonl."},
+    )
     jsonl: str | None = field(
         default=None,
         metadata={"help": "Also write those examples as JSON lines: input_ids, labels (-100 kept), source."},
@@ -78,6 +81,26 @@ def finetuning_examples(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, Iterat
     return tokenizer, (Example(row["input_ids"], row["labels"], source) for row, source in zip(rows, sources))
 
 
+def preference_examples(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, Iterator[Example]]:
+    """Each pair as two examples, prompt + chosen then prompt + rejected, the answer and its end marker learned
+    (what TRL's collator marks as the completion)."""
+    from lmpipe.dpo import prepare_dpo_data
+
+    data = recipe.data
+    tokenizer, pairs = prepare_dpo_data(recipe, recipe.training)
+    default_source = data.train_file or data.dataset_name or "data"
+    sources = pairs.train["source"] if "source" in pairs.train.column_names else itertools.repeat(default_source)
+
+    def examples() -> Iterator[Example]:
+        for row, source in zip(pairs.train, sources):
+            prompt = row["prompt_ids"]
+            for side in ("chosen", "rejected"):
+                answer = row[f"{side}_ids"]
+                yield Example(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, f"{source} | {side}")
+
+    return tokenizer, examples()
+
+
 def marked_text(tokenizer: PreTrainedTokenizerBase, example: Example, colour: bool) -> str:
     """The example's text with each run of learned tokens marked; runs are decoded whole, so a character split
     over two tokens is shown once."""
@@ -107,9 +130,13 @@ def show_data(recipe: Recipe, out=None) -> list[Example]:
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # the examples are the output
     try:
-        read_examples = finetuning_examples if isinstance(recipe.data, QAArguments) else pretraining_examples
+        pairs = isinstance(recipe.data, PreferenceArguments)
+        read_examples = (
+            preference_examples if pairs
+            else finetuning_examples if isinstance(recipe.data, QAArguments) else pretraining_examples
+        )
         tokenizer, examples = read_examples(recipe)
-        shown = list(itertools.islice(examples, args.rows))
+        shown = list(itertools.islice(examples, args.rows * (2 if pairs else 1)))
     finally:
         if bars:
             datasets.enable_progress_bars()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 from transformers.activations import ACT2FN
+from trl import DPOConfig
 
 
 @dataclass
@@ -42,7 +43,7 @@ class ModelArguments:
     chunked_loss: bool = field(
         default=True,
         metadata={"help": "Loss from the hidden states a chunk of tokens at a time, never the full logits; "
-                  "false: the model's own."},
+                  "false: the model's own (DPO: TRL's fused LM head)."},
     )
     chunked_loss_tokens: int | None = field(
         default=None,
@@ -259,5 +260,70 @@ FINETUNE_QA_GROUPS = {
     "model": ModelArguments, "tokenizer": TokenizerArguments, "data": QAArguments, "lora": LoraArguments,
     "training": RunTrainingArguments,
 }
+
+
+@dataclass
+class PreferenceArguments:
+    """Preference pairs for DPO: a prompt and a chosen and a rejected answer, as text or as conversations."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    train_file: str | None = field(default=None, metadata={"help": "Local .json/.jsonl/.csv/.parquet."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation file."})
+    prompt_column: str = field(
+        default="prompt",
+        metadata={"help": "Column holding the prompt: text, or the conversation so far ([{role, content}, ...])."},
+    )
+    chosen_column: str = field(
+        default="chosen",
+        metadata={"help": "Column holding the preferred answer: text, or one assistant turn [{role, content}]."},
+    )
+    rejected_column: str = field(
+        default="rejected", metadata={"help": "Column holding the dispreferred answer, shaped like the chosen one."}
+    )
+    max_length: int = field(
+        default=128,
+        metadata={"help": "Tokens per sequence: prompt (left-truncated) + the longer answer + its end marker."},
+    )
+    validation_split_percentage: float = field(
+        default=10.0, metadata={"help": "Without a validation split: the last this-% of pairs."}
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Jinja chat template for conversation pairs (text or a .jinja file); "
+                  "default: the tokenizer's, else lmpipe's plain one."},
+    )
+    max_dropped_share: float = field(
+        default=0.1,
+        metadata={"help": "Stop when more than this share of a file's pairs has an answer too long for max_length."},
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for map()."})
+    datasets: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "A weighted mixture instead of train_file/dataset_name: a list of {path, weight, split, config, "
+            "and column keys} (JSON per source on the command line); weight > 1 repeats pairs, < 1 subsamples them."
+        },
+    )
+
+
+@dataclass
+class DPOTrainingArguments(RunTrainingArguments, DPOConfig):
+    """`TrainingArguments` with lmpipe's keys and TRL's `DPOConfig` keys (beta, loss_type, ...); TRL's keys that
+    lmpipe sets itself are not recipe keys (`init=False`). Defaults are TrainingArguments', not TRL's."""
+
+    max_length: int | None = field(default=None, init=False)  # the data's max_length: lmpipe cuts the rows
+    trust_remote_code: bool = field(default=False, init=False)  # the model's trust_remote_code
+    truncation_mode: str = field(default="keep_start", init=False)  # rows arrive fitting: prompt cut from the left
+    padding_free: bool = field(default=False, init=False)  # TRL 1.16 ignores it
+    dataset_num_proc: int | None = field(default=None, init=False)  # lmpipe tokenises: preprocessing_num_workers
+    model_init_kwargs: dict | str | None = field(default=None, init=False)  # lmpipe loads the model
+    pad_token: str | None = field(default=None, init=False)  # deprecated by TRL; GPT-2 pads with EOS by position
+
+
+DPO_GROUPS = {
+    "model": ModelArguments, "tokenizer": TokenizerArguments, "data": PreferenceArguments, "lora": LoraArguments,
+    "training": DPOTrainingArguments,
+}
 # The training tasks a recipe's `task` key names, and their groups.
-TASKS = {"pretrain": PRETRAIN_GROUPS, "qa": FINETUNE_QA_GROUPS}
+TASKS = {"pretrain": PRETRAIN_GROUPS, "qa": FINETUNE_QA_GROUPS, "dpo": DPO_GROUPS}

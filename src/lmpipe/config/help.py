@@ -40,8 +40,9 @@ def recipe_help(types: tuple[type, ...], training_defaults: dict[str, Any]) -> s
 
 def _training_section(group: type, training_defaults: dict[str, Any]) -> str:
     fields = {f.name: f for f in dataclasses.fields(group)}
+    dpo = " and TRL's DPOConfig keys (the DPO ones below)" if hasattr(group, "beta") else ""
     lines = [
-        f"TrainingArguments: any field of transformers.TrainingArguments is a key ({TRAINING_ARGUMENTS_DOCS});"
+        f"TrainingArguments: any field of transformers.TrainingArguments is a key ({TRAINING_ARGUMENTS_DOCS}){dpo};"
         " those lmpipe's recipes use:"
     ]
     lines += [_describe(fields[name], training_defaults) for name in TRAINING_KEYS_SHOWN if name in fields]
@@ -52,9 +53,9 @@ def _training_section(group: type, training_defaults: dict[str, Any]) -> str:
 
 
 def lmpipe_training_fields(group: type) -> list[dataclasses.Field]:
-    """The keys lmpipe adds to TrainingArguments (RunTrainingArguments' own): always shown."""
+    """The keys lmpipe adds to TrainingArguments (RunTrainingArguments' own, and DPOConfig's for DPO): always shown."""
     inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
-    return [f for f in dataclasses.fields(group) if f.name not in inherited]
+    return [f for f in dataclasses.fields(group) if f.name not in inherited and f.init]
 
 
 def _describe(f: dataclasses.Field, overrides: dict[str, Any] | None = None) -> str:

@@ -85,7 +85,7 @@ class Recipe:
         values = {}
         for args in self.groups.values():
             for f in dataclasses.fields(args):
-                if f.name in self.explicit:
+                if f.name in self.explicit and f.init:  # init=False: set by lmpipe, not a key (DPO's max_length)
                     values[f.name] = _plain(getattr(args, f.name))
         if values.get("report_to") == []:  # TrainingArguments parses "none" into []: write what parses back to it
             values["report_to"] = "none"
@@ -227,7 +227,8 @@ def parse_recipe(
         if recipe[TASK_KEY] != task:
             raise LmpipeError(
                 f"{source}: a '{recipe.pop(TASK_KEY)}' recipe, not '{task}'; "
-                "pretraining recipes run with `lmpipe pretrain`, qa ones with `lmpipe finetune-qa`"
+                "pretraining recipes run with `lmpipe pretrain`, qa ones with `lmpipe finetune-qa`, "
+                "dpo ones with `lmpipe dpo`"
             )
         del recipe[TASK_KEY]
     if adjust is not None:
@@ -288,6 +289,11 @@ def parse_arguments(argv: list[str], group: type[Group]) -> Group:
 def task_of(groups: dict[str, type]) -> str | None:
     """The training task whose groups `groups` holds (the loss check adds its own), else None."""
     return next((task for task, task_groups in TASKS.items() if task_groups.items() <= groups.items()), None)
+
+
+def read_recipe_file(path: str) -> dict[str, Any]:
+    """A recipe file's keys as written (one line on any error)."""
+    return _read_yaml(path)
 
 
 def recipe_task(path: str) -> str | None:

@@ -41,6 +41,19 @@ def _one_of(choices: Iterable[str]) -> Rule:
     return (lambda v: v in allowed), f"one of {', '.join(allowed)}"
 
 
+def _each_one_of(choices: Iterable[str]) -> Rule:
+    allowed = sorted(choices)
+    return (lambda v: len(v) > 0 and all(x in allowed for x in v)), f"a non-empty list of {', '.join(allowed)}"
+
+
+# TRL 1.16's DPOTrainer's loss types and f-divergences (it raises only once training has started).
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
 RULES: dict[str, Rule] = {
     **dict.fromkeys(
         [
@@ -49,7 +62,7 @@ RULES: dict[str, Rule] = {
             "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
             "eval_accumulation_steps", "save_total_limit", "batch_size", "max_new_tokens", "stride",
             "dataloader_prefetch_factor", "torch_empty_cache_steps", "chunked_loss_tokens", "batches", "rows",
-            "limit",
+            "limit", "precompute_ref_batch_size", "ref_model_sync_steps",
         ],
         _at_least(1),
     ),
@@ -58,7 +71,7 @@ RULES: dict[str, Rule] = {
     "tokenizer_vocab_size": (lambda v: v >= 257, ">= 257 (256 byte tokens and <|endoftext|>)"),
     **dict.fromkeys(
         ["learning_rate", "adam_epsilon", "logging_steps", "eval_steps", "save_steps", "lora_alpha",
-         "muon_learning_rate"],
+         "muon_learning_rate", "beta", "discopop_tau"],
         POSITIVE,
     ),
     **dict.fromkeys(
@@ -67,22 +80,31 @@ RULES: dict[str, Rule] = {
         NON_NEGATIVE,
     ),
     **dict.fromkeys(
-        ["dropout", "lora_dropout", "adam_beta1", "adam_beta2", "label_smoothing_factor", "muon_momentum"], PROBABILITY
+        ["dropout", "lora_dropout", "adam_beta1", "adam_beta2", "label_smoothing_factor", "muon_momentum",
+         "label_smoothing"],
+        PROBABILITY,
     ),
     "top_p": ((lambda v: 0 < v <= 1), "in (0, 1]"),
-    **dict.fromkeys(["warmup_ratio", "max_dropped_share", "min_lr_ratio"], ((lambda v: 0 <= v <= 1), "in [0, 1]")),
+    **dict.fromkeys(
+        ["warmup_ratio", "max_dropped_share", "min_lr_ratio", "ld_alpha", "ref_model_mixup_alpha"],
+        ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    ),
     "decay_fraction": ((lambda v: 0 < v <= 1), "in (0, 1]"),
     "muon_ns_steps": ((lambda v: 1 <= v < 100), "in [1, 100)"),  # torch.optim.Muon refuses 100 and more
     "validation_split_percentage": ((lambda v: 0 <= v < 100), "in [0, 100)"),
     "max_steps": ((lambda v: v >= -1), ">= -1 (-1: train num_train_epochs)"),  # 0: check_training_length
     **dict.fromkeys(["seed", "data_seed"], SEED),
     "lora_target_modules": NOT_EMPTY,
+    "loss_type": _each_one_of(DPO_LOSS_TYPES),
+    "loss_weights": ((lambda v: all(math.isfinite(x) and x >= 0 for x in v)), "a list of finite numbers >= 0"),
+    "f_divergence_type": _one_of(F_DIVERGENCES),
     "attn_implementation": _one_of({"eager", *(key for key in ALL_ATTENTION_FUNCTIONS.valid_keys() if "|" not in key)}),
 }
 
 
 def _fields(arguments: Iterable[Any]) -> dict[str, tuple[Any, dataclasses.Field]]:
-    return {field.name: (group, field) for group in arguments for field in dataclasses.fields(group)}
+    """Every recipe key's group and field; `init=False` fields are set by lmpipe, not keys (DPO's max_length)."""
+    return {field.name: (group, field) for group in arguments for field in dataclasses.fields(group) if field.init}
 
 
 def check_nulls(mapping: dict[str, Any], arguments: Iterable[Any], source: str) -> None:

@@ -99,6 +99,28 @@ class ChunkWorkspace:
                     rows.copy_(block)
         return product
 
+    def log_probs_and_statistics(
+        self, hidden_c: torch.Tensor, weight_c: torch.Tensor, targets_c: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """Writes the chunk's target log-probability, entropy, mean logit and whether the target is the top logit
+        into the columns of `out` [tokens, 4] (the accumulation dtype; no gradient)."""
+        product = torch.mm(hidden_c, weight_c.T, out=self.product[: len(hidden_c)])
+        for start in range(0, len(product), self.block_rows):
+            rows = product[start : start + self.block_rows]
+            block = rows if self.same_dtype else self.block[: len(rows)].copy_(rows)
+            targets = targets_c[start : start + self.block_rows]
+            target_logits = block.gather(1, targets[:, None]).squeeze(1)
+            row_max = block.amax(1, keepdim=True)
+            result = out[start : start + len(rows)]
+            result[:, 2] = block.mean(1)
+            result[:, 3] = (target_logits >= row_max.squeeze(1)).float()
+            shifted = block.sub_(row_max)
+            weighted = (shifted.exp() * shifted).sum(1)  # sum of exp(z - max) * (z - max), for the entropy
+            exp_sums = shifted.exp_().sum(1)
+            log_sums = exp_sums.log()
+            result[:, 0] = target_logits - row_max.squeeze(1) - log_sums
+            result[:, 1] = log_sums - weighted / exp_sums
+
     def add_weight_gradient(self, grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden_c: torch.Tensor) -> None:
         """grad_weight (float32) += grad_logits.T @ hidden_c, the matmul in the compute dtype."""
         if self.same_dtype:
@@ -157,6 +179,82 @@ class LinearCrossEntropy(torch.autograd.Function):
         if need_weight:
             grad_weight = (grad_weight * grad_total.to(grad_weight.dtype)).to(ctx.weight_dtype)
         return (grad_hidden if need_hidden else None), (grad_weight if need_weight else None), None, None, None, None
+
+
+class LinearLogProbs(torch.autograd.Function):
+    """Each target's log-probability under `hidden @ weight.T`, chunked over tokens, differentiable token by token,
+    with each token's entropy, mean logit and top-1 flag as non-differentiable outputs.
+
+    For losses whose gradient differs per token or sequence (DPO's log-ratios), which `LinearCrossEntropy` cannot
+    serve: it prepares its gradients in the forward for one scalar. Here the backward recomputes each chunk's logits
+    (one more matmul per chunk) and scales each token's softmax - one-hot by its own upstream gradient. The same
+    `ChunkWorkspace`: no chunk allocates a logits-sized tensor beyond the one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_tokens: int, dtype: torch.dtype):
+        accumulate = accumulation_dtype(dtype)
+        chunk_tokens = even_chunk_tokens(len(targets), chunk_tokens)
+        out = torch.empty(len(targets), 4, dtype=accumulate, device=hidden.device)
+        workspace = ChunkWorkspace(min(chunk_tokens, len(targets)), weight.shape, dtype, accumulate, hidden.device)
+        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+            weight_c = weight.to(dtype)
+            for start in range(0, len(targets), chunk_tokens):
+                end = start + chunk_tokens
+                workspace.log_probs_and_statistics(hidden[start:end].to(dtype), weight_c, targets[start:end],
+                                                   out[start:end])
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk_tokens, ctx.dtype = chunk_tokens, dtype
+        log_probs, entropy, mean_logits, is_top1 = out.unbind(1)
+        ctx.mark_non_differentiable(entropy, mean_logits, is_top1)
+        return log_probs.clone(), entropy.clone(), mean_logits.clone(), is_top1.bool()
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, *unused):
+        hidden, weight, targets = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        dtype, chunk_tokens = ctx.dtype, ctx.chunk_tokens
+        accumulate = accumulation_dtype(dtype)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_weight else None
+        workspace = ChunkWorkspace(min(chunk_tokens, len(targets)), weight.shape, dtype, accumulate, hidden.device)
+        nll = hidden.new_empty(min(chunk_tokens, len(targets)), dtype=accumulate)
+        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+            weight_c = weight.to(dtype)
+            for start in range(0, len(targets), chunk_tokens):
+                end = start + chunk_tokens
+                hidden_c = hidden[start:end].to(dtype)
+                grad_logits = workspace.nll_and_logit_gradient(  # softmax - one-hot: d NLL / d logits
+                    hidden_c, weight_c, targets[start:end], nll[: len(hidden_c)], True
+                )
+                grad_logits.mul_(grad_log_probs[start:end, None].neg().to(dtype))  # d log p = -d NLL
+                if need_hidden:
+                    grad_hidden[start:end] = grad_logits @ weight_c
+                if need_weight:
+                    workspace.add_weight_gradient(grad_weight, grad_logits, hidden_c)
+        return (
+            grad_hidden if need_hidden else None,
+            grad_weight.to(weight.dtype) if need_weight else None,
+            None, None, None,
+        )
+
+
+def linear_log_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per position of `targets` ([...], -100 where not scored): the target's log-probability (differentiable),
+    entropy, mean logit (float32; float64 for float64 weights) and top-1 flag, 0 / False where not scored.
+    Positions with target -100 are never multiplied by the weight."""
+    flat = targets.reshape(-1)
+    kept = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    hidden_kept = hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept)
+    target_ids = flat.index_select(0, kept).to(hidden.device)
+    values = LinearLogProbs.apply(hidden_kept, weight, target_ids, chunk_tokens, compute_dtype(hidden, weight))
+    placed = []
+    for value in values:
+        full = value.new_zeros(flat.shape)
+        placed.append(full.index_copy(0, kept, value).view(targets.shape))  # index_copy keeps the gradient
+    return tuple(placed)
 
 
 def shifted_targets(labels: torch.Tensor, shift_labels: torch.Tensor | None = None) -> torch.Tensor:

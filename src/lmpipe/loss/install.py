@@ -9,6 +9,7 @@ ranks) is unchanged.
 
 from __future__ import annotations
 
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -18,9 +19,18 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.utils import ModelOutput
 
 from lmpipe.errors import LmpipeError
-from lmpipe.loss.chunked import causal_lm_loss, default_chunk_tokens, linear_cross_entropy, shifted_targets, token_nll
+from lmpipe.loss.chunked import (
+    causal_lm_loss,
+    default_chunk_tokens,
+    linear_cross_entropy,
+    linear_log_probs,
+    shifted_targets,
+    token_nll,
+)
+from lmpipe.loss.reference import IGNORE_INDEX
 
 ATTRIBUTE = "lmpipe_chunked_loss"
+LOG_PROBS_ATTRIBUTE = "lmpipe_chunked_log_probs"
 
 
 @dataclass
@@ -140,3 +150,55 @@ def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.
     if chunked is not None and chunked.enabled:
         return model(input_ids=input_ids, labels=labels).token_nll
     return model(input_ids=input_ids).logits
+
+
+@dataclass
+class ChunkedLogProbOutput(ModelOutput):
+    """What TRL's DPOTrainer reads from `model(..., labels=..., fused_lm_head=True)` (the fields of its
+    `FusedCausalLMOutput`), each [batch, seq - 1], 0 where the label is -100."""
+
+    loss: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def install_chunked_log_probs(model: torch.nn.Module, chunk_tokens: int | None = None) -> None:
+    """A call with `fused_lm_head=True` (TRL's DPOTrainer asks its models so for per-token log-probabilities) runs
+    the backbone, then `loss.chunked.linear_log_probs` on the positions whose shifted label is not -100 only; any
+    other call goes to the forward the model had. Installed after TRL's own fused head, which it replaces: on a
+    machine without Triton that one scores every position, prompt and padding included, and makes several float32
+    copies of each [4,096 x 32,768] tile. No effect on a model it is installed on already."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(lm, LOG_PROBS_ATTRIBUTE, False):
+        return
+    head = lm.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise LmpipeError("chunked_loss: the model's lm_head has a bias; set chunked_loss: false")
+    previous = lm.forward
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
+            return previous(*args, **{k: v for k, v in extra.items() if v is not None}, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        targets = shifted_targets(labels.to(hidden.device), shift_labels)
+        chunk = chunk_tokens or default_chunk_tokens(head.weight.shape[0], hidden.device)
+        values = linear_log_probs(hidden, head.weight, targets, chunk)
+        if shift_labels is None:  # the last position predicts nothing: TRL's outputs are [batch, seq - 1]
+            targets, values = targets[:, :-1], [value[:, :-1] for value in values]
+        log_probs, entropy, mean_logits, is_top1 = values
+        mask = targets != IGNORE_INDEX
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return ChunkedLogProbOutput(
+            loss=-log_probs.sum() / count, log_probs=log_probs, entropy=entropy, mean_logits=mean_logits,
+            is_top1=is_top1, label_mask=mask,
+        )
+
+    lm.forward = types.MethodType(forward, lm)
+    setattr(lm, LOG_PROBS_ATTRIBUTE, True)

@@ -29,6 +29,14 @@ EVALUATION_ROWS = [
     ("exact_match", "answer exact match", "{:.2f}"),
     ("f1", "answer token F1", "{:.2f}"),
 ]
+# A preference (DPO) run's evaluation: TRL's DPO loss and implicit rewards on the held-out pairs.
+PREFERENCE_ROWS = [
+    ("eval_loss", "DPO loss (mean over held-out pairs)", "{:.4f}"),
+    ("eval_reward_accuracy", "reward accuracy (share of pairs whose implicit reward favours chosen)", "{:.4f}"),
+    ("eval_reward_margin", "reward margin (chosen - rejected)", "{:.4f}"),
+    ("validation_pairs", "held-out pairs", "{:,}"),
+    ("beta", "beta", "{:g}"),
+]
 TRAINING_ROWS = [
     ("train_tokens", "training tokens", "{:,}"),
     ("train_steps", "optimizer steps", "{:,}"),
@@ -84,6 +92,9 @@ def render_model_card(
     sections = [
         f"# {name}",
         f"A GPT-2 style causal language model trained with lmpipe on `{data_name}`.",
+        "## Evaluation\n\nOn the held-out preference pairs (DPO against the model it started from).\n\n"
+        + _table(metrics, PREFERENCE_ROWS)
+        if "eval_reward_accuracy" in metrics else
         "## Evaluation\n\nOn the held-out validation split, every scored token counted once.\n\n"
         + _table(metrics, EVALUATION_ROWS),
         "## Training\n\n" + _table(metrics, TRAINING_ROWS),

@@ -210,7 +210,7 @@ def _describe(fingerprint: str) -> str:
 
 
 def _fields(recipe: Recipe) -> dict[str, tuple[Any, dataclasses.Field]]:
-    return {f.name: (group, f) for group in recipe.groups.values() for f in dataclasses.fields(group)}
+    return {f.name: (group, f) for group in recipe.groups.values() for f in dataclasses.fields(group) if f.init}
 
 
 def _setting_changes(

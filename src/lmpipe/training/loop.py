@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +51,29 @@ def tokens_seen_at(checkpoint: str | None) -> int:
     return state.get("num_input_tokens_seen", 0)
 
 
-def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe, resume_from: str | None) -> dict[str, Any]:
-    """Resume from `resume_from` (`run.checkpoints.resume_checkpoint`), train, evaluate exactly, save the model and
-    its manifest; returns the run's metrics. A finished run's metrics.json goes once training has started
-    (`NotFinishedOnceStarted`)."""
+def language_model_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of an exact causal-LM evaluation (`ExactEvalTrainer`), with any `zero_shot_tasks` scores."""
+    metrics = {
+        "eval_loss": evaluation["eval_loss"],
+        "perplexity": evaluation["eval_perplexity"],
+        "eval_tokens": evaluation["eval_tokens"],
+        "bits_per_byte": evaluation["eval_bits_per_byte"],
+        "trainer_batch_mean_eval_loss": evaluation["eval_batch_mean_loss"],
+    }
+    if zero_shot_metrics(evaluation):
+        metrics["zero_shot"] = zero_shot_metrics(evaluation)
+    return metrics
+
+
+def train_and_evaluate(
+    trainer: ExactEvalTrainer,
+    recipe: Recipe,
+    resume_from: str | None,
+    evaluation_metrics: Callable[[dict[str, Any]], dict[str, Any]] = language_model_evaluation,
+) -> dict[str, Any]:
+    """Resume from `resume_from` (`run.checkpoints.resume_checkpoint`), train, evaluate, save the model and its
+    manifest; returns the run's metrics (the final evaluation's through `evaluation_metrics`). A finished run's
+    metrics.json goes once training has started (`NotFinishedOnceStarted`)."""
     output_dir = trainer.args.output_dir
     if trainer.is_world_process_zero():
         record_identity(recipe, output_dir, resume_from)  # before recipe.yaml: it records what changed since
@@ -73,20 +93,12 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe, resume_from: s
         write_manifest(output_dir, sorted(model_files(Path(output_dir))), step, loss)
     session_tokens = trainer.state.num_input_tokens_seen - tokens_before
     flops = {}
-    if trainer.flops_meter is not None and session_tokens > 0 and runtime:
+    if getattr(trainer, "flops_meter", None) is not None and session_tokens > 0 and runtime:
         flops = {
             "model_flops_per_token": trainer.flops_meter.flops_per_token,
             **trainer.flops_meter.rates(session_tokens, runtime, trainer.args.world_size),
         }
-    evaluated = {} if evaluation is None else {
-        "eval_loss": evaluation["eval_loss"],
-        "perplexity": evaluation["eval_perplexity"],
-        "eval_tokens": evaluation["eval_tokens"],
-        "bits_per_byte": evaluation["eval_bits_per_byte"],
-        "trainer_batch_mean_eval_loss": evaluation["eval_batch_mean_loss"],
-    }
-    if evaluation is not None and zero_shot_metrics(evaluation):
-        evaluated["zero_shot"] = zero_shot_metrics(evaluation)
+    evaluated = {} if evaluation is None else evaluation_metrics(evaluation)
     metrics = {
         **evaluated,
         "train_loss": mean_train_loss(trainer.state.log_history) or session_loss,
@@ -106,14 +118,15 @@ def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe, resume_from: s
     return metrics
 
 
-def write_run_outputs(trainer: ExactEvalTrainer, metrics: dict[str, Any]) -> None:
-    """The loss plot and model card, then `metrics.json` last: its presence marks a finished run (rank 0 only)."""
+def write_run_outputs(trainer: ExactEvalTrainer, metrics: dict[str, Any], plot=plot_history) -> None:
+    """The loss plot (`plot`: `training.plot`'s language-model or preference plot) and model card, then
+    `metrics.json` last: its presence marks a finished run (rank 0 only)."""
     if not trainer.is_world_process_zero():
         return
     output_dir = Path(trainer.args.output_dir)
     parameters = sum(p.numel() for p in trainer.model.parameters())
     baseline = math.log(metrics["unigram_perplexity"]) if "unigram_perplexity" in metrics else None
     title = f"{output_dir.absolute().name}: {parameters / 1e6:.2f}M parameters"
-    plot_history(trainer.state.log_history, output_dir / PLOT_NAME, title, baseline)
+    plot(trainer.state.log_history, output_dir / PLOT_NAME, title, baseline)
     write_model_card(output_dir, metrics)
     write_text_atomically(output_dir / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")

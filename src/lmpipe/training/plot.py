@@ -1,5 +1,6 @@
-"""`loss.png`: train/eval loss and eval perplexity against tokens seen, written at the end of every run; with
-`zero_shot_tasks`, a third panel: each task's accuracy at every evaluation, its chance level dashed."""
+"""`loss.png`: train/eval loss and eval perplexity against tokens seen (a preference run: loss, reward margin and
+reward accuracy against steps), written at the end of every run; with `zero_shot_tasks`, a third panel: each
+task's accuracy at every evaluation, its chance level dashed."""
 
 from __future__ import annotations
 
@@ -53,6 +54,38 @@ def plot_history(
     for axis in axes:
         axis.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, 1.5M: plain integers run into each other
     loss_axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# (log key, eval log key, title, y label) of each panel of a preference run's plot; the keys are TRL's DPOTrainer's.
+PREFERENCE_PANELS = (
+    ("loss", "eval_loss", "DPO loss", "loss"),
+    ("rewards/margins", "eval_rewards/margins", "reward margin", "chosen - rejected reward"),
+    ("rewards/accuracies", "eval_rewards/accuracies", "reward accuracy", "share of pairs with chosen ahead"),
+)
+
+
+def plot_preference_history(
+    log_history: list[dict[str, Any]], path: Path, title: str, baseline_loss: float | None = None
+) -> None:
+    """Train and eval DPO loss, reward margin and reward accuracy against optimizer steps (`baseline_loss`: unused,
+    the signature of `plot_history`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(PREFERENCE_PANELS), figsize=(14, 4))
+    for axis, (train_key, eval_key, name, y_label) in zip(axes, PREFERENCE_PANELS):
+        for key, label in ((train_key, "train"), (eval_key, "eval")):
+            rows = [row for row in log_history if key in row and math.isfinite(row[key])]
+            marker = "." if label == "eval" else None
+            axis.plot([row["step"] for row in rows], [row[key] for row in rows], marker=marker, label=label)
+        axis.set(xlabel="step", ylabel=y_label, title=name)
+        axis.legend()
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

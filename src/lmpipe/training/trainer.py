@@ -23,7 +23,38 @@ from lmpipe.training.resume_settings import RecipeSettingsOnResume
 from lmpipe.training.zero_shot_tasks import ZeroShotTask, prepare_zero_shot_tasks, score_zero_shot_tasks
 
 
-class ExactEvalTrainer(Trainer):
+class RecipeOptimization:
+    """The recipe's optimizer and schedule for a Trainer (lmpipe's, or TRL's DPOTrainer): `optimizer: muon` (Muon
+    on the blocks' matrices, AdamW on the rest: `training.optimizers`), warmup_stable_decay's keys as the Trainer's
+    own `lr_scheduler_kwargs`, and the hyperparameters the recipe gives put back over a resumed checkpoint's
+    (`training.resume_settings`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recipe_settings = RecipeSettingsOnResume()
+        self.add_callback(self.recipe_settings)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and getattr(self.args, "optimizer", "adamw") == "muon":
+            model = self.model if model is None else model
+            self.optimizer = muon_with_adamw(model, self.args, self.get_decay_parameter_names(model))
+        optimizer = super().create_optimizer(model)
+        self.recipe_settings.keep(optimizer)
+        return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        extra = schedule_kwargs(self.args, num_training_steps)
+        if not extra:
+            return super().create_scheduler(num_training_steps, optimizer)
+        args, self.args = self.args, copy.copy(self.args)
+        self.args.lr_scheduler_kwargs = {**(args.lr_scheduler_kwargs or {}), **extra}
+        try:
+            return super().create_scheduler(num_training_steps, optimizer)
+        finally:
+            self.args = args
+
+
+class ExactEvalTrainer(RecipeOptimization, Trainer):
     """A Trainer whose `eval_loss` is total NLL / total scored tokens over all ranks.
 
     The stock `eval_loss` is a mean of per-batch means; it is kept, renamed `eval_batch_mean_loss`, for comparison.
@@ -46,36 +77,12 @@ class ExactEvalTrainer(Trainer):
         self.eval_data_collator = eval_data_collator or self.data_collator
         self.flops_meter = flops_meter
         self.zero_shot = zero_shot or []
-        self.recipe_settings = RecipeSettingsOnResume()
-        self.add_callback(self.recipe_settings)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Training logs also carry the model TFLOP/s (and MFU on a known GPU) since the previous one."""
         if self.flops_meter is not None:
             self.flops_meter.add_to_log(logs, self.state.num_input_tokens_seen, self.args.world_size)
         super().log(logs, *args, **kwargs)
-
-    def create_optimizer(self, model=None):
-        """`optimizer: muon`: Muon on the blocks' matrices and AdamW on the rest (`training.optimizers`). The
-        hyperparameters the recipe gives are kept to be put back over a resumed checkpoint's."""
-        if self.optimizer is None and getattr(self.args, "optimizer", "adamw") == "muon":
-            model = self.model if model is None else model
-            self.optimizer = muon_with_adamw(model, self.args, self.get_decay_parameter_names(model))
-        optimizer = super().create_optimizer(model)
-        self.recipe_settings.keep(optimizer)
-        return optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """The Trainer's own scheduler, given warmup_stable_decay's recipe keys as `lr_scheduler_kwargs`."""
-        extra = schedule_kwargs(self.args, num_training_steps)
-        if not extra:
-            return super().create_scheduler(num_training_steps, optimizer)
-        args, self.args = self.args, copy.copy(self.args)
-        self.args.lr_scheduler_kwargs = {**(args.lr_scheduler_kwargs or {}), **extra}
-        try:
-            return super().create_scheduler(num_training_steps, optimizer)
-        finally:
-            self.args = args
 
     def get_eval_dataloader(self, eval_dataset=None):
         training_collator, self.data_collator = self.data_collator, self.eval_data_collator
