@@ -136,15 +136,17 @@ def test_a_data_file_replaced_under_the_same_path_is_refused_naming_it(corpus, f
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flag, value, change", [
-    ("gradient_accumulation_steps", "2", "gradient_accumulation_steps 1 -> 2"),
-    ("per_device_train_batch_size", "2", "per_device_train_batch_size 4 -> 2"),
+@pytest.mark.parametrize("flag, value, change, named", [
+    ("gradient_accumulation_steps", "2", "gradient_accumulation_steps 1 -> 2", False),
+    ("per_device_train_batch_size", "2", "per_device_train_batch_size 4 -> 2", False),
+    ("gradient_accumulation_steps", "2", "gradient_accumulation_steps 1 -> 2", True),  # --resume_from_checkpoint
 ])
 def test_another_batch_geometry_is_refused_naming_the_key_and_both_values(
-    corpus, finished, tmp_path, capsys, flag, value, change
+    corpus, finished, tmp_path, capsys, flag, value, change, named
 ):
     output = shutil.copytree(finished, tmp_path / "run")
-    assert main(command(corpus, output, 6, f"--{flag}", value)) == 2
+    resume = ["--resume_from_checkpoint", str(output / "checkpoint-4")] if named else []
+    assert main(command(corpus, output, 6, f"--{flag}", value, *resume)) == 2
     assert f"output_dir holds another run ({change});" in last_error(capsys)
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4"]
 
