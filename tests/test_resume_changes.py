@@ -116,6 +116,22 @@ def test_a_resume_loads_its_checkpoints_tokenizer_and_never_trains_one(corpus, f
 
 
 @pytest.mark.slow
+def test_a_resume_that_fails_to_load_its_checkpoint_leaves_the_runs_record(corpus, finished, tmp_path, monkeypatch):
+    """identity.json and recipe.yaml say whose run it is: a failed attempt must not rewrite them (issue 24 review)."""
+    from transformers import Trainer
+
+    def fails(self, checkpoint):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+
+    output = shutil.copytree(finished, tmp_path / "run")
+    before = {name: (output / name).read_bytes() for name in ("identity.json", "recipe.yaml", "metrics.json")}
+    monkeypatch.setattr(Trainer, "_load_optimizer_and_scheduler", fails)
+    with pytest.raises(ValueError, match="parameter groups"):
+        main(command(corpus, output, 6, "--learning_rate", "0.001"))
+    assert {name: (output / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.slow
 def test_a_data_file_replaced_under_the_same_path_is_refused_naming_it(corpus, finished, tmp_path, capsys):
     output = shutil.copytree(finished, tmp_path / "run")
     text = corpus.read_text(encoding="utf-8")

@@ -18,7 +18,7 @@ from lmpipe.run.files import METRICS_NAME, PLOT_NAME, model_files, write_resolve
 from lmpipe.run.identity import record_identity
 from lmpipe.run.manifest import write_manifest
 from lmpipe.run.signals import stops_the_final_evaluation
-from lmpipe.training.callbacks import TrainingAlreadyDone, logged_loss_at
+from lmpipe.training.callbacks import RecordRunOnceLoaded, TrainingAlreadyDone, first_callback, logged_loss_at
 from lmpipe.training.plot import plot_history
 from lmpipe.training.trainer import ExactEvalTrainer
 from lmpipe.training.zero_shot_tasks import zero_shot_metrics
@@ -52,12 +52,15 @@ def tokens_seen_at(checkpoint: str | None) -> int:
 
 def train_and_evaluate(trainer: ExactEvalTrainer, recipe: Recipe, resume_from: str | None) -> dict[str, Any]:
     """Resume from `resume_from` (`run.checkpoints.resume_checkpoint`), train, evaluate exactly, save the model and
-    its manifest; returns the run's metrics. A finished run's metrics.json goes once training has started
-    (`NotFinishedOnceStarted`)."""
+    its manifest; returns the run's metrics. `identity.json` and `recipe.yaml` are written, and a finished run's
+    metrics.json goes, once the checkpoint has loaded (`RecordRunOnceLoaded`, `NotFinishedOnceStarted`)."""
     output_dir = trainer.args.output_dir
-    if trainer.is_world_process_zero():
+
+    def record() -> None:
         record_identity(recipe, output_dir, resume_from)  # before recipe.yaml: it records what changed since
         write_resolved_recipe(recipe, output_dir)
+
+    first_callback(trainer, RecordRunOnceLoaded(record))
     tokens_before = tokens_seen_at(resume_from)  # read now: save_total_limit may delete that checkpoint
     with stops_the_final_evaluation(trainer.callback_handler.callbacks, lambda: save_last_step(trainer)) as trained:
         try:
