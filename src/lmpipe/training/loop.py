@@ -36,10 +36,12 @@ def final_evaluation(trainer: ExactEvalTrainer) -> dict[str, Any] | None:
 def save_last_step(trainer: ExactEvalTrainer) -> None:
     """`checkpoint-N` of the last step when the save strategy wrote none (`no`, `best`): the final evaluation was
     stopped, and the rerun resumes there and evaluates instead of training again. `_save_checkpoint` is the
-    Trainer's own save of a complete checkpoint (every rank's RNG state included); it has no public name."""
+    Trainer's own save of a complete checkpoint (every rank's RNG state included); it has no public name. The
+    callbacks' `on_save` follows, as after the Trainer's own saves: `SealCheckpoint` writes its manifest."""
     checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
     if not (checkpoint / TRAINER_STATE).is_file():  # the Trainer writes it last
         trainer._save_checkpoint(trainer.model, trial=None)
+        trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
 
 
 def tokens_seen_at(checkpoint: str | None) -> int:
