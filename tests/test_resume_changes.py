@@ -228,3 +228,15 @@ def test_an_edited_file_of_the_same_size_changes_its_fingerprint(tmp_path, monke
     data[-1] ^= 1  # the last block is always sampled
     path.write_bytes(bytes(data))
     assert identity.file_fingerprint(str(path)) != before and before.startswith(f"{len(data)}:")
+
+
+def test_a_key_the_recorded_settings_lack_is_compared_as_recipe_yaml_writes_it(tmp_path):
+    """A run recorded before the table listed a key: its recipe.yaml still says the value the run used."""
+    args = ["--train_file", "corpus.txt", "--output_dir", str(tmp_path)]
+    recipe = parse_recipe(args, groups=PRETRAIN_GROUPS)
+    (tmp_path / "recipe.yaml").write_text("train_file: corpus.txt\ngradient_accumulation_steps: 2\n")
+    identity.record_identity(recipe, str(tmp_path), None)
+    recorded = json.loads((tmp_path / "identity.json").read_text())
+    del recorded["settings"]["gradient_accumulation_steps"]
+    (tmp_path / "identity.json").write_text(json.dumps(recorded))
+    assert identity.identity_changes(recipe, str(tmp_path)) == ["gradient_accumulation_steps 2 -> 1"]

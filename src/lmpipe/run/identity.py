@@ -217,16 +217,17 @@ def _setting_changes(
     recipe: Recipe, before: dict[str, Any], settings: dict[str, Any] | None, changeable: bool
 ) -> list[str]:
     """`key old -> new` for each key of the table of class `changeable` whose value differs from the recorded
-    `settings`. A run recorded without them is compared as both recipes write it (a key absent from one takes the
-    dataclass default, so a value the arguments derive themselves never counts)."""
+    `settings`. A key they lack (a run recorded without them, or before the table listed the key) is compared as
+    both recipes write it (a key absent from one takes the dataclass default, so a value the arguments derive
+    themselves never counts)."""
     fields, now = _fields(recipe), current_settings(recipe)
     written = recipe.resolved()
     changes = []
     for name, (may, _) in RESUME_KEYS.items():
         if may != changeable or name not in now:
             continue
-        if settings is not None:
-            old, new = settings.get(name, now[name]), now[name]
+        if settings is not None and name in settings:
+            old, new = settings[name], now[name]
         elif name in fields:
             default = _default(fields[name][1])
             old, new = before.get(name, default), written.get(name, default)
