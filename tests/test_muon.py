@@ -199,6 +199,22 @@ def test_a_resumed_muon_run_has_the_uninterrupted_runs_optimizer_state(reference
             assert torch.allclose(resumed["state"][index][key], value, atol=1e-6), (index, key)
     assert kinds == {"step", "exp_avg", "exp_avg_sq", "momentum_buffer"}  # AdamW's and Muon's state both
 
+    rates = RecordGroupRates()  # one step more with another Muon rate: applied and recorded
+    arm(monkeypatch, rates)
+    more = ["--max_steps", "9", "--muon_learning_rate", "0.01"]
+    assert main([*reference.command, "--output_dir", str(output), *more]) == 0
+    adamw, muon = rates.used[9][0], rates.used[9][-1]  # one schedule: the groups' rates stand as their base rates
+    assert adamw > 0 and muon == pytest.approx(adamw * 0.01 / LEARNING_RATE, rel=1e-9)
+    assert "- from step 8: muon_learning_rate 0.02 -> 0.01; max_steps 8 -> 9" in (output / "README.md").read_text()
+
+
+class RecordGroupRates(TrainerCallback):
+    def __init__(self):
+        self.used = {}
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.used[state.global_step + 1] = [group["lr"] for group in optimizer.param_groups]
+
 
 @pytest.mark.slow
 def test_a_muon_trained_model_loads_as_plain_gpt2_and_passes_the_loss_check(reference):

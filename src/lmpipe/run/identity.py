@@ -22,6 +22,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import sort_checkpoints
 
 from lmpipe.config.recipe import TASK_KEY, Recipe
+from lmpipe.config.rules import MUON_KEYS, WSD_KEYS
 from lmpipe.data.sources import PYDOC, pydoc_documents
 from lmpipe.run.files import IDENTITY_NAME, METRICS_NAME, RESOLVED_RECIPE_NAME, write_text_atomically
 
@@ -39,11 +40,13 @@ RESUME_KEYS: dict[str, tuple[bool, str]] = {
     "adam_beta1": (MAY_CHANGE, _APPLIED_OPTIMIZER),
     "adam_beta2": (MAY_CHANGE, _APPLIED_OPTIMIZER),
     "adam_epsilon": (MAY_CHANGE, _APPLIED_OPTIMIZER),
+    **dict.fromkeys(MUON_KEYS, (MAY_CHANGE, _APPLIED_OPTIMIZER)),
     "max_steps": (MAY_CHANGE, _APPLIED_SCHEDULE),
     "num_train_epochs": (MAY_CHANGE, _APPLIED_SCHEDULE),
     "lr_scheduler_type": (MAY_CHANGE, _APPLIED_SCHEDULE),
     "lr_scheduler_kwargs": (MAY_CHANGE, _APPLIED_SCHEDULE),
     "warmup_steps": (MAY_CHANGE, _APPLIED_SCHEDULE),
+    **dict.fromkeys(WSD_KEYS, (MAY_CHANGE, _APPLIED_SCHEDULE)),
     "logging_steps": (MAY_CHANGE, _APPLIED_CADENCE),
     "eval_steps": (MAY_CHANGE, _APPLIED_CADENCE),
     "save_steps": (MAY_CHANGE, _APPLIED_CADENCE),
