@@ -96,7 +96,7 @@ def test_a_new_learning_rate_schedule_length_and_cadence_apply_from_the_resumed_
     recipe = (output / "recipe.yaml").read_text()
     assert "learning_rate: 0.001" in recipe and "max_steps: 8" in recipe
     card = (output / "README.md").read_text()
-    assert ("- from step 4: learning_rate 0.003 -> 0.001; max_steps 4 -> 8; logging_steps 2 -> 1.0; save_steps 4 -> 3"
+    assert ("- from step 4: learning_rate 0.003 -> 0.001; max_steps 4 -> 8; logging_steps 2 -> 1; save_steps 4 -> 3"
             in card)
 
 

@@ -134,11 +134,12 @@ def record_identity(recipe: Recipe, output_dir: str, resumed_from: str | None) -
 
 def current_settings(recipe: Recipe) -> dict[str, Any]:
     """The value of each key of the table as this run uses it (after the defaults and what the arguments derive
-    themselves), and `world_size`: the processes of this launch; as JSON values."""
+    themselves), and `world_size`: the processes of this launch; as JSON values, an integral float as an int
+    (the arguments make `logging_steps: 1` 1.0)."""
     fields = _fields(recipe)
     values = {name: getattr(fields[name][0], name) for name in RESUME_KEYS if name in fields}
     values["world_size"] = recipe.training.world_size
-    return json.loads(json.dumps(values, default=str))
+    return {name: _plain(value) for name, value in json.loads(json.dumps(values, default=str)).items()}
 
 
 def recorded_resumes(output_dir: str | Path) -> list[dict[str, Any]]:
@@ -237,8 +238,12 @@ def _setting_changes(
         else:
             continue
         if old != new:
-            changes.append(f"{name} {old!r} -> {new!r}")
+            changes.append(f"{name} {_plain(old)!r} -> {_plain(new)!r}")
     return changes
+
+
+def _plain(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _previous_recipe(output_dir: str) -> tuple[dict[str, Any] | None, str | None]:
