@@ -112,6 +112,25 @@ def test_muon_with_fsdp_is_refused():
         check_optimizer(training)
 
 
+def test_warmup_and_decay_longer_than_the_run_are_refused_naming_the_keys(tmp_path):
+    from lmpipe.config.recipe import parse_recipe
+    from lmpipe.training.optimizers import schedule_kwargs
+
+    def wsd(decay_fraction):
+        return parse_recipe([
+            "--output_dir", str(tmp_path), "--lr_scheduler_type", "warmup_stable_decay", "--warmup_steps", "2",
+            "--decay_fraction", str(decay_fraction),
+        ]).training
+
+    assert schedule_kwargs(wsd(0.75), 8) == {"num_decay_steps": 6}  # 2 + 6 steps: no stable phase, still valid
+    with pytest.raises(LmpipeError) as refused:
+        schedule_kwargs(wsd(1.0), 8)
+    assert str(refused.value) == (
+        "lr_scheduler_type warmup_stable_decay: warmup_steps (2 steps) + decay_fraction (8 steps) is more than the"
+        " run's 8 steps: lower warmup_steps or decay_fraction"
+    )
+
+
 def test_another_optimizer_is_another_run_but_its_settings_may_change(tmp_path):
     """adamw and muon checkpoints hold different optimizer states: a resume could not load one into the other."""
     from lmpipe.config.recipe import parse_recipe
