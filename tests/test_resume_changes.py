@@ -20,6 +20,7 @@ from lmpipe.cli import main
 from lmpipe.config.arguments import PRETRAIN_GROUPS, RunTrainingArguments
 from lmpipe.config.recipe import parse_recipe
 from lmpipe.run import identity
+from lmpipe.run.files import write_resolved_recipe
 from lmpipe.run.manifest import MANIFEST_NAME
 
 from conftest import REPO, arm, tiny_run, write_pydoc_corpus
@@ -240,3 +241,19 @@ def test_a_key_the_recorded_settings_lack_is_compared_as_recipe_yaml_writes_it(t
     del recorded["settings"]["gradient_accumulation_steps"]
     (tmp_path / "identity.json").write_text(json.dumps(recorded))
     assert identity.identity_changes(recipe, str(tmp_path)) == ["gradient_accumulation_steps 2 -> 1"]
+
+
+def test_a_new_learning_rate_under_reduce_lr_on_plateau_is_refused(tmp_path):
+    """That scheduler's restored state holds the rate: a new learning_rate would be recorded and never used."""
+    args = ["--train_file", "corpus.txt", "--output_dir", str(tmp_path), "--lr_scheduler_type", "reduce_lr_on_plateau",
+            "--eval_strategy", "steps", "--learning_rate", "0.003"]
+    recipe = parse_recipe(args, groups=PRETRAIN_GROUPS)
+    identity.record_identity(recipe, str(tmp_path), None)
+    write_resolved_recipe(recipe, str(tmp_path))
+    assert identity.identity_changes(parse_recipe([*args, "--weight_decay", "0.1"], groups=PRETRAIN_GROUPS),
+                                     str(tmp_path)) == []
+    changed = parse_recipe([*args, "--learning_rate", "0.001"], groups=PRETRAIN_GROUPS)
+    assert identity.identity_changes(changed, str(tmp_path)) == [
+        "learning_rate 0.003 -> 0.001, which lr_scheduler_type reduce_lr_on_plateau would not apply (it keeps the"
+        " checkpoint's rate)"
+    ]

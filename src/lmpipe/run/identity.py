@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import TrainingArguments
+from transformers import SchedulerType, TrainingArguments
 from transformers.trainer_utils import sort_checkpoints
 
 from lmpipe.config.recipe import TASK_KEY, Recipe
@@ -67,6 +67,8 @@ RESUME_KEYS: dict[str, tuple[bool, str]] = {
     "include_num_input_tokens_seen": (MAY_NOT_CHANGE, "the run's count of trained tokens"),
 }
 
+# The keys that reduce_lr_on_plateau does not take from the recipe on a resume: its restored state holds the rate.
+PLATEAU_KEEPS = ("learning_rate", "muon_learning_rate")
 # Files of a model or tokenizer directory that are fingerprinted: its weights, configs, vocabulary and templates.
 MODEL_DIRECTORY_SUFFIXES = (".safetensors", ".json", ".txt", ".jinja", ".model")
 # Fingerprints read at most this many blocks of this size, evenly spaced, first and last included.
@@ -99,6 +101,12 @@ def identity_changes(recipe: Recipe, output_dir: str) -> list[str]:
             changes.append(f"{name} {old!r} -> {new!r}")
     recorded = _recorded(output_dir)
     changes += _setting_changes(recipe, before, recorded.get("settings"), MAY_NOT_CHANGE)
+    if SchedulerType(recipe.training.lr_scheduler_type) == SchedulerType.REDUCE_ON_PLATEAU:
+        changes += [
+            f"{change}, which lr_scheduler_type reduce_lr_on_plateau would not apply (it keeps the checkpoint's rate)"
+            for change in _setting_changes(recipe, before, recorded.get("settings"), MAY_CHANGE)
+            if change.split()[0] in PLATEAU_KEEPS
+        ]
     current = input_fingerprints(recipe)
     for path, old in recorded.get("files", {}).items():
         new = current.get(path)
