@@ -257,3 +257,14 @@ def test_a_new_learning_rate_under_reduce_lr_on_plateau_is_refused(tmp_path):
         "learning_rate 0.003 -> 0.001, which lr_scheduler_type reduce_lr_on_plateau would not apply (it keeps the"
         " checkpoint's rate)"
     ]
+
+
+def test_a_tokenizer_directory_is_fingerprinted_by_its_tokenizer_files_alone(tmp_path):
+    """A finished run's directory as tokenizer_name_or_path: its weights and manifest are not the tokenizer."""
+    run = tmp_path / "previous"
+    run.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "model.safetensors", "config.json", MANIFEST_NAME):
+        (run / name).write_text(name)
+    args = ["--train_file", "corpus.txt", "--output_dir", str(tmp_path / "run"), "--tokenizer_name_or_path", str(run)]
+    fingerprints = identity.input_fingerprints(parse_recipe(args, groups=PRETRAIN_GROUPS))
+    assert sorted(fingerprints) == [str(run / "tokenizer.json"), str(run / "tokenizer_config.json")]

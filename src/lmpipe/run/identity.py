@@ -69,8 +69,13 @@ RESUME_KEYS: dict[str, tuple[bool, str]] = {
 
 # The keys that reduce_lr_on_plateau does not take from the recipe on a resume: its restored state holds the rate.
 PLATEAU_KEEPS = ("learning_rate", "muon_learning_rate")
-# Files of a model or tokenizer directory that are fingerprinted: its weights, configs, vocabulary and templates.
+# Files of a model directory that are fingerprinted: its weights, configs, vocabulary and templates.
 MODEL_DIRECTORY_SUFFIXES = (".safetensors", ".json", ".txt", ".jinja", ".model")
+# Files of a tokenizer directory that are fingerprinted (a run's directory also holds weights it does not read).
+TOKENIZER_FILES = (
+    "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
 # Fingerprints read at most this many blocks of this size, evenly spaced, first and last included.
 FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK_BYTES = 64, 1 << 20
 
@@ -157,8 +162,9 @@ def recorded_resumes(output_dir: str | Path) -> list[dict[str, Any]]:
 
 def input_fingerprints(recipe: Recipe) -> dict[str, str]:
     """{path: fingerprint} of every local file the recipe reads: data files (`datasets:` entries too), the
-    `builtin:pydoc` corpus, vocab/merges files, a chat template file, and the files of a local tokenizer or model
-    directory. Hub ids are identified by their id (and config) in `recipe.yaml` alone."""
+    `builtin:pydoc` corpus, vocab/merges files, a chat template file, the tokenizer files of a local tokenizer
+    directory and the files of a local model directory. Hub ids are identified by their id (and config) in
+    `recipe.yaml` alone."""
     data, tokenizer, model = recipe.data, recipe.groups.get("tokenizer"), recipe.model
     files = [getattr(data, "train_file", None), getattr(data, "validation_file", None)]
     for entry in getattr(data, "datasets", None) or []:
@@ -170,10 +176,12 @@ def input_fingerprints(recipe: Recipe) -> dict[str, str]:
     files += [getattr(tokenizer, "vocab_file", None), getattr(tokenizer, "merges_file", None)]
     template = getattr(data, "chat_template", None) or ""
     files.append(template if template.endswith(".jinja") else None)  # else the template's own text, in recipe.yaml
-    directories = [getattr(tokenizer, "tokenizer_name_or_path", None), model.model_name_or_path]
-    for directory in (Path(d) for d in directories if d and Path(d).is_dir()):
+    tokenizer_directory = getattr(tokenizer, "tokenizer_name_or_path", None)
+    if tokenizer_directory and Path(tokenizer_directory).is_dir():
+        files += sorted(str(p) for p in Path(tokenizer_directory).iterdir() if p.name in TOKENIZER_FILES)
+    if model.model_name_or_path and Path(model.model_name_or_path).is_dir():
         files += sorted(
-            str(p) for p in directory.iterdir()
+            str(p) for p in Path(model.model_name_or_path).iterdir()
             if p.suffix in MODEL_DIRECTORY_SUFFIXES and p.name not in (METRICS_NAME, IDENTITY_NAME) and p.is_file()
         )
     fingerprints = {path: file_fingerprint(path) for path in files if isinstance(path, str) and Path(path).is_file()}
