@@ -20,8 +20,8 @@ seed (the sweep's runs are reused for the first). Reported per corpus:
 - Muon's cost per training step over AdamW's (forward, backward, clipping and step of the same model in this
   process, interleaved; and the optimizer step alone).
 
-    HF_HUB_OFFLINE=1 python benchmarks/quality_per_compute.py                 # the full comparison (hours)
-    HF_HUB_OFFLINE=1 python benchmarks/quality_per_compute.py --smoke         # a tiny setting, about a minute
+    HF_HUB_OFFLINE=1 python benchmarks/quality_per_compute.py                 # the full comparison
+    HF_HUB_OFFLINE=1 python benchmarks/quality_per_compute.py --smoke         # a tiny setting: the whole path runs
 
 A rerun with the same settings and `--out_dir` reuses every finished run (lmpipe returns a finished run's metrics);
 a run whose settings changed is replaced.
@@ -289,7 +289,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="the tiny setting (about a minute): defaults below")
+    parser.add_argument("--smoke", action="store_true", help="the tiny setting: defaults below")
     parser.add_argument("--corpora", default="shakespeare,pydoc", help=f"comma-separated, of {', '.join(CORPORA)}")
     for key, value in FULL.items():
         parser.add_argument(f"--{key}", default=None, help=f"default {value} (smoke: {SMOKE[key]})")
