@@ -8,7 +8,7 @@ Every run is `lmpipe pretrain` with flags (the CLI entry, in this process), on t
     (c) optimizer: muon (Muon on the blocks' matrices, AdamW at (b)'s best rate on the rest), its own sweep of
         muon_learning_rate, the same schedule;
     (d) (c)'s best with warmup_stable_decay (decay_fraction, min_lr_ratio 0.1, linear decay);
-    (e) the best of (b)-(d) with `document_attention: true`, skipped when the recipe has no such key.
+    (e) the best of (b)-(d) with `document_attention: true` (`--no_document_attention` skips it).
 
 Sweeps use the first seed; the final comparison reruns (a), the best (b), the best (c), (d) and (e) with every
 seed (the sweep's runs are reused for the first). Reported per corpus:
@@ -20,8 +20,8 @@ seed (the sweep's runs are reused for the first). Reported per corpus:
 - Muon's cost per training step over AdamW's (forward, backward, clipping and step of the same model in this
   process, interleaved; and the optimizer step alone).
 
-    HF_HUB_OFFLINE=1 python benchmarks/quality_per_compute.py                 # the full comparison (hours)
-    HF_HUB_OFFLINE=1 python benchmarks/quality_per_compute.py --smoke         # a tiny setting, about a minute
+    HF_HUB_OFFLINE=1 python benchmarks/quality_per_compute.py                 # the full comparison
+    HF_HUB_OFFLINE=1 python benchmarks/quality_per_compute.py --smoke         # a tiny setting: the whole path runs
 
 A rerun with the same settings and `--out_dir` reuses every finished run (lmpipe returns a finished run's metrics);
 a run whose settings changed is replaced.
@@ -30,7 +30,6 @@ a run whose settings changed is replaced.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -41,7 +40,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lmpipe.cli import main as lmpipe_main  # noqa: E402
-from lmpipe.config.arguments import PRETRAIN_GROUPS  # noqa: E402
 
 from common import DATA, REPO, emit_json, fmt, load_average, machine, print_table, summary  # noqa: E402
 
@@ -58,10 +56,6 @@ SMOKE = {
     "n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 32, "batch_size": 8, "steps": 20, "eval_every": 10,
     "vocab": 300, "max_documents": 100, "seeds": "0", "adamw_lrs": "1e-3,4e-3", "muon_lrs": "2e-3,8e-3",
 }
-
-
-def has_document_attention() -> bool:
-    return any(f.name == "document_attention" for group in PRETRAIN_GROUPS.values() for f in dataclasses.fields(group))
 
 
 class Runner:
@@ -175,7 +169,7 @@ def compare_corpus(corpus: str, settings, out_dir: Path) -> dict:
         "d": (f"d-muon-wsd-lr{muon_lr}", muon_wsd(settings, adamw_lr, muon_lr)),
     }
     finals["d"] = [runner.run(*variants["d"], first)]
-    if has_document_attention() and not settings.no_document_attention:
+    if not settings.no_document_attention:
         best = min("bcd", key=lambda v: finals[v][0]["eval_loss"])
         variants["e"] = (f"e-{variants[best][0]}-docattn", [*variants[best][1], "--document_attention", "true"])
         finals["e"] = [runner.run(*variants["e"], first)]
@@ -295,7 +289,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="the tiny setting (about a minute): defaults below")
+    parser.add_argument("--smoke", action="store_true", help="the tiny setting: defaults below")
     parser.add_argument("--corpora", default="shakespeare,pydoc", help=f"comma-separated, of {', '.join(CORPORA)}")
     for key, value in FULL.items():
         parser.add_argument(f"--{key}", default=None, help=f"default {value} (smoke: {SMOKE[key]})")
@@ -328,7 +322,7 @@ def main(argv=None) -> None:
           f"(optimizer step alone {fmt(cost['muon_over_adamw_optimizer_step'], 2)})")
     settings = {key: getattr(args, key) for key in [*FULL, "warmup_fraction", "decay_fraction", "corpora", "smoke"]}
     emit_json({"benchmark": "quality_per_compute", "settings": settings, "plot": str(plot_path),
-               "document_attention_available": has_document_attention(), "machine": machine(),
+               "machine": machine(),
                "load_average": {"start": load, "end": load_average()}, "results": results, "step_cost": cost})
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from lmpipe.cli import main
 from lmpipe.run.checkpoints import checkpoint_problem
 from lmpipe.run.lock import LOCK_NAME
+from lmpipe.run.manifest import MANIFEST_NAME
 
 from conftest import REPO, tiny_run, write_pydoc_corpus
 
@@ -202,6 +203,7 @@ def test_a_signal_in_the_final_evaluation_stops_it_and_the_rerun_only_evaluates(
     )
     assert "Traceback" not in err
     assert checkpoint_problem(output / "checkpoint-3") is None and not (output / "metrics.json").exists()
+    assert (output / "checkpoint-3" / MANIFEST_NAME).is_file()  # sealed as the Trainer's own saves are
     capsys.readouterr()
     assert main(["pretrain", *args, "--output_dir", str(output)]) == 0
     assert "nothing to train" not in capsys.readouterr().err

@@ -112,6 +112,25 @@ def test_muon_with_fsdp_is_refused():
         check_optimizer(training)
 
 
+def test_warmup_and_decay_longer_than_the_run_are_refused_naming_the_keys(tmp_path):
+    from lmpipe.config.recipe import parse_recipe
+    from lmpipe.training.optimizers import schedule_kwargs
+
+    def wsd(decay_fraction):
+        return parse_recipe([
+            "--output_dir", str(tmp_path), "--lr_scheduler_type", "warmup_stable_decay", "--warmup_steps", "2",
+            "--decay_fraction", str(decay_fraction),
+        ]).training
+
+    assert schedule_kwargs(wsd(0.75), 8) == {"num_decay_steps": 6}  # 2 + 6 steps: no stable phase, still valid
+    with pytest.raises(LmpipeError) as refused:
+        schedule_kwargs(wsd(1.0), 8)
+    assert str(refused.value) == (
+        "lr_scheduler_type warmup_stable_decay: warmup_steps (2 steps) + decay_fraction (8 steps) is more than the"
+        " run's 8 steps: lower warmup_steps or decay_fraction"
+    )
+
+
 def test_another_optimizer_is_another_run_but_its_settings_may_change(tmp_path):
     """adamw and muon checkpoints hold different optimizer states: a resume could not load one into the other."""
     from lmpipe.config.recipe import parse_recipe
@@ -198,6 +217,22 @@ def test_a_resumed_muon_run_has_the_uninterrupted_runs_optimizer_state(reference
             kinds.add(key)
             assert torch.allclose(resumed["state"][index][key], value, atol=1e-6), (index, key)
     assert kinds == {"step", "exp_avg", "exp_avg_sq", "momentum_buffer"}  # AdamW's and Muon's state both
+
+    rates = RecordGroupRates()  # one step more with another Muon rate: applied and recorded
+    arm(monkeypatch, rates)
+    more = ["--max_steps", "9", "--muon_learning_rate", "0.01"]
+    assert main([*reference.command, "--output_dir", str(output), *more]) == 0
+    adamw, muon = rates.used[9][0], rates.used[9][-1]  # one schedule: the groups' rates stand as their base rates
+    assert adamw > 0 and muon == pytest.approx(adamw * 0.01 / LEARNING_RATE, rel=1e-9)
+    assert "- from step 8: muon_learning_rate 0.02 -> 0.01; max_steps 8 -> 9" in (output / "README.md").read_text()
+
+
+class RecordGroupRates(TrainerCallback):
+    def __init__(self):
+        self.used = {}
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.used[state.global_step + 1] = [group["lr"] for group in optimizer.param_groups]
 
 
 @pytest.mark.slow

@@ -309,3 +309,31 @@ def test_a_run_that_diverges_right_after_resuming_names_the_checkpoint_before_an
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["train_steps"] == 6 and metrics["resumed_from"] == str(before)
     assert math.isfinite(metrics["eval_loss"])
+
+
+def test_the_checkpoint_of_a_stopped_final_evaluation_is_sealed_by_its_manifest(tmp_path):
+    """`save_last_step` calls the Trainer's `_save_checkpoint` directly: the callbacks' `on_save` must follow it."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import CallbackHandler
+
+    from lmpipe.training.callbacks import SealCheckpoint
+    from lmpipe.training.loop import save_last_step
+
+    def save(model, trial):  # the files of a checkpoint, trainer_state.json last
+        checkpoint = tmp_path / "checkpoint-3"
+        checkpoint.mkdir()
+        (checkpoint / "model.safetensors").write_bytes(b"weights")
+        (checkpoint / "trainer_state.json").write_text("{}")
+
+    trainer = SimpleNamespace(
+        args=TrainingArguments(output_dir=str(tmp_path)), state=TrainerState(global_step=3), control=TrainerControl(),
+        callback_handler=CallbackHandler([SealCheckpoint()], None, None, None, None), model=None,
+        _save_checkpoint=save,
+    )
+    save_last_step(trainer)
+    manifest = read_manifest(tmp_path / "checkpoint-3")
+    assert manifest is not None and manifest["step"] == 3
+    assert sorted(manifest["files"]) == ["model.safetensors", "trainer_state.json"]
+    assert manifest["files"]["model.safetensors"]["sha256"] == hashlib.sha256(b"weights").hexdigest()

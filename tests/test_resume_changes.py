@@ -20,6 +20,7 @@ from lmpipe.cli import main
 from lmpipe.config.arguments import PRETRAIN_GROUPS, RunTrainingArguments
 from lmpipe.config.recipe import parse_recipe
 from lmpipe.run import identity
+from lmpipe.run.files import write_resolved_recipe
 from lmpipe.run.manifest import MANIFEST_NAME
 
 from conftest import REPO, arm, tiny_run, write_pydoc_corpus
@@ -96,7 +97,7 @@ def test_a_new_learning_rate_schedule_length_and_cadence_apply_from_the_resumed_
     recipe = (output / "recipe.yaml").read_text()
     assert "learning_rate: 0.001" in recipe and "max_steps: 8" in recipe
     card = (output / "README.md").read_text()
-    assert ("- from step 4: learning_rate 0.003 -> 0.001; max_steps 4 -> 8; logging_steps 2 -> 1.0; save_steps 4 -> 3"
+    assert ("- from step 4: learning_rate 0.003 -> 0.001; max_steps 4 -> 8; logging_steps 2 -> 1; save_steps 4 -> 3"
             in card)
 
 
@@ -113,6 +114,22 @@ def test_a_resume_loads_its_checkpoints_tokenizer_and_never_trains_one(corpus, f
     assert json.loads((output / "metrics.json").read_text())["resumed_from"] == str(output / "checkpoint-4")
     saved = AutoTokenizer.from_pretrained(finished / "checkpoint-4").get_vocab()
     assert AutoTokenizer.from_pretrained(output).get_vocab() == saved
+
+
+@pytest.mark.slow
+def test_a_resume_that_fails_to_load_its_checkpoint_leaves_the_runs_record(corpus, finished, tmp_path, monkeypatch):
+    """identity.json and recipe.yaml say whose run it is: a failed attempt must not rewrite them (issue 24 review)."""
+    from transformers import Trainer
+
+    def fails(self, checkpoint):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+
+    output = shutil.copytree(finished, tmp_path / "run")
+    before = {name: (output / name).read_bytes() for name in ("identity.json", "recipe.yaml", "metrics.json")}
+    monkeypatch.setattr(Trainer, "_load_optimizer_and_scheduler", fails)
+    with pytest.raises(ValueError, match="parameter groups"):
+        main(command(corpus, output, 6, "--learning_rate", "0.001"))
+    assert {name: (output / name).read_bytes() for name in before} == before
 
 
 @pytest.mark.slow
@@ -136,15 +153,17 @@ def test_a_data_file_replaced_under_the_same_path_is_refused_naming_it(corpus, f
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flag, value, change", [
-    ("gradient_accumulation_steps", "2", "gradient_accumulation_steps 1 -> 2"),
-    ("per_device_train_batch_size", "2", "per_device_train_batch_size 4 -> 2"),
+@pytest.mark.parametrize("flag, value, change, named", [
+    ("gradient_accumulation_steps", "2", "gradient_accumulation_steps 1 -> 2", False),
+    ("per_device_train_batch_size", "2", "per_device_train_batch_size 4 -> 2", False),
+    ("gradient_accumulation_steps", "2", "gradient_accumulation_steps 1 -> 2", True),  # --resume_from_checkpoint
 ])
 def test_another_batch_geometry_is_refused_naming_the_key_and_both_values(
-    corpus, finished, tmp_path, capsys, flag, value, change
+    corpus, finished, tmp_path, capsys, flag, value, change, named
 ):
     output = shutil.copytree(finished, tmp_path / "run")
-    assert main(command(corpus, output, 6, f"--{flag}", value)) == 2
+    resume = ["--resume_from_checkpoint", str(output / "checkpoint-4")] if named else []
+    assert main(command(corpus, output, 6, f"--{flag}", value, *resume)) == 2
     assert f"output_dir holds another run ({change});" in last_error(capsys)
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4"]
 
@@ -210,3 +229,42 @@ def test_an_edited_file_of_the_same_size_changes_its_fingerprint(tmp_path, monke
     data[-1] ^= 1  # the last block is always sampled
     path.write_bytes(bytes(data))
     assert identity.file_fingerprint(str(path)) != before and before.startswith(f"{len(data)}:")
+
+
+def test_a_key_the_recorded_settings_lack_is_compared_as_recipe_yaml_writes_it(tmp_path):
+    """A run recorded before the table listed a key: its recipe.yaml still says the value the run used."""
+    args = ["--train_file", "corpus.txt", "--output_dir", str(tmp_path)]
+    recipe = parse_recipe(args, groups=PRETRAIN_GROUPS)
+    (tmp_path / "recipe.yaml").write_text("train_file: corpus.txt\ngradient_accumulation_steps: 2\n")
+    identity.record_identity(recipe, str(tmp_path), None)
+    recorded = json.loads((tmp_path / "identity.json").read_text())
+    del recorded["settings"]["gradient_accumulation_steps"]
+    (tmp_path / "identity.json").write_text(json.dumps(recorded))
+    assert identity.identity_changes(recipe, str(tmp_path)) == ["gradient_accumulation_steps 2 -> 1"]
+
+
+def test_a_new_learning_rate_under_reduce_lr_on_plateau_is_refused(tmp_path):
+    """That scheduler's restored state holds the rate: a new learning_rate would be recorded and never used."""
+    args = ["--train_file", "corpus.txt", "--output_dir", str(tmp_path), "--lr_scheduler_type", "reduce_lr_on_plateau",
+            "--eval_strategy", "steps", "--learning_rate", "0.003"]
+    recipe = parse_recipe(args, groups=PRETRAIN_GROUPS)
+    identity.record_identity(recipe, str(tmp_path), None)
+    write_resolved_recipe(recipe, str(tmp_path))
+    assert identity.identity_changes(parse_recipe([*args, "--weight_decay", "0.1"], groups=PRETRAIN_GROUPS),
+                                     str(tmp_path)) == []
+    changed = parse_recipe([*args, "--learning_rate", "0.001"], groups=PRETRAIN_GROUPS)
+    assert identity.identity_changes(changed, str(tmp_path)) == [
+        "learning_rate 0.003 -> 0.001, which lr_scheduler_type reduce_lr_on_plateau would not apply (it keeps the"
+        " checkpoint's rate)"
+    ]
+
+
+def test_a_tokenizer_directory_is_fingerprinted_by_its_tokenizer_files_alone(tmp_path):
+    """A finished run's directory as tokenizer_name_or_path: its weights and manifest are not the tokenizer."""
+    run = tmp_path / "previous"
+    run.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "model.safetensors", "config.json", MANIFEST_NAME):
+        (run / name).write_text(name)
+    args = ["--train_file", "corpus.txt", "--output_dir", str(tmp_path / "run"), "--tokenizer_name_or_path", str(run)]
+    fingerprints = identity.input_fingerprints(parse_recipe(args, groups=PRETRAIN_GROUPS))
+    assert sorted(fingerprints) == [str(run / "tokenizer.json"), str(run / "tokenizer_config.json")]

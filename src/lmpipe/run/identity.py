@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import TrainingArguments
+from transformers import SchedulerType, TrainingArguments
 from transformers.trainer_utils import sort_checkpoints
 
 from lmpipe.config.recipe import TASK_KEY, Recipe
+from lmpipe.config.rules import MUON_KEYS, WSD_KEYS
 from lmpipe.data.sources import PYDOC, pydoc_documents
 from lmpipe.run.files import IDENTITY_NAME, METRICS_NAME, RESOLVED_RECIPE_NAME, write_text_atomically
 
@@ -39,11 +40,13 @@ RESUME_KEYS: dict[str, tuple[bool, str]] = {
     "adam_beta1": (MAY_CHANGE, _APPLIED_OPTIMIZER),
     "adam_beta2": (MAY_CHANGE, _APPLIED_OPTIMIZER),
     "adam_epsilon": (MAY_CHANGE, _APPLIED_OPTIMIZER),
+    **dict.fromkeys(MUON_KEYS, (MAY_CHANGE, _APPLIED_OPTIMIZER)),
     "max_steps": (MAY_CHANGE, _APPLIED_SCHEDULE),
     "num_train_epochs": (MAY_CHANGE, _APPLIED_SCHEDULE),
     "lr_scheduler_type": (MAY_CHANGE, _APPLIED_SCHEDULE),
     "lr_scheduler_kwargs": (MAY_CHANGE, _APPLIED_SCHEDULE),
     "warmup_steps": (MAY_CHANGE, _APPLIED_SCHEDULE),
+    **dict.fromkeys(WSD_KEYS, (MAY_CHANGE, _APPLIED_SCHEDULE)),
     "logging_steps": (MAY_CHANGE, _APPLIED_CADENCE),
     "eval_steps": (MAY_CHANGE, _APPLIED_CADENCE),
     "save_steps": (MAY_CHANGE, _APPLIED_CADENCE),
@@ -64,8 +67,15 @@ RESUME_KEYS: dict[str, tuple[bool, str]] = {
     "include_num_input_tokens_seen": (MAY_NOT_CHANGE, "the run's count of trained tokens"),
 }
 
-# Files of a model or tokenizer directory that are fingerprinted: its weights, configs, vocabulary and templates.
+# The keys that reduce_lr_on_plateau does not take from the recipe on a resume: its restored state holds the rate.
+PLATEAU_KEEPS = ("learning_rate", "muon_learning_rate")
+# Files of a model directory that are fingerprinted: its weights, configs, vocabulary and templates.
 MODEL_DIRECTORY_SUFFIXES = (".safetensors", ".json", ".txt", ".jinja", ".model")
+# Files of a tokenizer directory that are fingerprinted (a run's directory also holds weights it does not read).
+TOKENIZER_FILES = (
+    "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
 # Fingerprints read at most this many blocks of this size, evenly spaced, first and last included.
 FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK_BYTES = 64, 1 << 20
 
@@ -96,6 +106,12 @@ def identity_changes(recipe: Recipe, output_dir: str) -> list[str]:
             changes.append(f"{name} {old!r} -> {new!r}")
     recorded = _recorded(output_dir)
     changes += _setting_changes(recipe, before, recorded.get("settings"), MAY_NOT_CHANGE)
+    if SchedulerType(recipe.training.lr_scheduler_type) == SchedulerType.REDUCE_ON_PLATEAU:
+        changes += [
+            f"{change}, which lr_scheduler_type reduce_lr_on_plateau would not apply (it keeps the checkpoint's rate)"
+            for change in _setting_changes(recipe, before, recorded.get("settings"), MAY_CHANGE)
+            if change.split()[0] in PLATEAU_KEEPS
+        ]
     current = input_fingerprints(recipe)
     for path, old in recorded.get("files", {}).items():
         new = current.get(path)
@@ -131,11 +147,12 @@ def record_identity(recipe: Recipe, output_dir: str, resumed_from: str | None) -
 
 def current_settings(recipe: Recipe) -> dict[str, Any]:
     """The value of each key of the table as this run uses it (after the defaults and what the arguments derive
-    themselves), and `world_size`: the processes of this launch; as JSON values."""
+    themselves), and `world_size`: the processes of this launch; as JSON values, an integral float as an int
+    (the arguments make `logging_steps: 1` 1.0)."""
     fields = _fields(recipe)
     values = {name: getattr(fields[name][0], name) for name in RESUME_KEYS if name in fields}
     values["world_size"] = recipe.training.world_size
-    return json.loads(json.dumps(values, default=str))
+    return {name: _plain(value) for name, value in json.loads(json.dumps(values, default=str)).items()}
 
 
 def recorded_resumes(output_dir: str | Path) -> list[dict[str, Any]]:
@@ -145,8 +162,9 @@ def recorded_resumes(output_dir: str | Path) -> list[dict[str, Any]]:
 
 def input_fingerprints(recipe: Recipe) -> dict[str, str]:
     """{path: fingerprint} of every local file the recipe reads: data files (`datasets:` entries too), the
-    `builtin:pydoc` corpus, vocab/merges files, a chat template file, and the files of a local tokenizer or model
-    directory. Hub ids are identified by their id (and config) in `recipe.yaml` alone."""
+    `builtin:pydoc` corpus, vocab/merges files, a chat template file, the tokenizer files of a local tokenizer
+    directory and the files of a local model directory. Hub ids are identified by their id (and config) in
+    `recipe.yaml` alone."""
     data, tokenizer, model = recipe.data, recipe.groups.get("tokenizer"), recipe.model
     files = [getattr(data, "train_file", None), getattr(data, "validation_file", None)]
     for entry in getattr(data, "datasets", None) or []:
@@ -158,10 +176,12 @@ def input_fingerprints(recipe: Recipe) -> dict[str, str]:
     files += [getattr(tokenizer, "vocab_file", None), getattr(tokenizer, "merges_file", None)]
     template = getattr(data, "chat_template", None) or ""
     files.append(template if template.endswith(".jinja") else None)  # else the template's own text, in recipe.yaml
-    directories = [getattr(tokenizer, "tokenizer_name_or_path", None), model.model_name_or_path]
-    for directory in (Path(d) for d in directories if d and Path(d).is_dir()):
+    tokenizer_directory = getattr(tokenizer, "tokenizer_name_or_path", None)
+    if tokenizer_directory and Path(tokenizer_directory).is_dir():
+        files += sorted(str(p) for p in Path(tokenizer_directory).iterdir() if p.name in TOKENIZER_FILES)
+    if model.model_name_or_path and Path(model.model_name_or_path).is_dir():
         files += sorted(
-            str(p) for p in directory.iterdir()
+            str(p) for p in Path(model.model_name_or_path).iterdir()
             if p.suffix in MODEL_DIRECTORY_SUFFIXES and p.name not in (METRICS_NAME, IDENTITY_NAME) and p.is_file()
         )
     fingerprints = {path: file_fingerprint(path) for path in files if isinstance(path, str) and Path(path).is_file()}
@@ -217,24 +237,29 @@ def _setting_changes(
     recipe: Recipe, before: dict[str, Any], settings: dict[str, Any] | None, changeable: bool
 ) -> list[str]:
     """`key old -> new` for each key of the table of class `changeable` whose value differs from the recorded
-    `settings`. A run recorded without them is compared as both recipes write it (a key absent from one takes the
-    dataclass default, so a value the arguments derive themselves never counts)."""
+    `settings`. A key they lack (a run recorded without them, or before the table listed the key) is compared as
+    both recipes write it (a key absent from one takes the dataclass default, so a value the arguments derive
+    themselves never counts)."""
     fields, now = _fields(recipe), current_settings(recipe)
     written = recipe.resolved()
     changes = []
     for name, (may, _) in RESUME_KEYS.items():
         if may != changeable or name not in now:
             continue
-        if settings is not None:
-            old, new = settings.get(name, now[name]), now[name]
+        if settings is not None and name in settings:
+            old, new = settings[name], now[name]
         elif name in fields:
             default = _default(fields[name][1])
             old, new = before.get(name, default), written.get(name, default)
         else:
             continue
         if old != new:
-            changes.append(f"{name} {old!r} -> {new!r}")
+            changes.append(f"{name} {_plain(old)!r} -> {_plain(new)!r}")
     return changes
+
+
+def _plain(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _previous_recipe(output_dir: str) -> tuple[dict[str, Any] | None, str | None]:

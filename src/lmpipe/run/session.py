@@ -32,7 +32,7 @@ from lmpipe.errors import LmpipeError
 from lmpipe.run.checkpoints import checkpoint_problem, newest_complete_checkpoint, saved_model_problem
 from lmpipe.run.disk_full import full_disk_is_one_line
 from lmpipe.run.distributed import a_lost_rank_is_one_line, check_launch, restore_cpu_threads
-from lmpipe.run.files import METRICS_NAME, RESOLVED_RECIPE_NAME
+from lmpipe.run.files import IDENTITY_NAME, METRICS_NAME, RESOLVED_RECIPE_NAME
 from lmpipe.run.hub import HubTarget, check_hub_push
 from lmpipe.run.identity import checkpoint_world_size, identity_changes
 from lmpipe.run.lock import exclusive_output_dir
@@ -72,7 +72,10 @@ def hold_output_dir(training: TrainingArguments) -> Iterator[None]:
 
 
 def check_output_dir(recipe: Recipe, args: TrainingArguments) -> None:
-    """Before any data is loaded: refuse another run's output_dir (unless overwriting) or a damaged named checkpoint."""
+    """Before any data is loaded: refuse another run's output_dir (unless overwriting) or a damaged named checkpoint.
+
+    A named checkpoint continues the run in `output_dir` when one is there, so that run's identity is checked too
+    (the divergence advice names a checkpoint to resume from); an output_dir without one takes any checkpoint."""
     if args.resume_from_checkpoint:
         problem = checkpoint_problem(args.resume_from_checkpoint, args.save_only_model)
         if problem:
@@ -84,7 +87,9 @@ def check_output_dir(recipe: Recipe, args: TrainingArguments) -> None:
                 f" has {args.world_size}: world_size may not change between resumes (it would skip or repeat data);"
                 f" launch {saved_by} process(es)"
             )
-        return
+        holds_a_run = any((Path(args.output_dir) / name).is_file() for name in (RESOLVED_RECIPE_NAME, IDENTITY_NAME))
+        if not holds_a_run:
+            return
     if getattr(args, "overwrite_output_dir", False):  # plain TrainingArguments have no such key: never overwrite
         return
     changes = identity_changes(recipe, args.output_dir)

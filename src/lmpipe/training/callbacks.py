@@ -5,7 +5,7 @@ has started. Saving on a signal is `run.signals`; all of them are wired in by `r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -128,6 +128,24 @@ class NotFinishedOnceStarted(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             (Path(args.output_dir) / METRICS_NAME).unlink(missing_ok=True)
+
+
+class RecordRunOnceLoaded(TrainerCallback):
+    """`identity.json` and `recipe.yaml` say whose run `output_dir` holds: `record` writes them (rank 0) only once
+    this attempt has loaded its checkpoint, so a resume that fails to load leaves the run's record as it was. It
+    goes first (`first_callback`): a resume at the last step stops in `on_train_begin` and is still this session."""
+
+    def __init__(self, record: Callable[[], None]):
+        self.record = record
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.record()
+
+
+def first_callback(trainer, callback: TrainerCallback) -> None:
+    """Add `callback` before every other one (`add_callback` appends)."""
+    trainer.callback_handler.callbacks.insert(0, callback)
 
 
 class TrainingAlreadyDone(Exception):

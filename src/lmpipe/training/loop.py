@@ -19,7 +19,7 @@ from lmpipe.run.files import METRICS_NAME, PLOT_NAME, model_files, write_resolve
 from lmpipe.run.identity import record_identity
 from lmpipe.run.manifest import write_manifest
 from lmpipe.run.signals import stops_the_final_evaluation
-from lmpipe.training.callbacks import TrainingAlreadyDone, logged_loss_at
+from lmpipe.training.callbacks import RecordRunOnceLoaded, TrainingAlreadyDone, first_callback, logged_loss_at
 from lmpipe.training.plot import plot_history
 from lmpipe.training.trainer import ExactEvalTrainer
 from lmpipe.training.zero_shot_tasks import zero_shot_metrics
@@ -37,10 +37,12 @@ def final_evaluation(trainer: ExactEvalTrainer) -> dict[str, Any] | None:
 def save_last_step(trainer: ExactEvalTrainer) -> None:
     """`checkpoint-N` of the last step when the save strategy wrote none (`no`, `best`): the final evaluation was
     stopped, and the rerun resumes there and evaluates instead of training again. `_save_checkpoint` is the
-    Trainer's own save of a complete checkpoint (every rank's RNG state included); it has no public name."""
+    Trainer's own save of a complete checkpoint (every rank's RNG state included); it has no public name. The
+    callbacks' `on_save` follows, as after the Trainer's own saves: `SealCheckpoint` writes its manifest."""
     checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
     if not (checkpoint / TRAINER_STATE).is_file():  # the Trainer writes it last
         trainer._save_checkpoint(trainer.model, trial=None)
+        trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
 
 
 def tokens_seen_at(checkpoint: str | None) -> int:
@@ -72,12 +74,16 @@ def train_and_evaluate(
     evaluation_metrics: Callable[[dict[str, Any]], dict[str, Any]] = language_model_evaluation,
 ) -> dict[str, Any]:
     """Resume from `resume_from` (`run.checkpoints.resume_checkpoint`), train, evaluate, save the model and its
-    manifest; returns the run's metrics (the final evaluation's through `evaluation_metrics`). A finished run's
-    metrics.json goes once training has started (`NotFinishedOnceStarted`)."""
+    manifest; returns the run's metrics (the final evaluation's through `evaluation_metrics`). `identity.json` and
+    `recipe.yaml` are written, and a finished run's metrics.json goes, once the checkpoint has loaded
+    (`RecordRunOnceLoaded`, `NotFinishedOnceStarted`)."""
     output_dir = trainer.args.output_dir
-    if trainer.is_world_process_zero():
+
+    def record() -> None:
         record_identity(recipe, output_dir, resume_from)  # before recipe.yaml: it records what changed since
         write_resolved_recipe(recipe, output_dir)
+
+    first_callback(trainer, RecordRunOnceLoaded(record))
     tokens_before = tokens_seen_at(resume_from)  # read now: save_total_limit may delete that checkpoint
     with stops_the_final_evaluation(trainer.callback_handler.callbacks, lambda: save_last_step(trainer)) as trained:
         try:

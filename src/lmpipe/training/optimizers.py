@@ -111,10 +111,20 @@ def muon_with_adamw(model: nn.Module, args: TrainingArguments, decay_names: Coll
 
 def schedule_kwargs(args: TrainingArguments, num_training_steps: int) -> dict[str, Any]:
     """The `lr_scheduler_kwargs` that warmup_stable_decay's recipe keys stand for, once the steps are known:
-    `decay_fraction` becomes `num_decay_steps` = round(decay_fraction x steps), at least 1."""
+    `decay_fraction` becomes `num_decay_steps` = round(decay_fraction x steps), at least 1. Warmup and decay longer
+    than the run are refused: transformers would make the stable phase negative."""
     if SchedulerType(args.lr_scheduler_type) != SchedulerType.WARMUP_STABLE_DECAY:
         return {}
     kwargs = {WSD_KEYS[key]: getattr(args, key, None) for key in WSD_KEYS}
     if kwargs["num_decay_steps"] is not None:
         kwargs["num_decay_steps"] = max(1, round(kwargs["num_decay_steps"] * num_training_steps))
+    given = args.lr_scheduler_kwargs or {}
+    decay = kwargs["num_decay_steps"] or given.get("num_decay_steps", 0)
+    warmup = args.get_warmup_steps(num_training_steps)
+    if "num_stable_steps" not in given and warmup + decay > num_training_steps:
+        decay_key = "decay_fraction" if kwargs["num_decay_steps"] else "lr_scheduler_kwargs' num_decay_steps"
+        raise LmpipeError(
+            f"lr_scheduler_type warmup_stable_decay: warmup_steps ({warmup} steps) + {decay_key} ({decay} steps) is"
+            f" more than the run's {num_training_steps} steps: lower warmup_steps or {decay_key}"
+        )
     return {key: value for key, value in kwargs.items() if value is not None}
