@@ -69,6 +69,7 @@ def launch_command(argv: list[str], commands: Collection[str] = ()) -> int:
             raise LmpipeError(f"--no_python runs a program, not the lmpipe command {parsed.training_script}")
         parsed.training_script_args = [parsed.training_script, *parsed.training_script_args]
         parsed.training_script, parsed.module = "lmpipe", True
+    quiet_defaults(parsed)
     args, defaults, _ = _validate_launch_command(parsed)
     sagemaker = defaults is not None and defaults.compute_environment == "AMAZON_SAGEMAKER"
     if not args.cpu and (args.use_deepspeed or args.tpu or sagemaker):
@@ -79,6 +80,19 @@ def launch_command(argv: list[str], commands: Collection[str] = ()) -> int:
         check_one_process_per_gpu(args)
         return launch_several(args)
     return launch_one(args)
+
+
+def quiet_defaults(parsed) -> None:
+    """Without a config file, Accelerate fills one machine, no mixed precision (the recipe's `bf16` / `fp16` set the
+    Trainer's) and no dynamo, and prints five lines saying so on every launch: give it those values instead. A
+    config file's values, or the options given, are left as they are."""
+    from accelerate.commands.config import default_config_file
+
+    if parsed.config_file is not None or os.path.isfile(default_config_file):
+        return
+    for option, value in (("num_machines", 1), ("mixed_precision", "no"), ("dynamo_backend", "no")):
+        if getattr(parsed, option) is None:
+            setattr(parsed, option, value)
 
 
 def check_one_process_per_gpu(args) -> None:
