@@ -20,7 +20,7 @@ from lmpipe.data.chat import DEFAULT_CHAT_TEMPLATE, chat_format
 from lmpipe.data.preference import prepare_preference_data, tokenize_pairs
 from lmpipe.errors import LmpipeError
 from lmpipe.loss.install import ChunkedLogProbOutput
-from lmpipe.loss_check import LossCheckArguments, check_preferences, run_preference_check
+from lmpipe.loss_check import LossCheckArguments, check_preferences, run_preference_check, sequence_log_prob
 from lmpipe.model.build import build_model
 
 from conftest import DATA
@@ -350,3 +350,35 @@ def test_a_lora_runs_adapter_trains_on_against_its_frozen_copy(policy, gpt2_toke
     check = run_preference_check(recipe)
     assert check.first_disagreement() is None
     assert all(row.manual["reward_chosen"] == 0 == row.manual["reward_rejected"] for row in check.rows)
+
+
+def test_the_evaluation_weighs_every_held_out_pair_once(policy, tmp_path):
+    """5 held-out pairs in eval batches of 2, 2 and 1: every reported statistic is the mean over the pairs of the
+    values computed by hand, not TRL's mean of the three batch means (the last pair would weigh as much as two)."""
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", nq_pairs(14)[8:13])
+    recipe = check_recipe(policy, odd_pairs(tmp_path), "--validation_file", held_out,
+                          "--per_device_eval_batch_size", "2")
+    trainer, data = lmpipe.dpo.build_dpo_trainer(recipe, recipe.training, str(policy))
+    perturb(trainer.model, seed=3)
+    evaluation = trainer.evaluate()
+    beta = recipe.training.beta
+    with torch.no_grad():
+        hand = torch.tensor([
+            [sequence_log_prob(model, pair["prompt_ids"], pair[answer])
+             for model in (trainer.model, trainer.ref_model) for answer in ("chosen_ids", "rejected_ids")]
+            for pair in data.validation
+        ], dtype=torch.float64)
+    chosen, rejected = beta * (hand[:, 0] - hand[:, 2]), beta * (hand[:, 1] - hand[:, 3])
+    margin = chosen - rejected
+    expected = {
+        "eval_loss": -torch.nn.functional.logsigmoid(margin), "eval_rewards/accuracies": (margin > 0).double(),
+        "eval_rewards/margins": margin, "eval_rewards/chosen": chosen, "eval_rewards/rejected": rejected,
+        "eval_logps/chosen": hand[:, 0], "eval_logps/rejected": hand[:, 1],
+    }
+    assert len(hand) == 5
+    for key, values in expected.items():
+        assert evaluation[key] == pytest.approx(values.mean().item(), rel=1e-5, abs=1e-6), key
+    accuracy = expected["eval_rewards/accuracies"]
+    batch_means = [accuracy[start : start + 2].mean().item() for start in (0, 2, 4)]
+    assert abs(sum(batch_means) / 3 - accuracy.mean().item()) > 0.05  # TRL's way differs on these pairs
+    assert "eval_num_tokens" not in evaluation  # TRL's count of training tokens
