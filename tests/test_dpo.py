@@ -1,16 +1,21 @@
 """DPO: pairs tokenised apart at an exact boundary, the check-loss DPO mode against TRL on real batches, and a tiny
 `lmpipe dpo` run that survives SIGTERM and resumes to the uninterrupted run's weights."""
 
+import itertools
 import json
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.data_loader import BatchSamplerShard
 from datasets import Dataset
 from safetensors.torch import load_file
+from torch.utils.data import BatchSampler, SequentialSampler
 from transformers import TrainerCallback
 from trl.data_utils import common_prefix_length
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 import lmpipe.dpo
 from lmpipe.cli import main
@@ -20,8 +25,14 @@ from lmpipe.data.chat import DEFAULT_CHAT_TEMPLATE, chat_format
 from lmpipe.data.preference import prepare_preference_data, tokenize_pairs
 from lmpipe.errors import LmpipeError
 from lmpipe.loss.install import ChunkedLogProbOutput
-from lmpipe.loss_check import LossCheckArguments, check_preferences, run_preference_check
+from lmpipe.loss_check import (
+    LossCheckArguments,
+    check_preferences,
+    run_preference_check,
+    sequence_log_prob,
+)
 from lmpipe.model.build import build_model
+from lmpipe.training.pair_eval import first_pairs, real_pairs
 
 from conftest import DATA
 
@@ -350,3 +361,68 @@ def test_a_lora_runs_adapter_trains_on_against_its_frozen_copy(policy, gpt2_toke
     check = run_preference_check(recipe)
     assert check.first_disagreement() is None
     assert all(row.manual["reward_chosen"] == 0 == row.manual["reward_rejected"] for row in check.rows)
+
+
+def test_the_evaluation_weighs_every_held_out_pair_once(policy, tmp_path):
+    """5 held-out pairs in eval batches of 2, 2 and 1: every reported statistic is the mean over the pairs of the
+    values computed by hand, not TRL's mean of the three batch means (the last pair would weigh as much as two)."""
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", nq_pairs(14)[8:13])
+    recipe = check_recipe(policy, odd_pairs(tmp_path), "--validation_file", held_out,
+                          "--per_device_eval_batch_size", "2")
+    trainer, data = lmpipe.dpo.build_dpo_trainer(recipe, recipe.training, str(policy))
+    perturb(trainer.model, seed=3)
+    evaluation = trainer.evaluate()
+    beta = recipe.training.beta
+    with torch.no_grad():
+        hand = torch.tensor([
+            [sequence_log_prob(model, pair["prompt_ids"], pair[answer])
+             for model in (trainer.model, trainer.ref_model) for answer in ("chosen_ids", "rejected_ids")]
+            for pair in data.validation
+        ], dtype=torch.float64)
+    chosen, rejected = beta * (hand[:, 0] - hand[:, 2]), beta * (hand[:, 1] - hand[:, 3])
+    margin = chosen - rejected
+    expected = {
+        "eval_loss": -torch.nn.functional.logsigmoid(margin), "eval_rewards/accuracies": (margin > 0).double(),
+        "eval_rewards/margins": margin, "eval_rewards/chosen": chosen, "eval_rewards/rejected": rejected,
+        "eval_logps/chosen": hand[:, 0], "eval_logps/rejected": hand[:, 1],
+    }
+    assert len(hand) == 5
+    for key, values in expected.items():
+        assert evaluation[key] == pytest.approx(values.mean().item(), rel=1e-5, abs=1e-6), key
+    accuracy = expected["eval_rewards/accuracies"]
+    batch_means = [accuracy[start : start + 2].mean().item() for start in (0, 2, 4)]
+    assert abs(sum(batch_means) / 3 - accuracy.mean().item()) > 0.05  # TRL's way differs on these pairs
+    assert "eval_num_tokens" not in evaluation  # TRL's count of training tokens
+    logged = trainer.state.log_history[-1]
+    assert {key: logged[key] for key in expected} == {key: evaluation[key] for key in expected}
+
+
+def test_each_held_out_pair_is_scored_on_exactly_one_rank():
+    """Against accelerate's own sharding of eval batches (on the last step every rank's batch is filled up with
+    pairs from the start): the pairs each rank keeps (`real_pairs` of its batch, from the front) are every pair
+    once, on 1, 2 and 3 ranks."""
+    for ranks, size, batch_size in itertools.product((1, 2, 3), range(1, 12), (1, 2, 3)):
+        sampler = BatchSampler(SequentialSampler(range(size)), batch_size, drop_last=False)
+        shards = [list(BatchSamplerShard(sampler, ranks, rank, even_batches=True)) for rank in range(ranks)]
+        kept = []
+        for step in range(len(shards[0])):
+            for rank, batches in enumerate(shards):
+                state = SimpleNamespace(end_of_dataloader=step == len(batches) - 1,
+                                        remainder=size % (batch_size * ranks))
+                kept += batches[step][: real_pairs(len(batches[step]), SimpleNamespace(gradient_state=state,
+                                                                                        process_index=rank))]
+        assert sorted(kept) == list(range(size)), (ranks, size, batch_size)
+
+
+def test_a_batch_cut_to_its_first_pairs_is_the_batch_of_those_pairs():
+    """TRL's collator puts the chosen rows first, then the rejected ones; precomputed reference values are one per
+    pair. Cut to 2 pairs, a batch of 3 is the batch of the first 2 (with its wider padding)."""
+    pairs = [{"prompt_ids": [1] * n, "chosen_ids": [2] * (n + 1), "rejected_ids": [3] * (5 - n),
+              "ref_chosen_logps": -float(n), "ref_rejected_logps": -10.0 * n} for n in (1, 2, 3)]
+    collate = DataCollatorForPreference(pad_token_id=0)
+    cut, alone = first_pairs(collate(pairs), 2), collate(pairs[:2])
+    assert cut.keys() == alone.keys()
+    for key, value in alone.items():
+        padding = (0, cut[key].shape[-1] - value.shape[-1]) if value.dim() == 2 else (0, 0)
+        expected = torch.nn.functional.pad(value, padding)
+        assert torch.equal(cut[key], expected), key

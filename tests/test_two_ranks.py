@@ -183,6 +183,22 @@ def finetuning(corpus, pretraining) -> SimpleNamespace:
     return launch_pair(command, corpus, "qa")
 
 
+@pytest.fixture(scope="module")
+def preference(corpus, pretraining) -> SimpleNamespace:
+    """DPO of the pretrained model on NQ-open pairs (the first answer chosen, the next question's rejected), with 5
+    held-out pairs in eval batches of 2: on 2 ranks the last eval batch holds 1 real pair and 3 repeated ones."""
+    rows = [json.loads(line) for line in (DATA / "nq_open_efficientqa_dev.jsonl").read_text().splitlines()[:38]]
+    pairs = [json.dumps({"prompt": f"Question: {row['question']}\nAnswer:", "chosen": " " + row["answer"][0],
+                         "rejected": " " + following["answer"][0]}) + "\n" for row, following in zip(rows, rows[1:])]
+    (corpus / "pairs.jsonl").write_text("".join(pairs[:32]), encoding="utf-8")
+    (corpus / "held_out_pairs.jsonl").write_text("".join(pairs[32:]), encoding="utf-8")
+    command = ["dpo", "--model_name_or_path", str(pretraining.one), "--train_file", str(corpus / "pairs.jsonl"),
+               "--validation_file", str(corpus / "held_out_pairs.jsonl"), "--max_length", "64", *TRAINING,
+               "--save_steps", str(STEPS), "--eval_strategy", "steps", "--eval_steps", str(STEPS),
+               "--per_device_eval_batch_size", "2", "--report_to", "none"]
+    return launch_pair(command, corpus, "dpo")
+
+
 def micro_batches_match(run: SimpleNamespace) -> None:
     """Rank r's micro-batch m of step k holds rows [2(2m + r), 2(2m + r) + 2) of the single rank's batch k."""
     one = run.one_record[0]["batches"]
@@ -298,6 +314,23 @@ def test_qa_finetuning_on_two_ranks_is_the_single_rank_run(finetuning):
     for run in (finetuning.one, finetuning.two):  # both trained with Muon: its momentum is in their checkpoints
         state = torch.load(run / f"checkpoint-{STEPS}" / "optimizer.pt", weights_only=True)["state"]
         assert any("momentum_buffer" in tensors for tensors in state.values())
+
+
+@pytest.mark.slow
+def test_dpo_evaluation_of_two_ranks_is_the_single_ranks(preference):
+    """Every eval statistic is a mean over the 5 held-out pairs, each once: TRL's means of batch means would count
+    the 3 pairs accelerate repeats on 2 ranks (and weigh the batches, not the pairs)."""
+    one, two = (json.loads((run / "metrics.json").read_text()) for run in (preference.one, preference.two))
+    assert one["validation_pairs"] == two["validation_pairs"] == 5
+    assert one["train_steps"] == two["train_steps"] == STEPS
+    assert one["eval_reward_margin"] != 0  # the policy moved away from its reference
+    for key in [key for key in one if key.startswith("eval_")]:
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), key
+    history = {run: [row for row in json.loads((run / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())[
+        "log_history"] if "eval_entropy" in row] for run in (preference.one, preference.two)}
+    assert [len(rows) for rows in history.values()] == [1, 1]  # TRL's token statistics: weighted by answer tokens
+    (first,), (second,) = history.values()
+    assert second["eval_entropy"] == pytest.approx(first["eval_entropy"], rel=1e-5)
 
 
 @pytest.mark.slow

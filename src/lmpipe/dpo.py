@@ -35,6 +35,7 @@ from lmpipe.run.session import run_session
 from lmpipe.training.callbacks import reliability_callbacks
 from lmpipe.training.host_memory import keep_freed_host_memory
 from lmpipe.training.loop import train_and_evaluate, write_run_outputs
+from lmpipe.training.pair_eval import PairWeightedSums, first_pairs, local_gathers, real_pairs
 from lmpipe.training.plot import plot_preference_history
 from lmpipe.training.trainer import RecipeOptimization, without_trainer_push
 
@@ -54,7 +55,9 @@ class PreferenceTrainer(RecipeOptimization, DPOTrainer):
     """TRL's DPOTrainer with the recipe's optimizer and schedule (`RecipeOptimization`), on pairs lmpipe has
     tokenised (`data.preference`); with `chunked_log_probs`, the policy's
     and the reference's log-probabilities come from lmpipe's chunked linear + log-softmax
-    (`loss.install.install_chunked_log_probs`) instead of TRL's fused LM head."""
+    (`loss.install.install_chunked_log_probs`) instead of TRL's fused LM head. Its evaluation is exact
+    (`training.pair_eval`): every `eval_*` statistic is weighted by pairs (answer tokens for TRL's token
+    statistics) over the whole eval set and all ranks."""
 
     def __init__(self, *args, chunked_log_probs: bool = True, chunk_tokens: int | None = None, **kwargs):
         self.chunked_log_probs, self.chunk_tokens = chunked_log_probs, chunk_tokens  # read by the precompute
@@ -77,6 +80,28 @@ class PreferenceTrainer(RecipeOptimization, DPOTrainer):
         """The pairs arrive as prompt_ids / chosen_ids / rejected_ids: TRL's own tokenising of prompt + answer
         joined would move the boundary where tokens merge across it."""
         return dataset
+
+    def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+        """The Trainer's loop over the eval batches, then the pair-weighted statistics over it in place of its
+        `eval_loss` (each rank's last-batch loss repeated, pairs accelerate repeated included) and TRL's."""
+        self.eval_sums = PairWeightedSums()
+        output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+        means = self.eval_sums.means(self.accelerator)
+        output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in means.items()})
+        return output
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """TRL's step on this rank's real pairs only (one repeated pair when it has none: the forward still runs on
+        every rank), its batch means taken back to sums: TRL keeps only means of batches gathered over ranks."""
+        local = inputs["input_ids"].shape[0] // 2
+        pairs = real_pairs(local, self.accelerator)
+        inputs = first_pairs(inputs, max(pairs, 1))
+        with local_gathers(self.accelerator):
+            loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        means = {key: values[-1] for key, values in self._metrics["eval"].items()}
+        self._metrics["eval"].clear()  # TRL's `log` would average its batch means over ours
+        self.eval_sums.add(loss.item(), means, inputs, pairs)
+        return loss, logits, labels
 
     def create_model_card(self, *args, **kwargs) -> None:
         """lmpipe writes the run's card when it finishes (`run.card`); TRL would write its own at every save."""
@@ -190,7 +215,7 @@ def dpo(recipe: Recipe) -> dict[str, Any]:
 
 
 def preference_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:
-    """The final evaluation's DPO loss (weighted by pairs) and TRL's reward statistics of the held-out pairs."""
+    """The final evaluation's DPO loss and reward statistics of the held-out pairs, each a mean over pairs."""
     return {key: evaluation[source] for key, source in EVALUATION_KEYS if source in evaluation}
 
 
