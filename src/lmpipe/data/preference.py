@@ -26,7 +26,7 @@ from lmpipe.config.arguments import PreferenceArguments
 from lmpipe.data.chat import ChatFormat, check_conversation, render
 from lmpipe.data.fingerprint import map_tokenized
 from lmpipe.data.mixture import load_source, parse_sources, realised_shares, weighted_indices
-from lmpipe.data.qa import QACounts
+from lmpipe.data.qa import QACounts, checked_text
 from lmpipe.data.sources import load_corpus, split_validation
 from lmpipe.errors import LmpipeError
 from lmpipe.model.tokenizer import plain_text_ids
@@ -62,14 +62,6 @@ def is_conversation(corpus: DatasetDict, args: PreferenceArguments, source: str)
     if len(kinds) > 1:
         raise LmpipeError(f"{source}: the splits mix text and conversation prompts")
     return kinds.pop()
-
-
-def _text(value, column: str, row: str) -> str:
-    if not isinstance(value, str):
-        raise LmpipeError(f"{row}: column '{column}' is {type(value).__name__}, not text")
-    if not value.strip():
-        raise LmpipeError(f"{row}: column '{column}' is empty")
-    return value
 
 
 def _answer_turn(value, column: str, row: str) -> str:
@@ -113,9 +105,9 @@ def tokenize_pairs(
         rows = [f"{source} row {index + 1}" for index in indices]
         out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "truncated": []}
         if chat is None:
-            prompts = [_text(p, prompt_column, row) for p, row in zip(batch[prompt_column], rows)]
-            chosen = [_text(a, chosen_column, row) for a, row in zip(batch[chosen_column], rows)]
-            rejected = [_text(a, rejected_column, row) for a, row in zip(batch[rejected_column], rows)]
+            prompts = [checked_text(p, prompt_column, row) for p, row in zip(batch[prompt_column], rows)]
+            chosen = [checked_text(a, chosen_column, row) for a, row in zip(batch[chosen_column], rows)]
+            rejected = [checked_text(a, rejected_column, row) for a, row in zip(batch[rejected_column], rows)]
             prompt_pieces = [[ids] for ids in plain_text_ids(tokenizer, prompts)]
             starts = [[] for _ in rows]
             chosen_ids = [ids + [eos] for ids in plain_text_ids(tokenizer, chosen)]

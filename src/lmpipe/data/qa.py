@@ -65,8 +65,9 @@ def accepted_answers(value, row: str) -> list[str]:
     return answers
 
 
-def _text(value, column: str, row: str) -> str:
-    """A question or context: text with something besides whitespace (an empty one is refused, like an answer)."""
+def checked_text(value, column: str, row: str) -> str:
+    """A question, context, or a preference pair's prompt or answer: text with something besides whitespace (an
+    empty one is refused, like an answer)."""
     if not isinstance(value, str):
         raise LmpipeError(f"{row}: column '{column}' is {type(value).__name__}, not text")
     if not value.strip():
@@ -123,9 +124,9 @@ def tokenize_qa(
 
     def encode(batch, indices):
         rows = [f"{source} row {index + 1}" for index in indices]
-        questions = [_text(q, qa.question_column, row) for q, row in zip(batch[qa.question_column], rows)]
+        questions = [checked_text(q, qa.question_column, row) for q, row in zip(batch[qa.question_column], rows)]
         contexts = (
-            [_text(c, qa.context_column, row) for c, row in zip(batch[qa.context_column], rows)]
+            [checked_text(c, qa.context_column, row) for c, row in zip(batch[qa.context_column], rows)]
             if qa.context_column
             else [None] * len(rows)
         )
