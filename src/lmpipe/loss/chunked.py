@@ -79,47 +79,46 @@ class ChunkWorkspace:
         self.block = None if self.same_dtype else torch.empty(self.block_rows, vocab, dtype=accumulate, device=device)
         self.weight_product = None
 
-    def nll_and_logit_gradient(
-        self, hidden_c: torch.Tensor, weight_c: torch.Tensor, targets_c: torch.Tensor, nll: torch.Tensor, grad: bool
-    ) -> torch.Tensor:
-        """Writes the chunk's NLL into `nll`; returns the chunk's softmax - one-hot (when `grad`) in the compute
-        dtype, in `product`."""
+    def _row_blocks(self, hidden_c: torch.Tensor, weight_c: torch.Tensor, targets_c: torch.Tensor):
+        """The chunk's logits (into `product`), then per `block_rows` rows: their offset, their rows of `product`,
+        the same rows in the accumulation dtype (`block`: the rows themselves when the dtypes match), their targets,
+        the target logits and the row maxima."""
         product = torch.mm(hidden_c, weight_c.T, out=self.product[: len(hidden_c)])
         for start in range(0, len(product), self.block_rows):
             rows = product[start : start + self.block_rows]
             block = rows if self.same_dtype else self.block[: len(rows)].copy_(rows)
             targets = targets_c[start : start + self.block_rows]
-            target_logits = block.gather(1, targets[:, None]).squeeze(1)
-            row_max = block.amax(1, keepdim=True)
+            yield start, rows, block, targets, block.gather(1, targets[:, None]).squeeze(1), block.amax(1, keepdim=True)
+
+    def nll_and_logit_gradient(
+        self, hidden_c: torch.Tensor, weight_c: torch.Tensor, targets_c: torch.Tensor, nll: torch.Tensor, grad: bool
+    ) -> torch.Tensor:
+        """Writes the chunk's NLL into `nll`; returns the chunk's softmax - one-hot (when `grad`) in the compute
+        dtype, in `product`."""
+        for start, rows, block, targets, target_logits, row_max in self._row_blocks(hidden_c, weight_c, targets_c):
             exp_sums = block.sub_(row_max).exp_().sum(1, keepdim=True)  # one exp per logit, in place
             nll[start : start + len(rows)] = (row_max + exp_sums.log()).squeeze(1) - target_logits
             if grad:
                 block.div_(exp_sums)[torch.arange(len(block), device=block.device), targets] -= 1.0
                 if not self.same_dtype:
                     rows.copy_(block)
-        return product
+        return self.product[: len(hidden_c)]
 
     def log_probs_and_statistics(
         self, hidden_c: torch.Tensor, weight_c: torch.Tensor, targets_c: torch.Tensor, out: torch.Tensor
     ) -> None:
         """Writes the chunk's target log-probability, entropy, mean logit and whether the target is the top logit
         into the columns of `out` [tokens, 4] (the accumulation dtype; no gradient)."""
-        product = torch.mm(hidden_c, weight_c.T, out=self.product[: len(hidden_c)])
-        for start in range(0, len(product), self.block_rows):
-            rows = product[start : start + self.block_rows]
-            block = rows if self.same_dtype else self.block[: len(rows)].copy_(rows)
-            targets = targets_c[start : start + self.block_rows]
-            target_logits = block.gather(1, targets[:, None]).squeeze(1)
-            row_max = block.amax(1, keepdim=True)
+        for start, rows, block, _, target_logits, row_max in self._row_blocks(hidden_c, weight_c, targets_c):
             result = out[start : start + len(rows)]
             result[:, 2] = block.mean(1)
             result[:, 3] = (target_logits >= row_max.squeeze(1)).float()
             shifted = block.sub_(row_max)
-            weighted = (shifted.exp() * shifted).sum(1)  # sum of exp(z - max) * (z - max), for the entropy
-            exp_sums = shifted.exp_().sum(1)
+            exps = shifted.exp()  # one exp per logit
+            exp_sums = exps.sum(1)
             log_sums = exp_sums.log()
             result[:, 0] = target_logits - row_max.squeeze(1) - log_sums
-            result[:, 1] = log_sums - weighted / exp_sums
+            result[:, 1] = log_sums - exps.mul_(shifted).sum(1) / exp_sums  # entropy: sum p (log-sum - z)
 
     def add_weight_gradient(self, grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden_c: torch.Tensor) -> None:
         """grad_weight (float32) += grad_logits.T @ hidden_c, the matmul in the compute dtype."""
