@@ -10,9 +10,11 @@ Every run is `lmpipe pretrain` with flags (the CLI entry, in this process), on t
     (d) (c)'s best with warmup_stable_decay (decay_fraction, min_lr_ratio 0.1, linear decay);
     (e) the best of (b)-(d) with `document_attention: true` (`--no_document_attention` skips it).
 
-Sweeps use the first seed; the final comparison reruns (a), the best (b), the best (c), (d) and (e) with every
-seed (the sweep's runs are reused for the first). Reported per corpus:
+Sweeps use the first seed; the final comparison reruns the best (b), the best (c), (d) and (e) with every seed
+(the sweep's runs are reused for the first; (a) runs once). Reported per corpus:
 - validation loss against training tokens (evaluated every `--eval_every` steps), the curves in a PNG;
+- every final model's loss with each validation document scored on its own (`lmpipe perplexity`), one scale for
+  (e), whose training-time evaluation keeps documents apart, and the others, whose evaluation does not;
 - tokens-to-target: the tokens (b) needs to reach its own final validation loss over the tokens the best Muon
   variant needs to reach the same loss (per seed; the first evaluation at or below it, linearly interpolated
   between evaluations), median and range; None where it never gets there;
@@ -52,7 +54,7 @@ CORPORA = {
 FULL = {  # the issue's model (6 layers x 384) on a budget 2 CPU cores finish in under two hours (38 runs)
     "n_layer": 6, "n_embd": 384, "n_head": 6, "block_size": 128, "batch_size": 16, "steps": 120, "eval_every": 20,
     "vocab": 4096, "max_documents": None, "seeds": "0,1,2",
-    "adamw_lrs": "1e-3,2e-3,4e-3,8e-3", "muon_lrs": "2e-3,4e-3,8e-3,1.6e-2",
+    "adamw_lrs": "5e-4,1e-3,2e-3,4e-3", "muon_lrs": "1e-3,2e-3,4e-3,8e-3",
 }
 SMOKE = {
     "n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 32, "batch_size": 8, "steps": 20, "eval_every": 10,
