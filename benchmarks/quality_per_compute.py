@@ -192,9 +192,10 @@ def compare_corpus(corpus: str, settings, out_dir: Path) -> dict:
         best = min("bcd", key=lambda v: finals[v][0]["eval_loss"])
         variants["e"] = (f"e-{variants[best][0]}-docattn", [*variants[best][1], "--document_attention", "true"])
         finals["e"] = [runner.run(*variants["e"], first)]
+    seeded = dict.fromkeys(variants, seeds) | {"a": seeds[:1], "e": seeds[: settings.document_attention_seeds]}
     for seed in seeds[1:]:  # (a) is a reference point, run once: the ratios and spreads are between (b)-(e)
         for key, (name, flags) in variants.items():
-            if key != "a":
+            if seed in seeded[key]:
                 finals[key].append(runner.run(name, flags, seed))
     for run in (run for runs in finals.values() for run in runs):
         run["documents_alone_loss"] = runner.documents_alone_loss(run)
@@ -320,6 +321,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup_fraction", type=float, default=0.05)
     parser.add_argument("--decay_fraction", type=float, default=0.45, help="(d)'s warmup_stable_decay decay")
     parser.add_argument("--no_document_attention", action="store_true", help="skip (e)")
+    parser.add_argument("--document_attention_seeds", type=int, default=None, help="run (e) with the first N seeds")
     parser.add_argument("--cost_steps", type=int, default=None, help="timed steps per optimizer (default 20, smoke 3)")
     parser.add_argument("--out_dir", default=str(REPO / "outputs" / "quality_per_compute"))
     args = parser.parse_args(argv)
