@@ -148,14 +148,29 @@ def muon_wsd(settings, adamw_lr: str, muon_lr: str) -> list[str]:
             "--decay_type", "linear"]
 
 
-def sweep(runner: Runner, name: str, make, lrs: list[str], seed: int) -> tuple[str, list[dict]]:
-    """One run per learning rate; the best by final validation loss, and whether it sits at an edge of the sweep."""
-    runs = [runner.run(f"{name}-lr{lr}", make(lr), seed) for lr in lrs]
-    best = min(range(len(runs)), key=lambda i: runs[i]["eval_loss"])
-    if best in (0, len(runs) - 1) and len(runs) > 2:
-        print(f"# {runner.corpus} {name}: the best rate {lrs[best]} is at an edge of the sweep: widen it",
+def scaled_rate(rate: str, factor: float) -> str:
+    """`rate` x `factor` written as the sweeps write rates (5e-4, 1.6e-2), so a rerun finds the same run folder."""
+    mantissa, exponent = f"{float(rate) * factor:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def sweep(runner: Runner, name: str, make, lrs: list[str], seed: int, widen: int) -> tuple[str, list[str], list[dict]]:
+    """One run per learning rate; while the best sits at an edge (up to `widen` times), one more rate past that edge
+    (half the lowest or twice the highest). The best rate, the rates run in order, and their runs."""
+    lrs = sorted(lrs, key=float)
+    runs = {lr: runner.run(f"{name}-lr{lr}", make(lr), seed) for lr in lrs}
+    for _ in range(widen):
+        best = min(lrs, key=lambda lr: runs[lr]["eval_loss"])
+        if best not in (lrs[0], lrs[-1]):
+            break
+        lrs = [scaled_rate(best, 0.5), *lrs] if best == lrs[0] else [*lrs, scaled_rate(best, 2.0)]
+        added = lrs[0] if best == lrs[1] else lrs[-1]
+        runs[added] = runner.run(f"{name}-lr{added}", make(added), seed)
+    best = min(lrs, key=lambda lr: runs[lr]["eval_loss"])
+    if best in (lrs[0], lrs[-1]):
+        print(f"# {runner.corpus} {name}: the best rate {best} is still at an edge of the sweep",
               file=sys.stderr, flush=True)
-    return lrs[best], runs
+    return best, lrs, [runs[lr] for lr in lrs]
 
 
 def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
@@ -177,8 +192,10 @@ def compare_corpus(corpus: str, settings, out_dir: Path) -> dict:
     first = seeds[0]
     finals: dict[str, list[dict]] = {"a": [runner.run("a-run_clm", run_clm_defaults(settings), first)]}
     lrs = {"b": settings.adamw_lrs.split(","), "c": settings.muon_lrs.split(",")}
-    adamw_lr, b_sweep = sweep(runner, "b-adamw", lambda lr: tuned_adamw(settings, lr), lrs["b"], first)
-    muon_lr, c_sweep = sweep(runner, "c-muon", lambda lr: muon(settings, adamw_lr, lr), lrs["c"], first)
+    adamw_lr, lrs["b"], b_sweep = sweep(runner, "b-adamw", lambda lr: tuned_adamw(settings, lr), lrs["b"], first,
+                                        settings.widen)
+    muon_lr, lrs["c"], c_sweep = sweep(runner, "c-muon", lambda lr: muon(settings, adamw_lr, lr), lrs["c"], first,
+                                       settings.widen)
     finals["b"] = [next(r for r in b_sweep if r["name"] == f"b-adamw-lr{adamw_lr}")]
     finals["c"] = [next(r for r in c_sweep if r["name"] == f"c-muon-lr{muon_lr}")]
     variants = {
@@ -320,6 +337,7 @@ def main(argv=None) -> None:
         parser.add_argument(f"--{key}", default=None, help=f"default {value} (smoke: {SMOKE[key]})")
     parser.add_argument("--warmup_fraction", type=float, default=0.05)
     parser.add_argument("--decay_fraction", type=float, default=0.45, help="(d)'s warmup_stable_decay decay")
+    parser.add_argument("--widen", type=int, default=2, help="rates a sweep may add past an edge that wins")
     parser.add_argument("--no_document_attention", action="store_true", help="skip (e)")
     parser.add_argument("--document_attention_seeds", type=int, default=None, help="run (e) with the first N seeds")
     parser.add_argument("--cost_steps", type=int, default=None, help="timed steps per optimizer (default 20, smoke 3)")
@@ -348,7 +366,8 @@ def main(argv=None) -> None:
               f"{r['difference_beyond_seed_spread']}")
     print(f"Muon / AdamW per training step: {fmt(cost['muon_over_adamw_step'], 3)} "
           f"(optimizer step alone {fmt(cost['muon_over_adamw_optimizer_step'], 2)})")
-    settings = {key: getattr(args, key) for key in [*FULL, "warmup_fraction", "decay_fraction", "corpora", "smoke"]}
+    keys = [*FULL, "warmup_fraction", "decay_fraction", "widen", "corpora", "smoke"]
+    settings = {key: getattr(args, key) for key in keys}
     emit_json({"benchmark": "quality_per_compute", "settings": settings, "plot": str(plot_path),
                "machine": machine(),
                "load_average": {"start": load, "end": load_average()}, "results": results, "step_cost": cost})
