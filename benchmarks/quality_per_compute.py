@@ -51,7 +51,7 @@ CORPORA = {
     "shakespeare": ["--train_file", str(DATA / "tinyshakespeare.txt"), "--sample_by", "paragraph"],
     "pydoc": ["--dataset_name", "builtin:pydoc"],
 }
-FULL = {  # the model (6 layers x 384) on a budget 2 CPU cores finish in under two hours (38 runs)
+FULL = {  # the model (6 layers x 384) on a budget 2 CPU cores finish in about two and a half hours (35 runs)
     "n_layer": 6, "n_embd": 384, "n_head": 6, "block_size": 128, "batch_size": 16, "steps": 120, "eval_every": 20,
     "vocab": 4096, "max_documents": None, "seeds": "0,1,2",
     "adamw_lrs": "5e-4,1e-3,2e-3,4e-3", "muon_lrs": "1e-3,2e-3,4e-3,8e-3",
