@@ -47,10 +47,11 @@ from lmpipe.zero_shot.perplexity import EvaluateArguments, evaluate_file  # noqa
 
 from common import DATA, REPO, emit_json, fmt, load_average, machine, print_table, summary  # noqa: E402
 
-CORPORA = {
-    "shakespeare": ["--train_file", str(DATA / "tinyshakespeare.txt"), "--sample_by", "paragraph"],
-    "pydoc": ["--dataset_name", "builtin:pydoc"],
+CORPORA = {  # load_corpus's arguments, which are also the runs' flags
+    "shakespeare": {"train_file": str(DATA / "tinyshakespeare.txt"), "sample_by": "paragraph"},
+    "pydoc": {"dataset_name": "builtin:pydoc"},
 }
+VALIDATION_PERCENTAGE = 10
 FULL = {  # the issue's model (6 layers x 384) on a budget 2 CPU cores finish in about two and a half hours (35 runs)
     "n_layer": 6, "n_embd": 384, "n_head": 6, "block_size": 128, "batch_size": 16, "steps": 120, "eval_every": 20,
     "vocab": 4096, "max_documents": None, "seeds": "0,1,2",
@@ -72,7 +73,8 @@ class Runner:
     def common(self) -> list[str]:
         s = self.s
         flags = [
-            *CORPORA[self.corpus], "--validation_split_percentage", "10",
+            *[word for key, value in CORPORA[self.corpus].items() for word in (f"--{key}", value)],
+            "--validation_split_percentage", VALIDATION_PERCENTAGE,
             "--n_layer", s.n_layer, "--n_embd", s.n_embd, "--n_head", s.n_head, "--block_size", s.block_size,
             "--n_positions", s.block_size, "--dropout", "0", "--per_device_train_batch_size", s.batch_size,
             "--per_device_eval_batch_size", 2 * s.batch_size, "--max_steps", s.steps, "--max_grad_norm", "1.0",
@@ -111,10 +113,8 @@ class Runner:
         others does not, so their eval losses are not on one scale)."""
         validation = self.out_dir / "validation_documents.jsonl"
         if not validation.exists():
-            source = CORPORA[self.corpus]
-            corpus = load_corpus(None, train_file=source[1], sample_by=source[3]) if source[0] == "--train_file" \
-                else load_corpus(source[1])
-            documents = split_validation(corpus, 10, self.corpus)["validation"]["text"]
+            corpus = load_corpus(**{"dataset_name": None, **CORPORA[self.corpus]})
+            documents = split_validation(corpus, VALIDATION_PERCENTAGE, self.corpus)["validation"]["text"]
             validation.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
         scored = evaluate_file(EvaluateArguments(model_name_or_path=str(run["run_dir"]),
                                                  validation_file=str(validation), block_size=int(self.s.block_size)))
@@ -163,8 +163,8 @@ def sweep(runner: Runner, name: str, make, lrs: list[str], seed: int, widen: int
         best = min(lrs, key=lambda lr: runs[lr]["eval_loss"])
         if best not in (lrs[0], lrs[-1]):
             break
-        lrs = [scaled_rate(best, 0.5), *lrs] if best == lrs[0] else [*lrs, scaled_rate(best, 2.0)]
-        added = lrs[0] if best == lrs[1] else lrs[-1]
+        added = scaled_rate(best, 0.5 if best == lrs[0] else 2.0)
+        lrs = sorted([*lrs, added], key=float)
         runs[added] = runner.run(f"{name}-lr{added}", make(added), seed)
     best = min(lrs, key=lambda lr: runs[lr]["eval_loss"])
     if best in (lrs[0], lrs[-1]):
