@@ -7,6 +7,7 @@ import yaml
 
 from lmpipe.config.arguments import FINETUNE_QA_GROUPS, PRETRAIN_GROUPS
 from lmpipe.config.recipe import parse_recipe
+from lmpipe.config.rules import check_optimizer
 from lmpipe.errors import LmpipeError
 from lmpipe.run.files import write_resolved_recipe
 
@@ -112,6 +113,32 @@ def test_a_recipe_that_sets_a_key_it_does_not_read_is_named(tmp_path):
 def test_a_flag_may_turn_off_what_a_recipe_key_is_for():
     """The default recipe's tokenizer_vocab_size under --train_tokenizer false: the user's choice, not a mistake."""
     assert parse_recipe([DEFAULT, "--train_tokenizer", "false"]).tokenizer.train_tokenizer is False
+
+
+MUON_WSD_RECIPE = ("optimizer: muon\nmuon_learning_rate: 0.03\nmuon_momentum: 0.9\nlr_scheduler_type: "
+                   "warmup_stable_decay\ndecay_fraction: 0.4\nmin_lr_ratio: 0.1\ndecay_type: linear\n")
+
+
+def test_a_flag_moving_optimizer_or_schedule_drops_the_recipes_keys_only_the_old_one_reads(tmp_path):
+    """`--optimizer adamw` on a Muon + WSD recipe (the default is one) is an AdamW run, `--lr_scheduler_type cosine`
+    a cosine one: the file's muon_* / WSD keys go with the choice they belong to instead of refusing the run."""
+    path = write(tmp_path, MUON_WSD_RECIPE)
+    training = parse_recipe([path]).training
+    assert (training.optimizer, training.muon_learning_rate, training.decay_fraction) == ("muon", 0.03, 0.4)
+    for flags in (["--optimizer", "adamw"], ["--optimizer=adamw"]):
+        recipe = parse_recipe([path, *flags])
+        assert recipe.training.optimizer == "adamw"
+        assert (recipe.training.muon_learning_rate, recipe.training.muon_momentum) == (None, None)
+        assert "muon_learning_rate" not in recipe.explicit and recipe.training.decay_fraction == 0.4  # WSD stays
+    training = parse_recipe([path, "--lr_scheduler_type", "cosine"]).training
+    assert (training.decay_fraction, training.min_lr_ratio, training.decay_type) == (None, None, None)
+    assert training.optimizer == "muon" and training.muon_learning_rate == 0.03  # Muon stays
+    assert parse_recipe([path, "--optimizer", "muon"]).training.muon_momentum == 0.9  # the same choice keeps them
+    # a Muon key given as a flag beside --optimizer adamw is the user's own mistake, refused as before
+    with pytest.raises(LmpipeError, match="^muon_momentum is for optimizer: muon, got optimizer: adamw"):
+        check_optimizer(parse_recipe([path, "--optimizer", "adamw", "--muon_momentum", "0.9"]).training)
+    for flags in ([], ["--optimizer", "adamw"], ["--lr_scheduler_type", "cosine"]):  # what remains is consistent
+        check_optimizer(parse_recipe([path, *flags]).training)
 
 
 def test_a_data_source_on_the_command_line_replaces_the_recipes_whole_source():

@@ -32,7 +32,7 @@ from lmpipe.config.arguments import (
     RunTrainingArguments,
     TokenizerArguments,
 )
-from lmpipe.config.rules import check_nulls, check_recipe_values, unused_reason
+from lmpipe.config.rules import READ_ONLY_WITH, check_nulls, check_recipe_values, unused_reason
 from lmpipe.errors import LmpipeError
 
 Group = TypeVar("Group")
@@ -187,6 +187,17 @@ def _flag_keys(argv: list[str]) -> list[str]:
     return [a[2:].split("=", 1)[0] for a in argv if a.startswith("--")]
 
 
+def _flag_value(argv: list[str], key: str) -> str | None:
+    """The value the last `--key V` or `--key=V` gives, as written; None when the flag is absent."""
+    value = None
+    for index, word in enumerate(argv):
+        if word == f"--{key}" and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif word.startswith(f"--{key}="):
+            value = word.split("=", 1)[1]
+    return value
+
+
 # lmpipe's defaults where TrainingArguments' own do not suit a language-model run; any recipe or flag wins.
 TRAINING_DEFAULTS = {
     "report_to": "tensorboard",
@@ -246,6 +257,9 @@ def parse_recipe(
     flag_keys = [k[3:] if k.startswith("no_") else k for k in _flag_keys(cli)]
     if any(key in flag_keys for key in NAMING_A_SOURCE):
         recipe = {key: value for key, value in recipe.items() if key not in SOURCE_KEYS}
+    for key, (value, dependent) in READ_ONLY_WITH.items():
+        if _flag_value(cli, key) not in (None, value):
+            recipe = {k: v for k, v in recipe.items() if k not in dependent}
     recipe_flags = _to_flags({**defaults, **recipe})
     try:  # with the flags first: a flag may satisfy a check the recipe alone fails (bf16 needs --use_cpu on CPU)
         parsed = dict(zip(groups, _parse(parser, recipe_flags + cli)))

@@ -153,6 +153,9 @@ def check_training_length(training: Any) -> None:
 # The recipe keys that shape lr_scheduler_type warmup_stable_decay, and the lr_scheduler_kwargs each one sets.
 WSD_KEYS = {"decay_fraction": "num_decay_steps", "min_lr_ratio": "min_lr_ratio", "decay_type": "decay_type"}
 MUON_KEYS = ("muon_learning_rate", "muon_momentum", "muon_weight_decay", "muon_nesterov", "muon_ns_steps")
+# Recipe-file keys read only while another key has one value: a flag giving that key another value drops them, as
+# a flag naming a source drops the file's source (`--optimizer adamw` on a Muon recipe is an AdamW run).
+READ_ONLY_WITH = {"optimizer": ("muon", MUON_KEYS), "lr_scheduler_type": ("warmup_stable_decay", tuple(WSD_KEYS))}
 
 
 def check_optimizer(training: Any, use_lora: bool = False) -> None:
