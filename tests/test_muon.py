@@ -131,6 +131,27 @@ def test_warmup_and_decay_longer_than_the_run_are_refused_naming_the_keys(tmp_pa
     )
 
 
+def test_warmup_and_decay_as_shares_of_the_run_fit_a_short_run(tmp_path):
+    """A recipe with warmup_steps 0.075 (a ratio) and decay_fraction 0.45 (the default) run for a few steps: rounding
+    up (warmup ceil(0.075 x 1) = 1, decay at least 1) must not refuse `--max_steps 1`; the decay gets what is left."""
+    from lmpipe.config.recipe import parse_recipe
+    from lmpipe.training.optimizers import schedule_kwargs
+
+    def wsd(warmup_steps, decay_fraction):
+        return parse_recipe([
+            "--output_dir", str(tmp_path), "--lr_scheduler_type", "warmup_stable_decay", "--warmup_steps",
+            str(warmup_steps), "--decay_fraction", str(decay_fraction),
+        ]).training
+
+    shares = wsd(0.075, 0.45)
+    assert schedule_kwargs(shares, 408) == {"num_decay_steps": 184}  # round(0.45 x 408); warmup ceil(30.6) = 31
+    assert schedule_kwargs(shares, 3) == {"num_decay_steps": 1}  # 1 warmup + 1 stable + 1 decay: it fits
+    assert schedule_kwargs(shares, 2) == {"num_decay_steps": 1}
+    assert schedule_kwargs(shares, 1) == {"num_decay_steps": 0}  # 1 warmup step, the whole run
+    with pytest.raises(LmpipeError, match=r"warmup_steps \(1 steps\) \+ decay_fraction \(1 steps\) is more than"):
+        schedule_kwargs(wsd(0.5, 0.75), 1)  # shares over 1: the user's own conflict, refused as before
+
+
 def test_another_optimizer_is_another_run_but_its_settings_may_change(tmp_path):
     """adamw and muon checkpoints hold different optimizer states: a resume could not load one into the other."""
     from lmpipe.config.recipe import parse_recipe

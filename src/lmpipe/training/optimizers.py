@@ -112,7 +112,10 @@ def muon_with_adamw(model: nn.Module, args: TrainingArguments, decay_names: Coll
 def schedule_kwargs(args: TrainingArguments, num_training_steps: int) -> dict[str, Any]:
     """The `lr_scheduler_kwargs` that warmup_stable_decay's recipe keys stand for, once the steps are known:
     `decay_fraction` becomes `num_decay_steps` = round(decay_fraction x steps), at least 1. Warmup and decay longer
-    than the run are refused: transformers would make the stable phase negative."""
+    than the run are refused (transformers would make the stable phase negative), unless both are shares of the
+    run that fit in it (`warmup_steps` < 1, its ratio, plus `decay_fraction` at most 1): then only rounding up
+    overflowed a short run (a smoke run of a recipe with `--max_steps 1`), and the decay gets the steps warmup
+    leaves."""
     if SchedulerType(args.lr_scheduler_type) != SchedulerType.WARMUP_STABLE_DECAY:
         return {}
     kwargs = {WSD_KEYS[key]: getattr(args, key, None) for key in WSD_KEYS}
@@ -121,7 +124,12 @@ def schedule_kwargs(args: TrainingArguments, num_training_steps: int) -> dict[st
     given = args.lr_scheduler_kwargs or {}
     decay = kwargs["num_decay_steps"] or given.get("num_decay_steps", 0)
     warmup = args.get_warmup_steps(num_training_steps)
-    if "num_stable_steps" not in given and warmup + decay > num_training_steps:
+    shares_that_fit = kwargs["num_decay_steps"] is not None and 0 < args.warmup_steps < 1 and (
+        args.warmup_steps + args.decay_fraction <= 1
+    )
+    if "num_stable_steps" not in given and warmup + decay > num_training_steps and shares_that_fit:
+        kwargs["num_decay_steps"] = num_training_steps - warmup
+    elif "num_stable_steps" not in given and warmup + decay > num_training_steps:
         decay_key = "decay_fraction" if kwargs["num_decay_steps"] else "lr_scheduler_kwargs' num_decay_steps"
         raise LmpipeError(
             f"lr_scheduler_type warmup_stable_decay: warmup_steps ({warmup} steps) + {decay_key} ({decay} steps) is"
