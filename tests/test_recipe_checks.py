@@ -22,6 +22,7 @@ def root(tmp_path_factory):
         "null_layers.yaml": "n_layer: null\n",
         "null_optional.yaml": "validation_file: null\nn_layer: -2\n",  # the null is fine; the -2 is not
         "dropout.yaml": "dropout: 1.5\n",
+        "cosine.yaml": "dataset_name: builtin:pydoc\nlr_scheduler_type: cosine\n",  # no decay_fraction to keep
     }
     for name, text in files.items():
         (root / name).write_text(text)
@@ -71,7 +72,7 @@ CASES = {
     # optimizer and schedule keys with what they work with
     "Muon's momentum of 1": ([*SMALL, "--optimizer", "muon", "--muon_momentum", "1"],
                              "error: muon_momentum must be in [0, 1), got 1.0"),
-    "a Muon key without Muon": ([*SMALL, "--muon_learning_rate", "0.01"],
+    "a Muon key without Muon": ([*SMALL, "--optimizer", "adamw", "--muon_learning_rate", "0.01"],
                                 "error: muon_learning_rate is for optimizer: muon, got optimizer: adamw"),
     "Muon with LoRA": (["finetune-qa", "--model_name_or_path", "m", "--use_lora", "true", "--optimizer", "muon"],
                        "error: optimizer: muon trains whole weight matrices, not LoRA adapters: use optimizer: adamw"),
@@ -80,7 +81,8 @@ CASES = {
                                   "or adamw_torch_fused, got sgd"),
     "a decay fraction with cosine": ([*SMALL, "--lr_scheduler_type", "cosine", "--decay_fraction", "0.3"],
                                      "error: decay_fraction is for lr_scheduler_type: warmup_stable_decay, got cosine"),
-    "warmup_stable_decay without its decay": ([*SMALL, "--lr_scheduler_type", "warmup_stable_decay"],
+    "warmup_stable_decay without its decay": (["pretrain", "{root}/cosine.yaml", "--lr_scheduler_type",
+                                               "warmup_stable_decay"],
                                               "error: lr_scheduler_type: warmup_stable_decay needs decay_fraction"),
     "a decay fraction and num_decay_steps": ([*SMALL, "--lr_scheduler_type", "warmup_stable_decay",
                                               "--decay_fraction", "0.3", "--lr_scheduler_kwargs",

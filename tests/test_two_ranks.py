@@ -166,14 +166,14 @@ def pretraining(corpus) -> SimpleNamespace:
                              "limit": 5, "batch_size": 2})]
     data = ["--train_file", str(corpus / "train.txt"), "--validation_file", str(corpus / "valid.txt")]
     command = ["pretrain", *data, *MODEL, *TRAINING, "--save_steps", "2", "--per_device_eval_batch_size", "2",
-               "--report_to", "tensorboard", "--zero_shot_tasks", *zero_shot]
+               "--report_to", "tensorboard", "--zero_shot_tasks", *zero_shot, "--optimizer", "adamw"]
     return launch_pair(command, corpus, "pretrain")
 
 
 @pytest.fixture(scope="module")
 def finetuning(corpus, pretraining) -> SimpleNamespace:
     """QA fine-tuning of the pretrained model on 48 NQ-open questions: padded rows of different lengths, with
-    `optimizer: muon` (pretraining keeps the default AdamW)."""
+    `optimizer: muon` (pretraining trains with AdamW: one run of each optimizer on two ranks)."""
     questions = (DATA / "nq_open_efficientqa_dev.jsonl").read_text(encoding="utf-8").splitlines()[:48]
     (corpus / "qa.jsonl").write_text("\n".join(questions) + "\n", encoding="utf-8")
     command = ["finetune-qa", "--model_name_or_path", str(pretraining.one), "--train_file", str(corpus / "qa.jsonl"),
