@@ -154,23 +154,30 @@ def scaled_rate(rate: str, factor: float) -> str:
     return f"{float(mantissa):g}e{int(exponent)}"
 
 
-def sweep(runner: Runner, name: str, make, lrs: list[str], seed: int, widen: int) -> tuple[str, list[str], list[dict]]:
-    """One run per learning rate; while the best sits at an edge (up to `widen` times), one more rate past that edge
-    (half the lowest or twice the highest). The best rate, the rates run in order, and their runs."""
+def widened_sweep(run, lrs: list[str], widen: int, label: str) -> tuple[str, dict[str, dict]]:
+    """One run per learning rate (`run(rate)` gives its metrics); while the best sits at an edge (up to `widen`
+    times), one more rate past that edge (half the lowest or twice the highest). The best rate, and every rate's
+    run in rate order."""
     lrs = sorted(lrs, key=float)
-    runs = {lr: runner.run(f"{name}-lr{lr}", make(lr), seed) for lr in lrs}
+    runs = {lr: run(lr) for lr in lrs}
     for _ in range(widen):
         best = min(lrs, key=lambda lr: runs[lr]["eval_loss"])
         if best not in (lrs[0], lrs[-1]):
             break
         added = scaled_rate(best, 0.5 if best == lrs[0] else 2.0)
         lrs = sorted([*lrs, added], key=float)
-        runs[added] = runner.run(f"{name}-lr{added}", make(added), seed)
+        runs[added] = run(added)
     best = min(lrs, key=lambda lr: runs[lr]["eval_loss"])
     if best in (lrs[0], lrs[-1]):
-        print(f"# {runner.corpus} {name}: the best rate {best} is still at an edge of the sweep",
-              file=sys.stderr, flush=True)
-    return best, lrs, [runs[lr] for lr in lrs]
+        print(f"# {label}: the best rate {best} is still at an edge of the sweep", file=sys.stderr, flush=True)
+    return best, {lr: runs[lr] for lr in lrs}
+
+
+def sweep(runner: Runner, name: str, make, lrs: list[str], seed: int, widen: int) -> tuple[str, list[str], list[dict]]:
+    """`widened_sweep` of one variant on one corpus: the best rate, the rates run in order, and their runs."""
+    best, runs = widened_sweep(lambda lr: runner.run(f"{name}-lr{lr}", make(lr), seed), lrs, widen,
+                               f"{runner.corpus} {name}")
+    return best, list(runs), list(runs.values())
 
 
 def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:

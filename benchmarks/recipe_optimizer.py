@@ -1,7 +1,9 @@
 """Which optimizer a shipped recipe should use: AdamW against Muon + warmup-stable-decay, tuned with equal effort.
 
 Whole runs of one recipe (`python -m lmpipe pretrain RECIPE ...`, as `recipe_ab.py` runs them):
-1. AdamW: the recipe as it is, one run per `learning_rate` in `--adamw_lrs`;
+1. AdamW: the recipe with `--adamw_flags` (by default AdamW with a cosine schedule: on a Muon + WSD recipe these
+   flags drop its Muon and WSD keys, which gives the recipe as it was before it moved), one run per
+   `learning_rate` in `--adamw_lrs`;
 2. Muon: the recipe with `--muon_flags` (Muon on the blocks' matrices, AdamW at step 1's best `learning_rate` on
    the rest), one run per `muon_learning_rate` in `--muon_lrs`;
    each sweep adds a rate past an edge that wins (half the lowest or twice the highest, up to `--widen` times), so
@@ -22,11 +24,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_per_compute import scaled_rate  # noqa: E402
+from quality_per_compute import widened_sweep  # noqa: E402
 from recipe_ab import run_recipe  # noqa: E402
 
 from common import REPO, emit_json, fmt, load_average, machine, print_table, summary  # noqa: E402
 
+ADAMW_COSINE = "--optimizer,adamw,--lr_scheduler_type,cosine"
 MUON_WSD = ("--optimizer,muon,--lr_scheduler_type,warmup_stable_decay,--decay_fraction,0.45,--min_lr_ratio,0.1,"
             "--decay_type,linear")
 
@@ -59,20 +62,8 @@ class Runs:
 
 
 def sweep(runs: Runs, name: str, make, lrs: list[str], seed: str, widen: int) -> tuple[str, dict]:
-    """Best rate and every rate's run; widened past an edge that wins, as quality_per_compute.py's sweeps are."""
-    lrs = sorted(lrs, key=float)
-    done = {lr: runs.run(f"{name}-lr{lr}-seed{seed}", make(lr, seed)) for lr in lrs}
-    for _ in range(widen):
-        best = min(lrs, key=lambda lr: done[lr]["eval_loss"])
-        if best not in (lrs[0], lrs[-1]):
-            break
-        added = scaled_rate(best, 0.5 if best == lrs[0] else 2.0)
-        lrs = sorted([*lrs, added], key=float)
-        done[added] = runs.run(f"{name}-lr{added}-seed{seed}", make(added, seed))
-    best = min(lrs, key=lambda lr: done[lr]["eval_loss"])
-    if best in (lrs[0], lrs[-1]):
-        print(f"# {name}: the best rate {best} is still at an edge of the sweep", file=sys.stderr, flush=True)
-    return best, {lr: done[lr] for lr in lrs}
+    """Best rate and every rate's run, widened past an edge that wins as quality_per_compute.py's sweeps are."""
+    return widened_sweep(lambda lr: runs.run(f"{name}-lr{lr}-seed{seed}", make(lr, seed)), lrs, widen, name)
 
 
 def main(argv=None) -> None:
@@ -80,6 +71,7 @@ def main(argv=None) -> None:
     parser.add_argument("recipe")
     parser.add_argument("--adamw_lrs", default="1e-3,2e-3,4e-3,8e-3", help="learning_rate values for AdamW")
     parser.add_argument("--muon_lrs", default="4e-3,8e-3,1.6e-2,3.2e-2", help="muon_learning_rate values")
+    parser.add_argument("--adamw_flags", default=ADAMW_COSINE, help="flags that make the AdamW side, comma-separated")
     parser.add_argument("--muon_flags", default=MUON_WSD, help="flags that make the Muon side, comma-separated")
     parser.add_argument("--common", default="", help="flags for every run, comma-separated (e.g. --max_steps,200)")
     parser.add_argument("--seeds", default="0,1,2", help="the final comparison's seeds; the first is the sweeps'")
@@ -93,12 +85,12 @@ def main(argv=None) -> None:
     load = load_average()
 
     def adamw(lr: str, seed: str) -> list[str]:
-        return ["--learning_rate", lr, "--seed", seed]
+        return [*words(args.adamw_flags), "--learning_rate", lr, "--seed", seed]
 
     adamw_lr, adamw_sweep = sweep(runs, "adamw", adamw, words(args.adamw_lrs), seeds[0], args.widen)
 
     def muon(lr: str, seed: str) -> list[str]:
-        return [*adamw(adamw_lr, seed), *words(args.muon_flags), "--muon_learning_rate", lr]
+        return [*words(args.muon_flags), "--learning_rate", adamw_lr, "--seed", seed, "--muon_learning_rate", lr]
 
     muon_lr, muon_sweep = sweep(runs, "muon", muon, words(args.muon_lrs), seeds[0], args.widen)
     finals = {"adamw": [adamw_sweep[adamw_lr]], "muon": [muon_sweep[muon_lr]]}
@@ -120,7 +112,8 @@ def main(argv=None) -> None:
     print(f"winner beyond the seeds' spread: {winner}; Muon / AdamW train time (paired seeds): {fmt(time_ratio, 3)}")
     emit_json({
         "benchmark": "recipe_optimizer", "recipe": args.recipe, "common_flags": words(args.common),
-        "muon_flags": words(args.muon_flags), "seeds": seeds, "machine": machine(),
+        "adamw_flags": words(args.adamw_flags), "muon_flags": words(args.muon_flags), "seeds": seeds,
+        "machine": machine(),
         "load_average": {"start": load, "end": load_average()},
         "sweeps": {side: {lr: r["eval_loss"] for lr, r in swept.items()}
                    for side, swept in (("adamw", adamw_sweep), ("muon", muon_sweep))},
