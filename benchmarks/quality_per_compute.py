@@ -126,14 +126,14 @@ def warmup(settings) -> str:
 
 
 def run_clm_defaults(settings) -> list[str]:
-    return ["--learning_rate", "5e-5", "--lr_scheduler_type", "linear", "--warmup_steps", "0", "--weight_decay", "0",
-            "--adam_beta1", "0.9", "--adam_beta2", "0.999"]
+    return ["--optimizer", "adamw", "--learning_rate", "5e-5", "--lr_scheduler_type", "linear", "--warmup_steps", "0",
+            "--weight_decay", "0", "--adam_beta1", "0.9", "--adam_beta2", "0.999"]
 
 
 def tuned_adamw(settings, lr: str) -> list[str]:
-    return ["--learning_rate", lr, "--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs",
-            json.dumps({"min_lr_rate": 0.1}), "--warmup_steps", warmup(settings), "--weight_decay", "0.1",
-            "--adam_beta1", "0.9", "--adam_beta2", "0.95"]
+    return ["--optimizer", "adamw", "--learning_rate", lr, "--lr_scheduler_type", "cosine_with_min_lr",
+            "--lr_scheduler_kwargs", json.dumps({"min_lr_rate": 0.1}), "--warmup_steps", warmup(settings),
+            "--weight_decay", "0.1", "--adam_beta1", "0.9", "--adam_beta2", "0.95"]
 
 
 def muon(settings, adamw_lr: str, muon_lr: str) -> list[str]:
