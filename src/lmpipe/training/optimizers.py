@@ -124,12 +124,13 @@ def schedule_kwargs(args: TrainingArguments, num_training_steps: int) -> dict[st
     given = args.lr_scheduler_kwargs or {}
     decay = kwargs["num_decay_steps"] or given.get("num_decay_steps", 0)
     warmup = args.get_warmup_steps(num_training_steps)
+    overflow = "num_stable_steps" not in given and warmup + decay > num_training_steps
     shares_that_fit = kwargs["num_decay_steps"] is not None and 0 < args.warmup_steps < 1 and (
         args.warmup_steps + args.decay_fraction <= 1
     )
-    if "num_stable_steps" not in given and warmup + decay > num_training_steps and shares_that_fit:
+    if overflow and shares_that_fit:
         kwargs["num_decay_steps"] = num_training_steps - warmup
-    elif "num_stable_steps" not in given and warmup + decay > num_training_steps:
+    elif overflow:
         decay_key = "decay_fraction" if kwargs["num_decay_steps"] else "lr_scheduler_kwargs' num_decay_steps"
         raise LmpipeError(
             f"lr_scheduler_type warmup_stable_decay: warmup_steps ({warmup} steps) + {decay_key} ({decay} steps) is"
