@@ -39,10 +39,15 @@ def run_recipe(recipe: str, flags: list[str], output_dir: Path | None = None) ->
     return {**metrics, "wall_s": wall}
 
 
+def comma_words(text: str) -> list[str]:
+    """A comma-separated option as its words, empty ones dropped: flags (`--flag,value`), rates or seeds."""
+    return [word for word in text.split(",") if word]
+
+
 def parse_variant(text: str) -> tuple[str, list[str]]:
     """NAME:--flag,value,--flag,value (commas separate the argv words)."""
     name, _, flags = text.partition(":")
-    return name, [word for word in flags.split(",") if word]
+    return name, comma_words(flags)
 
 
 def main(argv=None) -> None:
@@ -53,7 +58,7 @@ def main(argv=None) -> None:
     parser.add_argument("--common", default="", help="flags for every variant, comma-separated")
     args = parser.parse_args(argv)
     variants = [parse_variant(v) for v in args.variant]
-    common = [word for word in args.common.split(",") if word]
+    common = comma_words(args.common)
     load = load_average()
     runs = {name: [] for name, _ in variants}
     for _ in range(args.repeats):

@@ -25,17 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_per_compute import widened_sweep  # noqa: E402
-from recipe_ab import run_recipe  # noqa: E402
+from recipe_ab import comma_words, run_recipe  # noqa: E402
 
 from common import REPO, emit_json, fmt, load_average, machine, print_table, summary  # noqa: E402
 
 ADAMW_COSINE = "--optimizer,adamw,--lr_scheduler_type,cosine"
 MUON_WSD = ("--optimizer,muon,--lr_scheduler_type,warmup_stable_decay,--decay_fraction,0.45,--min_lr_ratio,0.1,"
             "--decay_type,linear")
-
-
-def words(text: str) -> list[str]:
-    return [word for word in text.split(",") if word]
 
 
 class Runs:
@@ -50,8 +46,9 @@ class Runs:
         record = run_dir / "benchmark_run.json"
         if record.exists():
             saved = json.loads(record.read_text())
-            if saved["recipe"] != self.recipe or saved["flags"] != argv:
-                raise SystemExit(f"error: {run_dir} ran with other flags ({saved['flags']}): use another --out_dir")
+            if (saved["recipe"], saved["flags"]) != (self.recipe, argv):
+                raise SystemExit(f"error: {run_dir} ran {saved['recipe']} with {saved['flags']}, not this run: "
+                                 "use another --out_dir")
             print(f"# {name}: reused", file=sys.stderr, flush=True)
             return saved["metrics"]
         metrics = run_recipe(self.recipe, argv, run_dir)
@@ -80,19 +77,19 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     recipe = str(Path(args.recipe).resolve())
     out_dir = Path(args.out_dir or REPO / "outputs" / "recipe_optimizer" / Path(recipe).stem)
-    runs = Runs(recipe, words(args.common), out_dir)
-    seeds = words(args.seeds)
+    runs = Runs(recipe, comma_words(args.common), out_dir)
+    seeds = comma_words(args.seeds)
     load = load_average()
 
     def adamw(lr: str, seed: str) -> list[str]:
-        return [*words(args.adamw_flags), "--learning_rate", lr, "--seed", seed]
+        return [*comma_words(args.adamw_flags), "--learning_rate", lr, "--seed", seed]
 
-    adamw_lr, adamw_sweep = sweep(runs, "adamw", adamw, words(args.adamw_lrs), seeds[0], args.widen)
+    adamw_lr, adamw_sweep = sweep(runs, "adamw", adamw, comma_words(args.adamw_lrs), seeds[0], args.widen)
 
     def muon(lr: str, seed: str) -> list[str]:
-        return [*words(args.muon_flags), "--learning_rate", adamw_lr, "--seed", seed, "--muon_learning_rate", lr]
+        return [*comma_words(args.muon_flags), "--learning_rate", adamw_lr, "--seed", seed, "--muon_learning_rate", lr]
 
-    muon_lr, muon_sweep = sweep(runs, "muon", muon, words(args.muon_lrs), seeds[0], args.widen)
+    muon_lr, muon_sweep = sweep(runs, "muon", muon, comma_words(args.muon_lrs), seeds[0], args.widen)
     finals = {"adamw": [adamw_sweep[adamw_lr]], "muon": [muon_sweep[muon_lr]]}
     for seed in seeds[1:]:  # interleaved: the pair of one seed runs back to back
         finals["adamw"].append(runs.run(f"adamw-lr{adamw_lr}-seed{seed}", adamw(adamw_lr, seed)))
@@ -111,8 +108,8 @@ def main(argv=None) -> None:
     print_table(["optimizer", "best rate", f"eval loss over seeds {args.seeds}", "bits/byte", "train s"], rows)
     print(f"winner beyond the seeds' spread: {winner}; Muon / AdamW train time (paired seeds): {fmt(time_ratio, 3)}")
     emit_json({
-        "benchmark": "recipe_optimizer", "recipe": args.recipe, "common_flags": words(args.common),
-        "adamw_flags": words(args.adamw_flags), "muon_flags": words(args.muon_flags), "seeds": seeds,
+        "benchmark": "recipe_optimizer", "recipe": args.recipe, "common_flags": comma_words(args.common),
+        "adamw_flags": comma_words(args.adamw_flags), "muon_flags": comma_words(args.muon_flags), "seeds": seeds,
         "machine": machine(),
         "load_average": {"start": load, "end": load_average()},
         "sweeps": {side: {lr: r["eval_loss"] for lr, r in swept.items()}

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipe_ab import run_recipe  # noqa: E402
+from recipe_ab import comma_words, run_recipe  # noqa: E402
 
 from lmpipe.config.arguments import TokenizerArguments  # noqa: E402
 from lmpipe.config.recipe import parse_recipe
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--flags", default="", help="extra recipe flags, comma-separated (e.g. --max_steps,10)")
     args = parser.parse_args(argv)
-    flags = ["--train_file", args.train_file, *[w for w in args.flags.split(",") if w]]
+    flags = ["--train_file", args.train_file, *comma_words(args.flags)]
     load = load_average()
     runs = []
     for _ in range(args.repeats):
