@@ -67,8 +67,11 @@ def _record_rank() -> None:
     ExactEvalTrainer.training_step = recording_training_step(record)
 
     def dump() -> None:
+        import torch.distributed
+
         path = Path(os.environ[RECORD_DIR]) / f"record-rank{rank}.json"
-        path.write_text(json.dumps({**record, "writes": sorted(record["writes"])}))
+        group_at_exit = torch.distributed.is_initialized()
+        path.write_text(json.dumps({**record, "writes": sorted(record["writes"]), "group_at_exit": group_at_exit}))
 
     atexit.register(dump)
 
@@ -288,6 +291,13 @@ def test_only_rank_zero_writes_the_pretraining_run(pretraining):
         recorded = json.loads((checkpoint / "lmpipe-manifest.json").read_text())["files"]["rng_state_1.pth"]
         assert recorded["sha256"] == hashlib.sha256((checkpoint / "rng_state_1.pth").read_bytes()).hexdigest()
     assert "runs/events" in files(pretraining.two)
+
+
+@pytest.mark.slow
+def test_every_rank_leaves_the_process_group_before_it_exits(pretraining, finetuning):
+    """A rank exiting with the gloo group alive can abort in interpreter shutdown after a finished run."""
+    for run in (pretraining, finetuning):
+        assert [run.two_record[rank]["group_at_exit"] for rank in range(2)] == [False, False]
 
 
 @pytest.mark.slow

@@ -311,7 +311,7 @@ def run(name: str, argv: list[str], prog: str | None = None) -> int:
     stop_with_launcher()
     command = COMMANDS[name]
     try:
-        return command.function(argv) or 0
+        status = command.function(argv) or 0
     except HelpRequested as keys:
         print(f"usage: {prog or f'lmpipe {name}'} {command.usage}\n\n{inspect.getdoc(command.function)}\n\n{keys}")
         return 0
@@ -320,6 +320,10 @@ def run(name: str, argv: list[str], prog: str | None = None) -> int:
             with contextlib.suppress(OSError):  # stderr gone with the terminal (SIGHUP): the exit code still says it
                 print(f"error: {e}", file=sys.stderr)
         return e.exit_code  # 2; 3: a full disk or a finished run that failed to upload; 4: a lost rank; 128 + N
+    from lmpipe.run.distributed import leave_process_group  # torch: not loaded for --help or a refusal
+
+    leave_process_group()
+    return status
 
 
 def overview() -> str:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
+from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from transformers import TrainingArguments
 
@@ -57,6 +58,17 @@ def restore_cpu_threads(training: TrainingArguments) -> None:
             "accelerate launch set OMP_NUM_THREADS=1 (its default without a GPU) for this single CPU process; "
             "using all %d cores (`python pipelines/...` keeps OMP_NUM_THREADS as given)", cores
         )
+
+
+def leave_process_group() -> None:
+    """Destroy the process group once a command has returned on this rank, as torch asks of every program.
+
+    A rank that exits with the group alive can abort while the interpreter shuts down (gloo's worker threads still
+    hold work: SIGABRT, "terminate called without an active exception", after a run that finished). Not done after
+    an error: a peer may still be inside a collective, and destroying the group under it could hang.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        PartialState().destroy_process_group()
 
 
 def on_main_process(training: TrainingArguments, compute: Callable[..., Result], *args) -> Result:
