@@ -1,5 +1,5 @@
-"""Multi-process runs: refuse launches that would train independent copies, give every rank rank 0's result, and
-turn a rank cut off from another into one line."""
+"""Multi-process runs: refuse launches that would train independent copies, give every rank rank 0's result,
+turn a rank cut off from another into one line, and leave the process group when a command is done."""
 
 from __future__ import annotations
 
