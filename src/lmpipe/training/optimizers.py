@@ -115,7 +115,7 @@ def schedule_kwargs(args: TrainingArguments, num_training_steps: int) -> dict[st
     than the run are refused (transformers would make the stable phase negative), unless both are shares of the
     run that fit in it (`warmup_steps` < 1, its ratio, plus `decay_fraction` at most 1): then only rounding up
     overflowed a short run (a smoke run of a recipe with `--max_steps 1`), and the decay gets the steps warmup
-    leaves."""
+    leaves, none when warmup takes the whole run."""
     if SchedulerType(args.lr_scheduler_type) != SchedulerType.WARMUP_STABLE_DECAY:
         return {}
     kwargs = {WSD_KEYS[key]: getattr(args, key, None) for key in WSD_KEYS}
